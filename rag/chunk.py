@@ -1,0 +1,166 @@
+"""Split documents into chunks: fixed word windows, semantic (heading/paragraph) chunks, or parent/child.
+
+Three strategies, because the guides disagree on which matters (CLAIMS.md #3) and openbook measures it:
+
+- ``fixed``: windows of ``size`` words with ``overlap`` words, blind to structure (the baseline that can cut a
+  rule from its exception).
+- ``semantic``: split at headings, then merge whole paragraphs (tables and lists stay whole) up to ``size`` words.
+- ``hierarchical``: semantic *parents* of ``parent_size`` words; each is cut into small overlapping *children*
+  that are indexed, while the generator is shown the parent (the "small-to-big" pattern).
+
+A contextual header ("title › section › subsection") can be prepended to what is indexed (``index_text``),
+following Anthropic's contextual-retrieval idea without an LLM call. Sizes are counted in whitespace words,
+not model tokens, so chunking needs no tokenizer; 1 word ≈ 1.3 MiniLM word pieces, and the defaults keep a
+chunk under MiniLM's 256-piece limit. Chunk ids are ``<doc id>#<kind><n>``: stable for unchanged documents.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rag.ingest import Document
+
+STRATEGIES = ("fixed", "semantic", "hierarchical")
+_HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$", re.M)
+_WORD = re.compile(r"\S+")
+_PARA = re.compile(r"(?:^[ \t]*\S[^\n]*(?:\n|\Z))+", re.M)  # a run of non-blank lines
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span of a document. ``start``/``end`` are character offsets into ``Document.text``."""
+
+    id: str
+    doc_id: str
+    text: str
+    start: int
+    end: int
+    section: str = ""  # heading path inside the document, "A › B"
+    title: str = ""  # document title
+    parent_id: str | None = None  # hierarchical children point at the parent the generator sees
+    header: str = ""  # contextual header; empty when contextual headers are off
+    indexed: bool = True  # parents of hierarchical chunking are stored but not indexed
+
+    @property
+    def index_text(self) -> str:
+        """What BM25 and the embedder see."""
+        return f"{self.header}\n{self.text}" if self.header else self.text
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    strategy: str = "semantic"  # one of STRATEGIES
+    size: int = 120  # words per chunk (children for hierarchical)
+    overlap: int = 20  # words shared by neighbouring fixed windows / children
+    parent_size: int = 400  # words per parent section (hierarchical only)
+    contextual: bool = True  # prepend "title › section" to indexed text
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--chunker must be one of {', '.join(STRATEGIES)}, not '{self.strategy}'")
+        if self.size < 10:
+            raise ValueError(f"--chunk-size must be at least 10 words, not {self.size}")
+        if not 0 <= self.overlap < self.size:
+            raise ValueError(f"--overlap must be in [0, chunk size {self.size}), not {self.overlap}")
+
+
+def _sections(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, heading path) for each heading-delimited section; text before the first heading too."""
+    marks = [(m.start(), len(m.group(1)), m.group(2)) for m in _HEADING.finditer(text)]
+    bounds = [m[0] for m in marks] + [len(text)]
+    out, path = [], []
+    if not marks or marks[0][0] > 0:
+        out.append((0, bounds[0], ""))
+    for (start, level, name), end in zip(marks, bounds[1:]):
+        path = [p for p in path if p[0] < level] + [(level, name)]
+        out.append((start, end, " › ".join(n for _, n in path)))
+    return out
+
+
+def _windows(text: str, start: int, end: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Character spans of word windows over text[start:end]; neighbours share ``overlap`` words."""
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text, start, end)]
+    if not words:
+        return []
+    step, spans = size - overlap, []
+    for i in range(0, len(words), step):
+        spans.append((words[i][0], words[min(i + size, len(words)) - 1][1]))
+        if i + size >= len(words):
+            break
+    return spans
+
+
+def _blocks(text: str, start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """Paragraph spans (blank-line separated); a paragraph over ``size`` words splits at line ends, then words."""
+    out = []
+    for m in _PARA.finditer(text, start, end):
+        a, b = m.start(), m.start() + len(m.group().rstrip())
+        if len(_WORD.findall(text, a, b)) <= size:
+            out.append((a, b))
+            continue
+        lines = [(a + x.start(), a + x.end()) for x in re.finditer(r"[^\n]*\S[^\n]*", text[a:b])]
+        for la, lb in lines:
+            out.extend(_windows(text, la, lb, size, 0) if len(_WORD.findall(text, la, lb)) > size else [(la, lb)])
+    return out
+
+
+def _merge(text: str, blocks: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Greedily join consecutive blocks while the total stays within ``size`` words."""
+    out, cur, n = [], None, 0
+    for a, b in blocks:
+        w = len(_WORD.findall(text, a, b))
+        if cur and n + w <= size:
+            cur, n = (cur[0], b), n + w
+        else:
+            if cur:
+                out.append(cur)
+            cur, n = (a, b), w
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _semantic_spans(text: str, size: int) -> list[tuple[int, int, str]]:
+    spans = []
+    for a, b, path in _sections(text):
+        spans += [(x, y, path) for x, y in _merge(text, _blocks(text, a, b, size), size)]
+    return spans
+
+
+def _section_at(sections: list[tuple[int, int, str]], pos: int) -> str:
+    return next((p for a, b, p in sections if a <= pos < b), "")
+
+
+def chunk_document(doc: Document, cfg: ChunkConfig) -> list[Chunk]:
+    """Chunks of one document, in document order.
+
+    >>> from rag.ingest import Document
+    >>> d = Document("a.md", "/a.md", "A", "# A\\n\\nOne two three.\\n\\n## B\\n\\nFour five.", "0", 0.0)
+    >>> [c.text for c in chunk_document(d, ChunkConfig(size=10, overlap=0))]
+    ['# A\\n\\nOne two three.', '## B\\n\\nFour five.']
+    """
+    text = doc.text
+
+    def make(kind: str, i: int, a: int, b: int, path: str, **kw) -> Chunk:
+        header = " › ".join(x for x in (doc.title, path) if x) if cfg.contextual else ""
+        return Chunk(f"{doc.id}#{kind}{i}", doc.id, text[a:b], a, b, path, doc.title, header=header, **kw)
+
+    if cfg.strategy == "fixed":
+        sections = _sections(text)
+        spans = _windows(text, 0, len(text), cfg.size, cfg.overlap)
+        return [make("f", i, a, b, _section_at(sections, a)) for i, (a, b) in enumerate(spans)]
+    if cfg.strategy == "semantic":
+        return [make("s", i, a, b, p) for i, (a, b, p) in enumerate(_semantic_spans(text, cfg.size))]
+    chunks, n = [], 0
+    for i, (a, b, path) in enumerate(_semantic_spans(text, cfg.parent_size)):
+        parent = make("p", i, a, b, path, indexed=False)
+        chunks.append(parent)
+        for x, y in _windows(text, a, b, cfg.size, cfg.overlap):
+            chunks.append(make("c", n, x, y, path, parent_id=parent.id))
+            n += 1
+    return chunks
+
+
+def chunk_documents(docs: list[Document], cfg: ChunkConfig) -> list[Chunk]:
+    return [c for d in docs for c in chunk_document(d, cfg)]

@@ -1,0 +1,228 @@
+"""Command line for the RAG pipeline: ``python -m rag {index,ask,chat,eval,demo,train-reranker}``.
+
+Thin by design (litgpt style): one function per verb in ``COMMANDS``, and one ``--flag`` per ``RagConfig``
+field, generated from the dataclass so help text and defaults live in one place. User mistakes (a wrong
+folder, a missing model, a bad golden file) print one ``error:`` line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from rag.evaluate import GoldenError, evaluate, load_golden
+from rag.index import IndexMissing
+from rag.ingest import IngestError
+from rag.models import ModelNotFound
+from rag.pipeline import Answer, RagConfig, RagPipeline
+
+log = logging.getLogger("rag")
+USER_ERRORS = (IngestError, IndexMissing, ModelNotFound, GoldenError, FileNotFoundError)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    helps = RagConfig.help()
+    for f in fields(RagConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=f.default, help=f"{helps[f.name]} (default: {f.default})")
+
+
+def _config(args) -> RagConfig:
+    return RagConfig(**{f.name: getattr(args, f.name) for f in fields(RagConfig)})
+
+
+def _pipeline(args, progress: bool = True) -> RagPipeline:
+    pipe = RagPipeline(_config(args))
+    s = pipe.update_index(progress=progress)
+    what = (f"{s.added} added, {s.changed} changed, {s.removed} removed, {s.unchanged} unchanged; "
+            f"{s.embedded_chunks} chunks embedded" if s.wrote else "up to date")
+    print(f"index {pipe.cfg.index_dir}: {s.documents} documents, {s.chunks} chunks ({what}) in {s.seconds:.1f} s")
+    return pipe
+
+
+def _print_answer(a: Answer, streamed: bool) -> None:
+    if not streamed:
+        print(a.text)
+    else:
+        print()
+    if a.abstained:
+        why = "retrieval confidence below threshold" if a.reason == "low-confidence" else "the model abstained"
+        print(f"  (abstained: {why}; confidence {a.confidence:.3f})" if a.confidence is not None else "")
+        return
+    for i, h in enumerate(a.cited, 1):
+        n = a.sources.index(h) + 1
+        print(f"  [{n}] {h.label}" + ("" if a.explicit_citation else "  (top source; the model cited none)"))
+    t = a.timings
+    print(f"  ({' · '.join(f'{k} {v * 1000:.0f} ms' for k, v in t.items())}; {a.prompt_tokens} prompt tokens)")
+
+
+def cmd_index(args) -> int:
+    _pipeline(args)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    pipe = _pipeline(args, progress=False)
+    for q in args.question:
+        print(f"\nQ: {q}\nA: ", end="", flush=True)
+        a = pipe.answer(q, on_token=lambda t: print(t, end="", flush=True))
+        _print_answer(a, streamed=True)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    pipe = _pipeline(args, progress=False)
+    print("Ask about the documents; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            q = input("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not q:
+            break
+        print("", end="", flush=True)
+        _print_answer(pipe.answer(q, on_token=lambda t: print(t, end="", flush=True)), streamed=True)
+    return 0
+
+
+def _golden_path(args) -> Path | None:
+    if args.golden:
+        return Path(args.golden)
+    default = Path(args.docs) / "golden.jsonl"
+    return default if default.exists() else None
+
+
+def print_eval(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    s = result["settings"]
+    t = Table(title=f"retrieval, {s['split']} split ({s['n_answerable']} answerable questions)")
+    cols = ["recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"]
+    for c in ["mode", *cols]:
+        t.add_column(c, justify="right")
+    for mode, row in result["retrieval"].items():
+        t.add_row(mode, *("-" if row[c] is None else f"{row[c]:.3f}" for c in cols))
+    con.print(t)
+    if "answers" in result:
+        a = result["answers"]
+        t = Table(title=f"answers ({s['mode']}, model {s['model']}, {s['n_questions']} questions)")
+        for c in a:
+            t.add_column(c.replace("_", " "), justify="right")
+        t.add_row(*("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in a.values()))
+        con.print(t)
+        con.print("latency ms: " + ", ".join(f"{k} p50 {v['p50']:.0f} / p95 {v['p95']:.0f}"
+                                             for k, v in result["latency_ms"].items()))
+
+
+def cmd_eval(args) -> int:
+    golden_file = _golden_path(args)
+    if golden_file is None:
+        raise GoldenError(f"no golden file: pass --golden FILE or put golden.jsonl in {args.docs}")
+    golden = load_golden(golden_file, args.docs)
+    pipe = _pipeline(args)
+    result = evaluate(pipe, golden, split=args.split, answers=not args.retrieval_only)
+    result["settings"]["golden"] = str(golden_file)
+    print_eval(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Index, answer three example questions, and (with a golden file) print the eval table."""
+    pipe = _pipeline(args)
+    golden_file = _golden_path(args)
+    golden = load_golden(golden_file, args.docs) if golden_file else []
+    if golden:
+        test = [q for q in golden if q["split"] == "test"] or golden
+        picks = [q for q in test if q["answer"] is not None][:2] + [q for q in test if q["answer"] is None][:1]
+        questions = [q["question"] for q in picks]
+    else:
+        titles = [c.title for c in pipe.index.chunks.values() if c.title]
+        questions = [f"What is '{t}' about?" for t in list(dict.fromkeys(titles))[:3]]
+    for q in questions:
+        print(f"\nQ: {q}\nA: ", end="", flush=True)
+        _print_answer(pipe.answer(q, on_token=lambda t: print(t, end="", flush=True)), streamed=True)
+    if golden:
+        print(f"\nevaluating on {golden_file} ...")
+        result = evaluate(pipe, golden, split="test")
+        print_eval(result)
+        out = Path(".openbook") / "reports" / f"rag-eval-{Path(pipe.cfg.index_dir).name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_train_reranker(args) -> int:
+    from rag import train_reranker
+
+    return train_reranker.main(args.rest)
+
+
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "chat": cmd_chat, "eval": cmd_eval, "demo": cmd_demo,
+            "train-reranker": cmd_train_reranker}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rag", description="Retrieval-augmented answers from a folder "
+                                "of documents, with citations, or 'I don't know'.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"index": "build or incrementally update the index of --docs",
+             "ask": "answer questions with cited sources", "chat": "interactive question loop",
+             "eval": "evaluate on a golden file (retrieval per mode, answers, abstention, latency)",
+             "demo": "index, answer three example questions, and evaluate when a golden file exists",
+             "train-reranker": "train the default cross-encoder (see `python -m rag train-reranker --help`)"}
+    for name, h in helps.items():
+        sp = sub.add_parser(name, help=h, description=h)
+        if name == "train-reranker":
+            sp.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
+        _add_config_flags(sp)
+        if name == "ask":
+            sp.add_argument("question", nargs="+", help="one or more questions")
+        if name in ("eval", "demo"):
+            sp.add_argument("--golden", default="", help="golden JSONL file (default: <docs>/golden.jsonl)")
+        if name == "eval":
+            sp.add_argument("--split", default="test", choices=["train", "test", "all"], help="questions to score")
+            sp.add_argument("--json", default="", help="write the full result (public JSON shape) here")
+            sp.add_argument("--retrieval-only", action="store_true", help="score retrieval modes only (fast)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    args = parser().parse_args(argv)
+    try:
+        if args.command != "train-reranker":
+            _config(args)  # flag validation before any slow work
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # config validation names the flag
+        if "--" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

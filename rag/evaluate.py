@@ -1,0 +1,152 @@
+"""Evaluate the RAG pipeline on a golden file: retrieval per mode, answers, abstention, latency → one JSON.
+
+The golden format is a public contract (README "Golden file"): one JSON object per line with ``id, question,
+answer, aliases, sources, type, split``; ``answer`` null and ``sources`` empty for unanswerable questions;
+sources are paths relative to the documents folder. Procedure: (1) calibrate the abstention threshold on the
+``train`` split from retrieval confidence alone (no generation), choosing the threshold with the best F1 for
+"unanswerable"; (2) on the evaluated split, score retrieval for every mode and generate answers with the
+configured mode; (3) label every answerable miss as a *retrieval miss* (no expected source among the passages
+the generator saw) or a *generation miss*. The output shape is documented in README and read by hybrid/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rag import metrics as M
+from rag.pipeline import MODES, RagPipeline
+
+log = logging.getLogger(__name__)
+TYPES = ("lookup", "table", "multi-hop", "exception", "paraphrase", "unanswerable")
+
+
+class GoldenError(ValueError):
+    """A malformed golden file; the message names the file and line."""
+
+
+def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[dict]:
+    """Read and validate a golden JSONL file; with ``docs_dir``, warn about sources missing from the folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise GoldenError(f"golden file not found: {path}; pass --golden FILE (format: README 'Golden file')")
+    items, seen = [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GoldenError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(q, dict) or not str(q.get("question", "")).strip():
+            raise GoldenError(f"{path}:{n}: each line needs an object with a non-empty 'question'")
+        q.setdefault("id", f"q{n}")
+        if q["id"] in seen:
+            raise GoldenError(f"{path}:{n}: duplicate id '{q['id']}'")
+        seen.add(q["id"])
+        q.setdefault("aliases", [])
+        q.setdefault("sources", [])
+        q.setdefault("split", "test")
+        q.setdefault("type", "unanswerable" if q.get("answer") is None else "lookup")
+        if (q.get("answer") is None) != (q["type"] == "unanswerable"):
+            raise GoldenError(f"{path}:{n}: 'answer' must be null exactly when type is 'unanswerable'")
+        if q.get("answer") is not None and not q["sources"]:
+            raise GoldenError(f"{path}:{n}: an answerable question needs at least one entry in 'sources'")
+        items.append(q)
+    if not items:
+        raise GoldenError(f"{path}: no questions")
+    if docs_dir is not None:
+        missing = {s for q in items for s in q["sources"] if not (Path(docs_dir) / s).exists()}
+        if missing:
+            log.warning("%d golden sources are not in %s (e.g. %s); they can never be retrieved",
+                        len(missing), docs_dir, sorted(missing)[0])
+    return items
+
+
+def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> dict | None:
+    """Pick the confidence threshold with the best abstention F1 on the train split; saved beside the index."""
+    train = [q for q in golden if q["split"] == "train"]
+    if not any(q["answer"] is None for q in train) or all(q["answer"] is None for q in train):
+        log.info("no train split with both answerable and unanswerable questions: no calibrated threshold")
+        return None
+    scored = []
+    for q in tqdm(train, desc="calibrate", disable=not progress, leave=False):
+        _, _, conf = pipe.ranked(q["question"])
+        if conf is not None:
+            scored.append((conf, q["answer"] is None))
+    best = (0.0, None)
+    for t in sorted({c for c, _ in scored}) + [max(c for c, _ in scored) + 1e-6]:
+        abst = [c < t for c, _ in scored]
+        m = M.abstention(abst, [u for _, u in scored])
+        p, r = m["abstain_precision"] or 0.0, m["abstain_recall"] or 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        if f1 > best[0]:
+            best = (f1, t)
+    if best[1] is None:
+        return None
+    entry = {"threshold": round(best[1], 6), "train_f1": round(best[0], 4), "n": len(scored)}
+    cal_path = Path(pipe.cfg.index_dir) / "calibration.json"
+    table = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+    table[pipe._calibration_key()] = entry
+    tmp = cal_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(cal_path)
+    return entry
+
+
+def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: tuple[str, ...] = MODES,
+             answers: bool = True, progress: bool = True) -> dict:
+    """Run the evaluation and return the JSON-ready result (shape in README "Eval output")."""
+    qs = [q for q in golden if split == "all" or q["split"] == split]
+    if not qs:
+        raise GoldenError(f"no questions with split '{split}'; use --split all|train|test")
+    calibration = calibrate(pipe, golden, progress) if answers else None
+    per_q, retrieval, lat = [], {m: [] for m in modes}, {"retrieve": [], "rerank": [], "generate": []}
+    for q in tqdm(qs, desc=f"eval ({len(qs)} questions)", disable=not progress):
+        expected = set(q["sources"])
+        row = {k: q[k] for k in ("id", "question", "type", "split")} | {"expected_answer": q["answer"],
+                                                                         "sources": q["sources"]}
+        row["retrieved"] = {}
+        for m in modes:
+            hits, timings, _ = pipe.ranked(q["question"], mode=m, k=10)
+            docs = [h.doc_id for h in hits]
+            row["retrieved"][m] = docs
+            if expected:
+                retrieval[m].append(M.retrieval_scores(docs, expected))
+        if answers:
+            a = pipe.answer(q["question"])
+            refs = [q["answer"], *q["aliases"]] if q["answer"] is not None else []
+            seen = {h.doc_id for h in a.sources}
+            row |= {"answer": a.text, "abstained": a.abstained, "abstain_reason": a.reason,
+                    "confidence": a.confidence, "cited": [h.doc_id for h in a.cited],
+                    "explicit_citation": a.explicit_citation, "prompt_tokens": a.prompt_tokens,
+                    "new_tokens": a.new_tokens, "latency_s": a.timings}
+            if refs:
+                hit = not a.abstained and M.contains(a.text, refs)
+                row |= {"contains": float(hit), "exact": M.exact_match(a.text, refs), "f1": M.token_f1(a.text, refs),
+                        "citation_ok": bool(a.cited) and a.cited[0].doc_id in expected}
+                row["miss"] = None if hit else ("retrieval" if not seen & expected else "generation")
+            for stage in lat:
+                if stage in a.timings:
+                    lat[stage].append(a.timings[stage])
+        per_q.append(row)
+    ans = [r for r in per_q if r["expected_answer"] is not None]
+    result = {"settings": asdict(pipe.cfg) | {"split": split, "n_questions": len(qs), "n_answerable": len(ans),
+                                              "calibration": calibration},
+              "retrieval": {m: {k: M.mean([s[k] for s in v]) for k in ("recall@1", "recall@5", "recall@10", "mrr",
+                                                                         "ndcg@10")} for m, v in retrieval.items()}}
+    if answers:
+        abst = M.abstention([r["abstained"] for r in per_q], [r["expected_answer"] is None for r in per_q])
+        result["answers"] = {"contains": M.mean([r["contains"] for r in ans]),
+                             "exact": M.mean([r["exact"] for r in ans]), "f1": M.mean([r["f1"] for r in ans]),
+                             "citation_accuracy": M.mean([float(r["citation_ok"]) for r in ans if not r["abstained"]]),
+                             **{k: None if v is None else round(v, 4) for k, v in abst.items()},
+                             "retrieval_misses": sum(r["miss"] == "retrieval" for r in ans),
+                             "generation_misses": sum(r["miss"] == "generation" for r in ans)}
+        result["latency_ms"] = {s: M.percentiles(v) for s, v in lat.items() if v}
+    result["per_question"] = per_q
+    return result

@@ -1,0 +1,186 @@
+"""The index: chunks + BM25 tokens + embeddings + FAISS, saved together in one directory with a manifest.
+
+Incremental by content hash: on re-index, documents whose sha256 is unchanged keep their chunks, tokens and
+vectors; only new or edited documents are chunked and embedded, and removed ones disappear. A change of
+chunker, embedder or FAISS settings rebuilds everything (old vectors would no longer match).
+
+Atomic by construction: each build is written to a fresh ``v-*`` folder and only then published by
+``os.replace`` of the one-line ``CURRENT`` file, so a crash at any point leaves the previous version loadable.
+Layout::
+
+    <index dir>/CURRENT            name of the live version
+    <index dir>/v-<stamp>/         manifest.json chunks.jsonl tokens.json vectors.npy faiss.index
+
+Left out on purpose: concurrent writers (last one wins) and sharding; see README "Scale path".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rag.bm25 import BM25, tokenize
+from rag.chunk import Chunk, ChunkConfig, chunk_document
+from rag.dense import DenseIndex, embed
+from rag.ingest import Document, load_folder
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+
+
+class IndexMissing(RuntimeError):
+    """No usable index at a path; the message says what to run."""
+
+
+@dataclass
+class UpdateStats:
+    documents: int = 0
+    chunks: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    embedded_chunks: int = 0
+    seconds: float = 0.0
+    wrote: bool = False
+
+
+class Index:
+    """A loaded index version. ``chunks`` holds every chunk (parents too); ``ids`` the indexed ones, in order."""
+
+    def __init__(self, path: Path, manifest: dict, chunks: list[Chunk], tokens: list[list[str]],
+                 vectors: np.ndarray, dense: DenseIndex | None = None):
+        self.path, self.manifest = path, manifest
+        self.chunks = {c.id: c for c in chunks}
+        self.ids = [c.id for c in chunks if c.indexed]
+        self.tokens, self.vectors = tokens, vectors
+        self.bm25 = BM25(self.ids, tokens)
+        self.dense = dense or DenseIndex(self.ids, vectors, manifest["faiss"])
+
+    @property
+    def embedder(self) -> str:
+        return self.manifest["embedder"]
+
+    def search_bm25(self, query: str, k: int) -> list[tuple[str, float]]:
+        return self.bm25.search(query, k)
+
+    def search_dense(self, query: str, k: int) -> list[tuple[str, float]]:
+        return self.dense.search_vector(embed(self.embedder, [query])[0], k)
+
+    @classmethod
+    def load(cls, index_dir: str | Path) -> Index:
+        root = Path(index_dir)
+        try:
+            path = root / (root / "CURRENT").read_text().strip()
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            raise IndexMissing(f"no index at {root}; run `python -m rag index --docs DIR --index-dir {root}`") from e
+        if manifest.get("format") != FORMAT:
+            raise IndexMissing(f"index at {root} has an old format; rebuild with `python -m rag index`")
+        with open(path / "chunks.jsonl") as f:
+            chunks = [Chunk(**json.loads(line)) for line in f]
+        tokens = json.loads((path / "tokens.json").read_text())
+        vectors = np.load(path / "vectors.npy")
+        ids = [c.id for c in chunks if c.indexed]
+        return cls(path, manifest, chunks, tokens, vectors, DenseIndex.load(path / "faiss.index", ids,
+                                                                             manifest["faiss"]))
+
+
+def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
+    return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
+
+
+def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vectors: np.ndarray,
+           dense: DenseIndex) -> Path:
+    """Write a new version folder, then publish it by atomically replacing CURRENT."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    with open(tmp / "chunks.jsonl", "w") as f:
+        for c in chunks:
+            f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+    (tmp / "tokens.json").write_text(json.dumps(tokens))
+    np.save(tmp / "vectors.npy", vectors)
+    dense.save(tmp / "faiss.index")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    for f in tmp.iterdir():  # data on disk before the rename that makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    tmp.rename(root / name)
+    pointer = root / ".CURRENT.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / "CURRENT")
+    for old in root.iterdir():  # older versions and leftovers of crashed writes
+        if old.name not in (name, "CURRENT") and (old.name.startswith(("v-", ".tmp-"))):
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkConfig, embedder: str,
+                 faiss_kind: str = "exact", progress: bool = True) -> tuple[Index, UpdateStats]:
+    """Bring the index at ``index_dir`` up to date with ``docs_dir``; re-embed only what changed."""
+    t0 = time.perf_counter()
+    docs: list[Document] = load_folder(docs_dir, progress=progress)
+    settings = _settings(chunk_cfg, embedder, faiss_kind)
+    try:
+        old = Index.load(index_dir)
+        if any(old.manifest.get(k) != v for k, v in settings.items()):
+            log.info("index settings changed: rebuilding everything")
+            old = None
+    except IndexMissing:
+        old = None
+    old_docs = old.manifest["documents"] if old else {}
+    stats = UpdateStats(documents=len(docs))
+    stats.removed = len(set(old_docs) - {d.id for d in docs})
+    old_row = {cid: i for i, cid in enumerate(old.ids)} if old else {}
+    chunks, tokens, rows, fresh = [], [], [], []  # rows: old vector row, or -1 for a fresh chunk
+    doc_meta = {}
+    for d in docs:
+        prev = old_docs.get(d.id)
+        keep = prev is not None and prev["sha256"] == d.sha256
+        if keep:
+            stats.unchanged += 1
+            dchunks = [old.chunks[cid] for cid in prev["chunks"]]
+        else:
+            stats.added += prev is None
+            stats.changed += prev is not None
+            dchunks = chunk_document(d, chunk_cfg)
+        doc_meta[d.id] = {"sha256": d.sha256, "title": d.title, "mtime": d.mtime,
+                          "chunks": [c.id for c in dchunks]}
+        for c in dchunks:
+            chunks.append(c)
+            if not c.indexed:
+                continue
+            if keep:
+                rows.append(old_row[c.id])
+                tokens.append(old.tokens[old_row[c.id]])
+            else:
+                rows.append(-1)
+                fresh.append(c)
+                tokens.append(tokenize(c.index_text))
+    stats.chunks = len(rows)
+    if old and not (stats.added or stats.changed or stats.removed):
+        stats.seconds = time.perf_counter() - t0
+        return old, stats
+    new_vecs = embed(embedder, [c.index_text for c in fresh], progress=progress and len(fresh) > 64)
+    stats.embedded_chunks = len(fresh)
+    dim = new_vecs.shape[1]
+    vectors = np.zeros((len(rows), dim), dtype=np.float32)
+    it = iter(new_vecs)
+    for i, r in enumerate(rows):
+        vectors[i] = old.vectors[r] if r >= 0 else next(it)
+    ids = [c.id for c in chunks if c.indexed]
+    dense = DenseIndex(ids, vectors, faiss_kind)
+    manifest = {**settings, "docs_dir": str(Path(docs_dir).resolve()), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "embedding_dim": dim, "n_chunks": len(ids), "documents": doc_meta}
+    path = _write(Path(index_dir), manifest, chunks, tokens, vectors, dense)
+    stats.seconds, stats.wrote = time.perf_counter() - t0, True
+    return Index(path, manifest, chunks, tokens, vectors, dense), stats

@@ -1,0 +1,324 @@
+"""Load a folder of .md/.txt/.html/.pdf files into `Document`s whose text is normalised Markdown.
+
+Every format ends up in one shape for the chunkers: '#'-prefixed heading lines and paragraphs separated
+by blank lines. Markdown and plain text are kept, with setext headings ('Title' over '===') turned into
+'#' lines. HTML keeps the reader's view: scripts, navigation, asides and the page header/footer are
+dropped (a <header>/<footer> inside <article>/<main>/<section> is content, as in the HTML-AAM role
+mapping, and so is a page header holding the page's only <h1>), <main>/<article> wins when present,
+and tables become Markdown pipe tables so a cell stays on a row with its headers. PDF text comes from
+pypdf; its `visitor_text` hook gives each line's font size and position, so lines clearly larger than
+the body font become '#'/'##'/'###' by size rank, and a vertical gap starts a new paragraph.
+
+A bad file never stops a run: it is skipped with one warning that names it and says what to do.
+Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx,
+charset sniffing beyond UTF-8 -> cp1252/Latin-1, and following links out of the docs folder.
+
+    >>> docs = load_folder("data/demo")
+    >>> docs[0].id, docs[0].title, docs[0].text[:12]
+    ('cloud/api-reference.md', 'Tidewell Cloud REST API Reference (v2)', '# Tidewell C')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bs4 import BeautifulSoup
+from bs4.element import PreformattedString, Tag
+from pypdf import PdfReader
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf")
+DROP_TAGS = ("script", "style", "nav", "aside", "noscript", "form", "svg", "iframe", "template", "head")
+DROP_ROLES = ("navigation", "banner", "contentinfo")
+SECTIONING = ("article", "main", "section")
+HEADINGS = ("h1", "h2", "h3", "h4", "h5", "h6")
+BLOCK_TAGS = HEADINGS + ("address", "article", "blockquote", "body", "br", "dd", "details", "div", "dl",
+                         "dt", "figure", "hr", "li", "main", "ol", "p", "pre", "section", "table", "ul")
+HEADING_RATIO = 1.15  # a PDF line this much larger than the body font is a heading
+PARAGRAPH_GAP = 1.7   # a PDF line further than this x its font size below the last one starts a paragraph
+WRAPPED = 0.6         # a PDF line this share as long as the longest body line wrapped into the next one
+# a one-line paragraph (blank line or start of file before it) over a '===' or '---' underline
+SETEXT = re.compile(r"^(?<![^\n]\n)([^\s#>|*-].*)\n {0,3}(={3,}|-{3,})[ \t]*$", re.M)
+BULLET = re.compile(r"[-*\u2022\u2013]\s+")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str       # POSIX path relative to the docs root, e.g. "policies/returns-v2.md" (stable id)
+    path: str     # absolute path of the file
+    title: str    # <title>/<h1>, first '# ' heading, setext title, PDF metadata title, first line; or stem
+    text: str     # normalised Markdown: '#'-prefixed heading lines, paragraphs separated by blank lines
+    sha256: str   # hex sha256 of the raw file bytes
+    mtime: float
+
+
+class IngestError(ValueError):
+    """A one-line, user-facing error (names the path and what to do)."""
+
+
+class _Skip(Exception):
+    """Why a file is skipped and how to fix it; `load_file` logs it once."""
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _tidy(text: str) -> str:
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff").split("\n")
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in lines)).strip()
+
+
+def _decode(raw: bytes, rel: str) -> str:
+    if b"\x00" in raw[:8192]:
+        raise _Skip("binary content (NUL bytes), not text; fix its extension or remove it")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log.warning("decoding %s: not valid UTF-8, read as cp1252/Latin-1; re-save it as UTF-8", rel)
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:  # one of the five bytes cp1252 leaves undefined
+        return raw.decode("latin-1")
+
+
+def _atx_title(text: str) -> str | None:
+    match = re.search(r"^# +(.+?)[ #]*$", text, re.M)
+    return match.group(1).strip() if match else None
+
+
+def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
+    text = _tidy(_decode(raw, rel))
+    text = re.sub(r"\A---\n.*?\n(---|\.\.\.)\n", "", text, flags=re.S)  # YAML front matter is not prose
+    text = SETEXT.sub(lambda m: ("# " if m[2][0] == "=" else "## ") + m[1].strip() + "\n", text)
+    return text, _atx_title(text)
+
+
+def _html_table(table: Tag) -> str:
+    rows = []
+    for tr in table.find_all("tr"):
+        cells = []
+        for cell in tr.find_all(("th", "td"), recursive=False):
+            span = str(cell.get("colspan", "1"))
+            # repeat a spanned cell so every value sits under its own column header
+            cells += [_squash(cell.get_text(" ")).replace("|", "\\|")] * (int(span) if span.isdigit() else 1)
+        if any(cells):
+            rows.append(cells)
+    width = max((len(r) for r in rows), default=0)
+    lines = ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in rows]
+    return "\n".join(lines[:1] + ["|" + " --- |" * width] + lines[1:]) if rows else ""
+
+
+def _html_blocks(el: Tag, out: list[str]) -> None:
+    """Append el's blocks to out: '#' headings, paragraphs, '- ' items, pipe tables, fenced code."""
+    buf: list[str] = []
+
+    def flush() -> None:
+        if text := _squash("".join(buf)):
+            out.append(text)
+        buf.clear()
+
+    for child in el.children:
+        if isinstance(child, PreformattedString):  # comments, doctype, CDATA
+            continue
+        if not isinstance(child, Tag) or (child.name not in BLOCK_TAGS and not child.find(BLOCK_TAGS)):
+            buf.append(child.get_text() if isinstance(child, Tag) else str(child))  # inline text, <a>, <b>
+            continue
+        flush()
+        name = child.name
+        if name in HEADINGS:
+            if text := _squash(child.get_text()).rstrip("\u00b6 "):  # drop Sphinx-style permalink marks
+                out.append("#" * int(name[1]) + " " + text)
+        elif name == "li":
+            items: list[str] = []
+            _html_blocks(child, items)
+            if items:  # items of a nested list follow their parent item
+                out += ["- " + items[0].removeprefix("- ")] + items[1:]
+        elif name == "table":
+            out.append(_html_table(child))
+        elif name == "pre":
+            code = child.get_text().strip("\n")
+            out.append(f"```\n{code}\n```" if code.strip() else "")
+        else:
+            _html_blocks(child, out)
+    flush()
+
+
+def _read_html(raw: bytes, rel: str) -> tuple[str, str | None]:
+    soup = BeautifulSoup(_decode(raw, rel), "html.parser")
+    h1 = soup.find("h1")
+    title = _squash(soup.title.get_text()) if soup.title else ""
+    title = title or (_squash(h1.get_text()) if h1 else "")
+    drop = soup.find_all(DROP_TAGS) + soup.find_all(attrs={"role": DROP_ROLES})
+    # only page-level header/footer are site chrome; inside an article they hold its title and byline
+    chrome = [el for el in soup.find_all(("header", "footer")) if not el.find_parent(SECTIONING)]
+    for el in drop + chrome:
+        el.extract()
+    articles = soup.find_all("article")
+    root = soup.find("main") or (articles[0] if len(articles) == 1 else None) or soup.body or soup
+    blocks: list[str] = []
+    # ...unless the page header holds the page's only <h1>: then it is the title block (owner, version, date)
+    intro = next((el for el in chrome if el.name == "header" and el.find("h1")), None)
+    if intro and not root.find("h1"):
+        _html_blocks(intro, blocks)
+    _html_blocks(root, blocks)
+    return "\n\n".join(b for b in blocks if b), title or None
+
+
+@dataclass
+class _Line:
+    text: str = ""
+    sizes: Counter = field(default_factory=Counter)  # effective font size -> characters set in it
+    y: float = 0.0
+
+
+def _pdf_lines(page) -> list[tuple[str, float, float]]:
+    """(text, main font size, baseline y) of each text line on a page."""
+    lines = [_Line()]
+
+    def visit(text: str, cm: list[float], tm: list[float], font: object, size: float) -> None:
+        # text space -> page space is Tm x CTM (PDF 32000-1, 9.4.4); the font size scales with it
+        scale = math.hypot(tm[2] * cm[0] + tm[3] * cm[2], tm[2] * cm[1] + tm[3] * cm[3])
+        for i, part in enumerate(text.split("\n")):
+            if i:
+                lines.append(_Line())
+            line = lines[-1]
+            line.text += part
+            if n := len(part.strip()):
+                if not line.sizes:
+                    line.y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
+                line.sizes[round((size or 0) * scale * 2) / 2] += n
+
+    page.extract_text(visitor_text=visit)  # pypdf reports the text, in order, exactly as it returns it
+    return [(_squash(ln.text), ln.sizes.most_common(1)[0][0], ln.y) for ln in lines if ln.sizes]
+
+
+def _pdf_markdown(pages: list[list[tuple[str, float, float]]]) -> str:
+    chars = Counter()
+    for text, size, _ in (line for page in pages for line in page):
+        chars[size] += len(text)
+    body = chars.most_common(1)[0][0] if chars else 0.0
+    big = sorted({size for size in chars if size >= body * HEADING_RATIO}, reverse=True)
+    level_of = {size: min(rank + 1, 3) for rank, size in enumerate(big)}
+    full = max((len(text) for page in pages for text, size, _ in page if size == body), default=0)
+    blocks: list[str] = []
+    for lines in pages:
+        prev_text, prev_size, prev_y, prev_level = "", 0.0, None, None  # a new page starts a new block
+        for text, size, y in lines:
+            level = level_of.get(size) if len(text) <= 120 else None
+            near = prev_y is not None and 0 <= prev_y - y <= PARAGRAPH_GAP * max(size, prev_size)
+            match = BULLET.match(text)
+            if near and prev_level == (level or 0) and not match:
+                # a line that ran to the margin wrapped; a short one ended (a table row, an address line)
+                wrapped = level or len(prev_text) >= WRAPPED * full
+                blocks[-1] += (" " if wrapped else "\n") + text
+            elif level:
+                blocks.append("#" * level + " " + text)
+            else:
+                blocks.append("- " + text[match.end():] if match else text)
+            prev_text, prev_size, prev_y, prev_level = text, size, y, level or 0
+    return "\n\n".join(blocks)
+
+
+def _read_pdf(raw: bytes, rel: str) -> tuple[str, str | None]:
+    try:
+        reader = PdfReader(io.BytesIO(raw))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise _Skip("encrypted PDF; save a decrypted copy (e.g. qpdf --decrypt in.pdf out.pdf)")
+        text = _pdf_markdown([_pdf_lines(page) for page in reader.pages])
+        meta_title = _squash((reader.metadata.title or "") if reader.metadata else "")
+    except _Skip:
+        raise
+    except Exception as e:  # pypdf raises many exception types on damaged files
+        raise _Skip(f"unreadable PDF ({type(e).__name__}: {_squash(str(e))[:160]}); re-export it") from e
+    if not text:
+        raise _Skip("no extractable text (a scanned PDF?); run OCR on it first")
+    return text, meta_title or _atx_title(text)
+
+
+READERS = {".md": _read_text, ".markdown": _read_text, ".txt": _read_text,
+           ".html": _read_html, ".htm": _read_html, ".pdf": _read_pdf}
+
+
+def load_file(path: Path, root: Path) -> Document | None:
+    """One file as a Document, or None (after one logged warning) when it is skipped."""
+    path, root = Path(path), Path(root)
+    rel = path.absolute().relative_to(root.absolute()).as_posix()
+    if path.suffix.lower() not in SUPPORTED:
+        log.debug("skipping %s: unsupported extension", rel)
+        return None
+    try:
+        raw = path.read_bytes()
+        if not raw.strip():
+            raise _Skip("empty file; add text to it or delete it")
+        text, title = READERS[path.suffix.lower()](raw, rel)
+        if not (text := _tidy(text)):
+            raise _Skip("no text left after parsing; check the file has content")
+        mtime = path.stat().st_mtime
+    except _Skip as e:
+        log.warning("skipping %s: %s", rel, e)
+        return None
+    except OSError as e:
+        log.warning("skipping %s: cannot read it (%s); check its permissions", rel, e.strerror or e)
+        return None
+    first_line = next(ln for ln in text.split("\n") if ln.strip()).lstrip("#").strip()[:120]
+    return Document(id=rel, path=str(path.absolute()), title=title or first_line or path.stem, text=text,
+                    sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime)
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every visible file under root once, in sorted order; links that leave root are refused."""
+    real_root, found = root.resolve(), {}
+
+    def visit(folder: Path, ancestors: frozenset[Path]) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            log.warning("skipping %s/: cannot list it (%s)", folder.relative_to(root).as_posix(), e.strerror)
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name == "__pycache__":
+                continue
+            rel = entry.relative_to(root).as_posix()
+            try:
+                target = entry.resolve()
+            except (OSError, RuntimeError):  # RuntimeError: a link that points at itself
+                target = None
+            if target is None or not (entry.is_dir() or entry.is_file()):
+                log.warning("skipping %s: broken symlink or not a regular file", rel)
+            elif entry.is_symlink() and not target.is_relative_to(real_root):
+                log.warning("skipping %s: symlink to %s, outside the docs folder; copy it in instead",
+                            rel, target)
+            elif entry.is_dir():
+                if target not in ancestors:  # a link back up the tree would loop forever
+                    visit(entry, ancestors | {target})
+            elif target not in found or entry == root / target.relative_to(real_root):
+                found[target] = entry  # a file reached twice is loaded once, under its real path if seen
+
+    visit(root, frozenset({real_root}))
+    return sorted(found.values())
+
+
+def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
+    """Every readable document under root, sorted by id; bad files are skipped with a warning."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise IngestError(f"docs folder not found: {root}; pass DOCS=/path/to/folder")
+    if not root.is_dir():
+        raise IngestError(f"docs path is not a folder: {root}; pass DOCS=/path/to/folder")
+    files = _walk(root)
+    bar = tqdm(files, desc="ingest", unit="file", disable=not progress or len(files) <= 20)
+    docs = [doc for path in bar if (doc := load_file(path, root)) is not None]
+    if not docs:
+        raise IngestError(f"no readable .md/.txt/.html/.pdf files in {root}; pass DOCS=/path/to/folder")
+    log.info("loaded %d documents from %s (%d files skipped)", len(docs), root, len(files) - len(docs))
+    return sorted(docs, key=lambda d: d.id)

@@ -1,0 +1,92 @@
+"""Retrieval and answer metrics: recall@k, MRR, nDCG@10, exact match, token F1, contains, abstention, latency.
+
+Retrieval is judged at the document level, as in the golden set: a retrieved chunk is a hit when its document
+is one of the question's expected sources. Answer normalisation follows the SQuAD evaluation script
+(lowercase, drop punctuation and articles, squeeze spaces); "contains" asks whether the normalised answer or
+any alias appears inside the normalised prediction, which suits short factual answers inside a sentence.
+Left out on purpose: LLM-as-judge scoring (no judge model is available offline, and it would not be
+reproducible); faithfulness is measured by the comparison in hybrid/.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation + "€£$›»«“”‘’–—"})
+
+
+def normalize(text: str) -> str:
+    """SQuAD-style normalisation, plus "1,240" → "1240" so thousands separators do not decide a match.
+
+    >>> normalize("The fee is EUR 1,240.")
+    'fee is eur 1240'
+    """
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    text = re.sub(r"(?<=\d)\.(?=\d)", "\x00", text)  # keep decimals and versions (4.2.1) together
+    return " ".join(_ARTICLES.sub(" ", text.translate(_PUNCT)).split()).replace("\x00", ".")
+
+
+def exact_match(pred: str, answers: list[str]) -> float:
+    return float(any(normalize(pred) == normalize(a) for a in answers))
+
+
+def token_f1(pred: str, answers: list[str]) -> float:
+    """Best bag-of-tokens F1 against any acceptable answer."""
+    p = normalize(pred).split()
+    best = 0.0
+    for a in answers:
+        g = normalize(a).split()
+        common = sum((Counter(p) & Counter(g)).values())
+        if common:
+            prec, rec = common / len(p), common / len(g)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def contains(pred: str, answers: list[str]) -> float:
+    """1 when a normalised answer appears in the normalised prediction as whole words.
+
+    >>> contains("It supports 16 zones [1].", ["16 zones", "sixteen"]), contains("It has 160 zones", ["16 zones"])
+    (1.0, 0.0)
+    """
+    p = f" {normalize(pred)} "
+    return float(any(f" {normalize(a)} " in p for a in answers if normalize(a)))
+
+
+def retrieval_scores(ranked_docs: list[str], expected: set[str]) -> dict[str, float]:
+    """recall@1/5/10, MRR and nDCG@10 for one question, from the document ids of a best-first chunk list."""
+    out = {f"recall@{k}": len(expected & set(ranked_docs[:k])) / len(expected) for k in (1, 5, 10)}
+    first = next((i for i, d in enumerate(ranked_docs) if d in expected), None)
+    out["mrr"] = 0.0 if first is None else 1.0 / (first + 1)
+    distinct = list(dict.fromkeys(ranked_docs))[:10]  # a document counts once, at its best rank
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(distinct) if d in expected)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(expected), 10)))
+    out["ndcg@10"] = dcg / ideal
+    return out
+
+
+def abstention(abstained: list[bool], unanswerable: list[bool]) -> dict[str, float | None]:
+    """Precision and recall of abstaining, treating unanswerable questions as the positive class."""
+    tp = sum(a and u for a, u in zip(abstained, unanswerable))
+    n_abst, n_unans = sum(abstained), sum(unanswerable)
+    return {"abstain_precision": tp / n_abst if n_abst else None,
+            "abstain_recall": tp / n_unans if n_unans else None}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50/p95 in milliseconds."""
+    if not seconds:
+        return {"p50": 0.0, "p95": 0.0}
+    a = np.asarray(seconds) * 1000
+    return {"p50": round(float(np.percentile(a, 50)), 1), "p95": round(float(np.percentile(a, 95)), 1)}
+
+
+def mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None

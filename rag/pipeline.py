@@ -1,0 +1,196 @@
+"""The RAG pipeline: one config, then index → retrieve (bm25 | dense | hybrid | hybrid+rerank) → answer.
+
+Retrieval follows "fetch wide, fuse, re-rank, cut": each retriever returns max(k × fetch_factor, rerank_n)
+results, reciprocal rank fusion merges them, the cross-encoder re-orders the fused top ``rerank_n``, and the
+best ``k`` distinct passages go to the generator. With hierarchical chunks a child hit is expanded to its parent
+section and parents are de-duplicated. Before generating, the pipeline abstains when its confidence (the best
+re-ranker score, or the best cosine similarity when not re-ranking) is below a threshold calibrated on a golden
+train split (rag/evaluate.py); the generator can still abstain by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from rag.chunk import STRATEGIES, ChunkConfig
+from rag.dense import KINDS
+from rag.fuse import rrf
+from rag.generate import IDK, Generator, citations, is_abstention
+from rag.index import Index, UpdateStats, update_index
+from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER
+
+MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RagConfig:
+    """Every knob of the RAG pipeline; the CLI makes one ``--flag`` per field."""
+
+    docs: str = _f("data/demo", "folder of .md/.txt/.html/.pdf documents")
+    index_dir: str = _f("", "where the index lives (default .openbook/index/<folder name>)")
+    mode: str = _f("hybrid+rerank", f"retrieval mode: {', '.join(MODES)}")
+    k: int = _f(3, "passages given to the generator")
+    chunker: str = _f("semantic", f"chunking strategy: {', '.join(STRATEGIES)}")
+    chunk_size: int = _f(120, "words per chunk (child chunk for hierarchical)")
+    overlap: int = _f(20, "words shared by neighbouring fixed/child chunks")
+    parent_size: int = _f(400, "words per parent section (hierarchical)")
+    contextual: bool = _f(True, "prepend 'title › section' to each chunk before indexing")
+    embedder: str = _f(DEFAULT_EMBEDDER, "sentence-transformers model: 'minilm' (packaged), a path or a hub id")
+    faiss: str = _f("exact", f"FAISS index kind: {', '.join(KINDS)}")
+    fetch_factor: int = _f(4, "each retriever returns k × this many results before fusion")
+    rrf_k: int = _f(60, "reciprocal rank fusion constant")
+    rerank_n: int = _f(30, "fused candidates the cross-encoder re-orders")
+    reranker: str = _f(DEFAULT_RERANKER, "cross-encoder: the trained default, a path or a hub id")
+    rerank_fusion: str = _f("rrf", "'replace' the fused order by the re-ranker's, or 'rrf' fuse both orders")
+    model: str = _f(DEFAULT_GENERATOR, "generator: smollm2-135m, qwen-0.5b, a path or a hub id")
+    max_new_tokens: int = _f(48, "generated tokens per answer at most")
+    abstain_threshold: float = _f(-1.0, "abstain below this confidence (-1: calibrated value if any, else none)")
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
+        if self.rerank_fusion not in ("replace", "rrf"):
+            raise ValueError(f"--rerank-fusion must be 'replace' or 'rrf', not '{self.rerank_fusion}'")
+        for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.index_dir:
+            self.index_dir = str(Path(".openbook") / "index" / (Path(self.docs).resolve().name or "root"))
+        self.chunk_config()  # validates chunker flags
+
+    def chunk_config(self) -> ChunkConfig:
+        return ChunkConfig(self.chunker, self.chunk_size, self.overlap, self.parent_size, self.contextual)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+@dataclass
+class Hit:
+    chunk_id: str  # the indexed chunk that matched
+    doc_id: str
+    section: str
+    text: str  # what the generator sees (the parent section for hierarchical chunks)
+    score: float  # final ranking score (mode-dependent scale)
+    rerank: float | None = None  # cross-encoder probability, when re-ranked
+
+    @property
+    def label(self) -> str:
+        return f"{self.doc_id} › {self.section}" if self.section else self.doc_id
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    abstained: bool
+    reason: str  # "", "low-confidence" or "model"
+    sources: list[Hit]  # the passages shown to the generator, numbered from 1
+    cited: list[Hit]  # the sources the answer cites (or the top source when it cites none)
+    explicit_citation: bool
+    confidence: float | None
+    timings: dict = field(default_factory=dict)  # seconds per stage
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+
+class RagPipeline:
+    """Loads models lazily, so retrieval-only work (eval of modes, the index) never loads the generator."""
+
+    def __init__(self, cfg: RagConfig, index: Index | None = None):
+        self.cfg, self.index = cfg, index
+        self._generator: Generator | None = None
+        self._reranker = None
+
+    def update_index(self, progress: bool = True) -> UpdateStats:
+        c = self.cfg
+        self.index, stats = update_index(c.docs, c.index_dir, c.chunk_config(), c.embedder, c.faiss, progress)
+        return stats
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = Generator(self.cfg.model, self.cfg.max_new_tokens)
+        return self._generator
+
+    @property
+    def reranker(self):
+        if self._reranker is None:
+            from rag.rerank import load_reranker
+
+            self._reranker = load_reranker(self.cfg.reranker)
+        return self._reranker
+
+    def threshold(self) -> float | None:
+        """The abstention threshold: explicit flag, else the calibration saved beside the index for this mode."""
+        if self.cfg.abstain_threshold >= 0:
+            return self.cfg.abstain_threshold
+        cal = Path(self.cfg.index_dir) / "calibration.json"
+        if cal.exists():
+            entry = json.loads(cal.read_text()).get(self._calibration_key())
+            return entry["threshold"] if entry else None
+        return None
+
+    def _calibration_key(self) -> str:
+        c = self.cfg
+        return f"{c.mode}|{c.reranker if 'rerank' in c.mode else c.embedder}|{c.chunker}|{c.contextual}"
+
+    def ranked(self, query: str, mode: str | None = None, k: int | None = None
+               ) -> tuple[list[Hit], dict, float | None]:
+        """Best-first distinct passages, seconds spent per stage, and the confidence used for abstention."""
+        c, mode, k = self.cfg, mode or self.cfg.mode, k or self.cfg.k
+        n = max(k * c.fetch_factor, c.rerank_n)
+        t0 = time.perf_counter()
+        lists = []
+        if mode != "dense":
+            lists.append(self.index.search_bm25(query, n))
+        if mode != "bm25":
+            lists.append(self.index.search_dense(query, n))
+        best_cos = lists[-1][0][1] if mode != "bm25" and lists[-1] else None
+        fused = lists[0] if len(lists) == 1 else rrf(lists, c.rrf_k)
+        timings = {"retrieve": time.perf_counter() - t0}
+        ce: dict[str, float] = {}
+        if mode == "hybrid+rerank":
+            from rag.rerank import rerank
+
+            t1 = time.perf_counter()
+            pool = fused[: c.rerank_n]
+            scored = rerank(self.reranker, query, [(cid, self.index.chunks[cid].index_text) for cid, _ in pool])
+            ce = dict(scored)
+            fused = scored if c.rerank_fusion == "replace" else rrf([pool, scored], c.rrf_k)
+            timings["rerank"] = time.perf_counter() - t1
+        hits, seen = [], set()
+        for cid, score in fused:
+            chunk = self.index.chunks[cid]
+            shown = self.index.chunks[chunk.parent_id] if chunk.parent_id else chunk
+            if shown.id in seen:
+                continue
+            seen.add(shown.id)
+            hits.append(Hit(cid, chunk.doc_id, chunk.section, shown.text, score, ce.get(cid)))
+            if len(hits) == k:
+                break
+        return hits, timings, (max(ce.values()) if ce else best_cos)
+
+    def answer(self, question: str, on_token=None) -> Answer:
+        hits, timings, confidence = self.ranked(question)
+        threshold = self.threshold()
+        if not hits or (threshold is not None and confidence is not None and confidence < threshold):
+            timings["generate"] = 0.0
+            if on_token:
+                on_token(IDK)
+            return Answer(question, IDK, True, "low-confidence", hits, [], False, confidence, timings)
+        gen = self.generator.answer(question, [(h.label, h.text) for h in hits], on_token=on_token)
+        timings["generate"] = gen.seconds
+        abstained = is_abstention(gen.text)
+        cites = citations(gen.text, len(hits))
+        cited = [] if abstained else [hits[i - 1] for i in cites] or hits[:1]
+        return Answer(question, gen.text, abstained, "model" if abstained else "", hits, cited, bool(cites),
+                      confidence, timings, gen.prompt_tokens, gen.new_tokens)

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny real corpus written per test, and an index over it built once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY = {
+    "pricing.md": "# Pricing\n\n## Plans\n\n| plan | price |\n|---|---|\n| Basic | EUR 7 per month |\n"
+    "| Plus | EUR 23 per month |\n\nAnnual billing saves two months.\n",
+    "returns.md": "# Returns policy\n\n## Window\n\nCustomers may return a device within 45 days of delivery.\n\n"
+    "## Exceptions\n\nOpened moisture probes can only be returned within 14 days.\n",
+    "garden/watering.txt": "Watering guide\n==============\n\nLawns need about 25 millimetres of water per week.\n"
+    "Water early in the morning to reduce evaporation.\n",
+    "office.html": "<html><head><title>Offices</title><script>track()</script></head><body><nav>Home | Jobs</nav>"
+    "<main><h1>Offices</h1><p>The Ghent office opens at 08:30 and has 12 meeting rooms.</p></main>"
+    "<footer>Cookie settings</footer></body></html>",
+    "history.md": "# Company history\n\nThe company was founded in 2014 by two engineers in a garage in Ghent.\n",
+}
+
+
+def write_corpus(root: Path, files: dict[str, str] = TINY) -> Path:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "docs")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A RagPipeline over TINY with its index built once; tests must not mutate it."""
+    from rag.pipeline import RagConfig, RagPipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    docs = write_corpus(root / "docs")
+    pipe = RagPipeline(RagConfig(docs=str(docs), index_dir=str(root / "index"), chunk_size=40, overlap=5))
+    pipe.update_index(progress=False)
+    return pipe
+
+
+@pytest.fixture
+def copy_corpus(tmp_path: Path):
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy

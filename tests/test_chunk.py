@@ -1,0 +1,79 @@
+"""Chunker invariants: no text lost, overlaps as configured, parents cover children, ids stable."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rag.chunk import ChunkConfig, chunk_document
+from rag.ingest import Document
+
+TEXT = (
+    "# Returns policy\n\nIntro paragraph about returns.\n\n## Window\n\n"
+    + " ".join(f"w{i}" for i in range(150))
+    + "\n\n| product | days |\n|---|---|\n| Sprout | 45 |\n| Probe | 14 |\n\n## Exceptions\n\n"
+    + "Opened probes: 14 days only.\n"
+)
+DOC = Document("policies/returns.md", "/x/policies/returns.md", "Returns policy", TEXT, "abc", 0.0)
+
+
+def words(s: str) -> list[str]:
+    return re.findall(r"\S+", s)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "semantic"])
+def test_no_text_lost_and_spans_match(strategy):
+    chunks = chunk_document(DOC, ChunkConfig(strategy, size=40, overlap=10))
+    for c in chunks:
+        assert c.text == TEXT[c.start : c.end]
+    covered = set()
+    for c in chunks:
+        covered |= {m.start() + c.start for m in re.finditer(r"\S+", c.text)}
+    assert covered == {m.start() for m in re.finditer(r"\S+", TEXT)}
+
+
+def test_fixed_windows_overlap_and_size():
+    chunks = chunk_document(DOC, ChunkConfig("fixed", size=40, overlap=10))
+    assert all(len(words(c.text)) <= 40 for c in chunks)
+    for a, b in zip(chunks, chunks[1:]):
+        assert words(a.text)[-10:] == words(b.text)[:10]
+
+
+def test_semantic_respects_headings_and_keeps_table_whole():
+    chunks = chunk_document(DOC, ChunkConfig("semantic", size=40, overlap=0))
+    table = [c for c in chunks if "| Sprout | 45 |" in c.text]
+    assert len(table) == 1 and "| Probe | 14 |" in table[0].text  # the table is not cut
+    assert table[0].section == "Returns policy › Window"
+    exc = [c for c in chunks if "Opened probes" in c.text][0]
+    assert exc.section == "Returns policy › Exceptions" and "| Sprout" not in exc.text
+    assert all(len(words(c.text)) <= 40 for c in chunks)
+
+
+def test_hierarchical_children_inside_parents():
+    chunks = chunk_document(DOC, ChunkConfig("hierarchical", size=20, overlap=5, parent_size=80))
+    parents = {c.id: c for c in chunks if c.parent_id is None}
+    children = [c for c in chunks if c.parent_id]
+    assert parents and children
+    assert all(not p.indexed for p in parents.values()) and all(c.indexed for c in children)
+    for c in children:
+        p = parents[c.parent_id]
+        assert p.start <= c.start and c.end <= p.end and c.text in p.text
+    assert all(len(words(p.text)) <= 80 for p in parents.values())
+
+
+def test_contextual_header_and_stable_ids():
+    on = chunk_document(DOC, ChunkConfig("semantic", size=40, overlap=0, contextual=True))
+    off = chunk_document(DOC, ChunkConfig("semantic", size=40, overlap=0, contextual=False))
+    assert [c.id for c in on] == [c.id for c in off] == [c.id for c in chunk_document(DOC, ChunkConfig(size=40))]
+    exc = [c for c in on if "Opened probes" in c.text][0]
+    assert exc.index_text.startswith("Returns policy › Returns policy › Exceptions\n")
+    assert all(c.index_text == c.text for c in off)
+    assert on[0].id == "policies/returns.md#s0"
+
+
+def test_bad_config_names_the_flag():
+    with pytest.raises(ValueError, match="--chunker"):
+        ChunkConfig("sentences")
+    with pytest.raises(ValueError, match="--overlap"):
+        ChunkConfig("fixed", size=20, overlap=20)

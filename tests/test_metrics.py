@@ -1,0 +1,46 @@
+"""Metrics on hand-worked examples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rag import metrics as M
+from rag.fuse import rrf
+
+
+def test_retrieval_scores_by_hand():
+    ranked = ["a", "x", "b", "x", "y", "c"]
+    s = M.retrieval_scores(ranked, {"b", "c"})
+    assert s["recall@1"] == 0 and s["recall@5"] == 0.5 and s["recall@10"] == 1.0
+    assert s["mrr"] == pytest.approx(1 / 3)
+    # distinct docs: a x b y c -> relevant at ranks 3 and 5
+    dcg = 1 / math.log2(4) + 1 / math.log2(6)
+    assert s["ndcg@10"] == pytest.approx(dcg / (1 + 1 / math.log2(3)))
+
+
+def test_answer_metrics():
+    assert M.contains("The Pro plan costs EUR 19 per month [2].", ["EUR 19", "19 euros"]) == 1.0
+    assert M.contains("It costs EUR 190.", ["EUR 19"]) == 0.0
+    assert M.contains("Firmware 4.2.1 fixed it", ["4.2.1"]) == 1.0
+    assert M.contains("Firmware 4.2.10", ["4.2.1"]) == 0.0
+    assert M.contains("List price: EUR 1240", ["EUR 1,240"]) == 1.0
+    assert M.exact_match("the 45 days.", ["45 days"]) == 1.0
+    assert M.token_f1("45 days", ["within 45 days"]) == pytest.approx(0.8)
+
+
+def test_abstention_precision_recall():
+    m = M.abstention([True, True, False, False], [True, False, True, False])
+    assert m == {"abstain_precision": 0.5, "abstain_recall": 0.5}
+    assert M.abstention([False], [False]) == {"abstain_precision": None, "abstain_recall": None}
+
+
+def test_rrf_by_hand():
+    fused = dict(rrf([[("a", 3), ("b", 2)], [("b", 9), ("c", 1)]], k=60))
+    assert fused["b"] == pytest.approx(1 / 62 + 1 / 61)
+    assert list(fused)[0] == "b"
+
+
+def test_percentiles():
+    assert M.percentiles([0.1, 0.2, 0.3]) == {"p50": 200.0, "p95": 290.0}
