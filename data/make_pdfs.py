@@ -1,13 +1,13 @@
 """Build the demo PDFs: each data/pdf_src/<rel>.md becomes data/demo/<rel>.pdf, the same bytes every run.
 
-The sources are a small Markdown subset: '#'/'##'/'###' headings (bold, larger), paragraphs, '- ' bullets
-and pipe tables (fpdf2's `table()`, first row as headings). The PDF title comes from the first '#'
-heading. Creation date and producer are fixed, so a build is reproducible and `--check` can compare
-bytes. fpdf2's core font Helvetica only covers Latin-1; a source with any other character fails with its
-file and line, rather than being silently mangled.
+The sources are a small Markdown subset: '#'/'##'/'###' headings (bold, larger), paragraphs, '- ' and
+'1.' list items, and pipe tables (fpdf2's `table()`, first row as headings). The PDF title comes from
+the first '#' heading. Creation date and producer are fixed, so a build is reproducible and `--check`
+can compare bytes. fpdf2's core font Helvetica only covers Latin-1; a source with any other character
+fails with its file and line, rather than being silently mangled.
 
-Left out on purpose: inline Markdown (**bold**, `code`, [links](...) are rendered as plain text), images,
-numbered lists, and page headers/footers (their text would leak into what rag.ingest extracts).
+Left out on purpose: inline Markdown (**bold**, `code`, [links](...) are rendered as plain text), nested
+lists, images, and page headers/footers (their text would leak into what rag.ingest extracts).
 
     python data/make_pdfs.py           # build every PDF, print its page count and sha256
     python data/make_pdfs.py --check   # exit 1 if a committed PDF differs from a fresh build
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -35,9 +36,10 @@ TABLE_SEPARATOR = re.compile(r"\|?(\s*:?-{3,}:?\s*\|)+\s*:?-*:?\s*")
 
 @dataclass
 class Block:
-    kind: str  # "h" heading, "p" paragraph, "li" bullet, "table"
+    kind: str  # "h" heading, "p" paragraph, "li" list item, "table"
     text: str = ""
-    level: int = 0
+    level: int = 0  # heading level
+    marker: str = ""  # list item marker: "-" or "1."
     rows: list[list[str]] = field(default_factory=list)
 
 
@@ -57,8 +59,8 @@ def parse(src: Path) -> list[Block]:
         s = line.strip()
         if not s:
             open_block = False
-        elif m := re.match(r"(#{1,3})\s+(.*)", s):
-            blocks.append(Block("h", plain(m[2]), level=len(m[1])))
+        elif m := re.match(r"(#{1,6})\s+(.*)", s):
+            blocks.append(Block("h", plain(m[2]), level=min(len(m[1]), 3)))
             open_block = False
         elif s.startswith("|"):
             if not TABLE_SEPARATOR.fullmatch(s):
@@ -67,8 +69,8 @@ def parse(src: Path) -> list[Block]:
                     blocks.append(Block("table"))
                 blocks[-1].rows.append(cells)
             open_block = True
-        elif m := re.match(r"[-*]\s+(.*)", s):
-            blocks.append(Block("li", plain(m[1])))
+        elif m := re.match(r"([-*]|\d+[.)])\s+(.*)", s):
+            blocks.append(Block("li", plain(m[2]), marker="-" if m[1] in "-*" else m[1]))
             open_block = True
         elif open_block and blocks[-1].kind in ("p", "li"):
             blocks[-1].text += " " + plain(s)
@@ -82,7 +84,7 @@ def render(blocks: list[Block], title: str) -> tuple[bytes, int]:
     """(PDF bytes, page count) for the blocks, A4 with 20 mm margins."""
     pdf = FPDF(format="A4")
     pdf.set_creation_date(FIXED_DATE)
-    pdf.set_producer("openbook data/make_pdfs.py")  # not the fpdf2 version, so upgrades keep the bytes
+    pdf.set_producer("openbook data/make_pdfs.py")  # instead of the fpdf2 version string
     pdf.set_title(title)
     pdf.set_margins(20, 20)
     pdf.set_auto_page_break(True, margin=20)
@@ -98,19 +100,23 @@ def render(blocks: list[Block], title: str) -> tuple[bytes, int]:
         elif block.kind == "table":
             pdf.ln(3)
             pdf.set_font(FONT, "", BODY_SIZE - 1)
-            width = max(len(row) for row in block.rows)
-            with pdf.table(text_align="LEFT", line_height=5, first_row_as_headings=True) as table:
-                for cells in block.rows:
+            ncols = max(len(row) for row in block.rows)
+            rows = [cells + [""] * (ncols - len(cells)) for cells in block.rows]
+            # columns as wide as their longest cell, so few cells wrap; the vertical padding puts rows
+            # further apart than wrapped lines, which is how rag.ingest keeps each row on its own
+            widths = [max(6, *(len(row[i]) for row in rows)) for i in range(ncols)]
+            with pdf.table(col_widths=widths, text_align="LEFT", line_height=5, padding=(1.5, 1.5)) as table:
+                for cells in rows:
                     row = table.row()
-                    for cell in cells + [""] * (width - len(cells)):
+                    for cell in cells:
                         row.cell(cell)
         else:
             pdf.ln(1 if block.kind == "li" and prev == "li" else 3)
             pdf.set_font(FONT, "", BODY_SIZE)
             if block.kind == "li":
                 pdf.set_x(pdf.l_margin + 4)
-            pdf.multi_cell(0, LINE_H, ("- " if block.kind == "li" else "") + block.text,
-                           new_x="LMARGIN", new_y="NEXT")
+            text = f"{block.marker} {block.text}" if block.kind == "li" else block.text
+            pdf.multi_cell(0, LINE_H, text, new_x="LMARGIN", new_y="NEXT")
         prev = block.kind
     return bytes(pdf.output()), pdf.page_no()
 
@@ -139,14 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(e, file=sys.stderr)
             return 1
+        shown = os.path.relpath(dest)
         if args.check:
             same = dest.exists() and dest.read_bytes() == data
             stale += [] if same else [dest]
-            print(f"{'ok' if same else 'DIFFERS'}  {dest}")
+            print(f"{'ok' if same else 'DIFFERS'}  {shown}")
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
-            print(f"{dest}  {pages} page{'s' * (pages != 1)}  sha256 {hashlib.sha256(data).hexdigest()[:16]}")
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            print(f"{shown}  {pages} page{'s' * (pages != 1)}  sha256 {digest}")
     if stale:
         print(f"{len(stale)} PDF(s) differ from a fresh build; run python data/make_pdfs.py", file=sys.stderr)
     return 1 if stale else 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bs4 import BeautifulSoup
 from bs4.element import PreformattedString, Tag
-from pypdf import PdfReader
+from pypdf import PageObject, PdfReader
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ PARAGRAPH_GAP = 1.7   # a PDF line further than this x its font size below the l
 WRAPPED = 0.6         # a PDF line this share as long as the longest body line wrapped into the next one
 # a one-line paragraph (blank line or start of file before it) over a '===' or '---' underline
 SETEXT = re.compile(r"^(?<![^\n]\n)([^\s#>|*-].*)\n {0,3}(={3,}|-{3,})[ \t]*$", re.M)
-BULLET = re.compile(r"[-*\u2022\u2013]\s+")
+LIST_ITEM = re.compile(r"(?:[-*\u2022\u2013]|(\d{1,2}[.)]))\s+")  # a bullet becomes '- ', a number stays
 
 
 @dataclass(frozen=True)
@@ -177,11 +177,11 @@ def _read_html(raw: bytes, rel: str) -> tuple[str, str | None]:
 @dataclass
 class _Line:
     text: str = ""
-    sizes: Counter = field(default_factory=Counter)  # effective font size -> characters set in it
+    sizes: Counter[float] = field(default_factory=Counter)  # effective font size -> characters set in it
     y: float = 0.0
 
 
-def _pdf_lines(page) -> list[tuple[str, float, float]]:
+def _pdf_lines(page: PageObject) -> list[tuple[str, float, float]]:
     """(text, main font size, baseline y) of each text line on a page."""
     lines = [_Line()]
 
@@ -203,7 +203,7 @@ def _pdf_lines(page) -> list[tuple[str, float, float]]:
 
 
 def _pdf_markdown(pages: list[list[tuple[str, float, float]]]) -> str:
-    chars = Counter()
+    chars: Counter[float] = Counter()
     for text, size, _ in (line for page in pages for line in page):
         chars[size] += len(text)
     body = chars.most_common(1)[0][0] if chars else 0.0
@@ -211,20 +211,24 @@ def _pdf_markdown(pages: list[list[tuple[str, float, float]]]) -> str:
     level_of = {size: min(rank + 1, 3) for rank, size in enumerate(big)}
     full = max((len(text) for page in pages for text, size, _ in page if size == body), default=0)
     blocks: list[str] = []
+    prev_text, prev_size, prev_level = "", 0.0, None
     for lines in pages:
-        prev_text, prev_size, prev_y, prev_level = "", 0.0, None, None  # a new page starts a new block
+        prev_y = None
         for text, size, y in lines:
             level = level_of.get(size) if len(text) <= 120 else None
-            near = prev_y is not None and 0 <= prev_y - y <= PARAGRAPH_GAP * max(size, prev_size)
-            match = BULLET.match(text)
-            if near and prev_level == (level or 0) and not match:
-                # a line that ran to the margin wrapped; a short one ended (a table row, an address line)
-                wrapped = level or len(prev_text) >= WRAPPED * full
+            item = LIST_ITEM.match(text)
+            # a line that ran to the margin wrapped; a short one ended (a paragraph, a table row)
+            wrapped = bool(level) or len(prev_text) >= WRAPPED * full
+            if prev_y is None:  # top of a page: only a paragraph cut mid-line by the page break goes on
+                near = wrapped and prev_level == 0 and size == prev_size
+            else:
+                near = 0 <= prev_y - y <= PARAGRAPH_GAP * max(size, prev_size)
+            if near and prev_level == (level or 0) and not item:
                 blocks[-1] += (" " if wrapped else "\n") + text
             elif level:
                 blocks.append("#" * level + " " + text)
             else:
-                blocks.append("- " + text[match.end():] if match else text)
+                blocks.append(f"{item[1] or '-'} {text[item.end():]}" if item else text)
             prev_text, prev_size, prev_y, prev_level = text, size, y, level or 0
     return "\n\n".join(blocks)
 
@@ -277,7 +281,8 @@ def load_file(path: Path, root: Path) -> Document | None:
 
 def _walk(root: Path) -> list[Path]:
     """Every visible file under root once, in sorted order; links that leave root are refused."""
-    real_root, found = root.resolve(), {}
+    real_root = root.resolve()
+    found: dict[Path, Path] = {}  # resolved target -> the path it is loaded under
 
     def visit(folder: Path, ancestors: frozenset[Path]) -> None:
         try:

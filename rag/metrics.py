@@ -17,15 +17,16 @@ from collections import Counter
 
 import numpy as np
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+# "a" right after a number is a unit (5 A = five amperes), not an article
+_ARTICLES = re.compile(r"\b(?:an|the)\b|(?<!\d )\ba\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation + "€£$›»«“”‘’–—"})
 
 
 def normalize(text: str) -> str:
     """SQuAD-style normalisation, plus "1,240" → "1240" so thousands separators do not decide a match.
 
-    >>> normalize("The fee is EUR 1,240.")
-    'fee is eur 1240'
+    >>> normalize("The fee is EUR 1,240."), normalize("A relay rated 5 A")
+    ('fee is eur 1240', 'relay rated 5 a')
     """
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
     text = re.sub(r"(?<=\d)\.(?=\d)", "\x00", text)  # keep decimals and versions (4.2.1) together

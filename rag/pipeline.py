@@ -20,7 +20,7 @@ from rag.dense import KINDS
 from rag.fuse import rrf
 from rag.generate import IDK, Generator, citations, is_abstention
 from rag.index import Index, UpdateStats, update_index
-from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER
+from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER, GENERATORS
 
 MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
 
@@ -61,6 +61,9 @@ class RagConfig:
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.model not in GENERATORS and not Path(self.model).exists() and "/" not in self.model:
+            raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
+                             "a local folder nor a hub id")
         if not self.index_dir:
             self.index_dir = str(Path(".openbook") / "index" / (Path(self.docs).resolve().name or "root"))
         self.chunk_config()  # validates chunker flags

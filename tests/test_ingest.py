@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fpdf import FPDF
+from fpdf.enums import EncryptionMethod
 
 from rag.ingest import IngestError, load_file, load_folder
 
@@ -133,6 +134,20 @@ def test_pdf_title_from_metadata(tmp_path):
     assert by_id(tmp_path)["w.pdf"].title == "Warranty (2024 edition)"
 
 
+def test_password_protected_pdf_skipped_but_permission_only_encryption_read(tmp_path, caplog):
+    for name, user_password in (("locked.pdf", "secret"), ("open.pdf", None)):
+        pdf = FPDF()
+        pdf.set_encryption(owner_password="owner", user_password=user_password,
+                           encryption_method=EncryptionMethod.RC4)
+        pdf.add_page()
+        pdf.set_font("Helvetica", size=11)
+        pdf.cell(0, 5, f"Text of {name}")
+        pdf.output(str(tmp_path / name))
+    assert by_id(tmp_path)["open.pdf"].text == "Text of open.pdf"
+    assert "locked.pdf" not in by_id(tmp_path)
+    assert any(m.startswith("skipping locked.pdf: encrypted PDF") for m in skipped(caplog))
+
+
 def test_broken_pdf_skipped_with_warning(tmp_path, caplog):
     write(tmp_path, "ok.md", "# Fine\n\nText.")
     write(tmp_path, "broken.pdf", b"%PDF-1.4\nthis is not really a pdf\n")
@@ -224,14 +239,16 @@ def test_make_pdfs_is_reproducible_and_round_trips_through_ingest(tmp_path, monk
     monkeypatch.syspath_prepend(str(REPO / "data"))  # a script folder, not a package
     make_pdfs = importlib.import_module("make_pdfs")
     src = write(tmp_path / "src", "hw/guide.md", "# Rack Guide\n\nUse **four** screws.\n\n## Torque\n\n"
-                "- Rails: hand tight\n- Cover: 1 Nm\n\n| Part | Torque |\n|---|---|\n| Rail | 4 Nm |\n")
+                "- Rails: hand tight\n- Cover: 1 Nm\n\n| Part | Torque |\n|---|---|\n| Rail | 4 Nm |\n\n"
+                "### Steps\n\n1. Mount the rails\n2. Slide it in\n")
     assert make_pdfs.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
     assert make_pdfs.main(["--check", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
     assert make_pdfs.build(src) == make_pdfs.build(src)
     doc = by_id(tmp_path / "out")["hw/guide.pdf"]
     assert doc.title == "Rack Guide"
     assert doc.text.split("\n\n") == ["# Rack Guide", "Use four screws.", "## Torque", "- Rails: hand tight",
-                                      "- Cover: 1 Nm", "Part Torque\nRail 4 Nm"]
+                                      "- Cover: 1 Nm", "Part Torque", "Rail 4 Nm",  # a paragraph per row
+                                      "### Steps", "1. Mount the rails", "2. Slide it in"]
     write(tmp_path / "src", "bad.md", "# Bad\n\nAn em dash \u2014 here.\n")
     with pytest.raises(ValueError, match=r"bad\.md:3: .*U\+2014"):
         make_pdfs.build(tmp_path / "src" / "bad.md")

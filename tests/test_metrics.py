@@ -27,6 +27,8 @@ def test_answer_metrics():
     assert M.contains("Firmware 4.2.10", ["4.2.1"]) == 0.0
     assert M.contains("List price: EUR 1240", ["EUR 1,240"]) == 1.0
     assert M.exact_match("the 45 days.", ["45 days"]) == 1.0
+    assert M.contains("The fee is EUR 5 [2].", ["5 A"]) == 0.0  # "A" after a number is a unit, not an article
+    assert M.contains("It switches 5 A at 250 VAC.", ["5 A"]) == 1.0
     assert M.token_f1("45 days", ["within 45 days"]) == pytest.approx(0.8)
 
 

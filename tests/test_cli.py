@@ -1,0 +1,88 @@
+"""End to end through the real entry point: index, ask, eval on a 5-document corpus; bad input; abstention."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rag.cli import main
+from rag.generate import IDK
+
+GOLDEN = [
+    {"id": "t1", "question": "Within how many days can a device be returned?", "answer": "45 days",
+     "aliases": ["45"], "sources": ["returns.md"], "type": "lookup", "split": "train"},
+    {"id": "t2", "question": "What is the boiling point of lead?", "answer": None, "aliases": [], "sources": [],
+     "type": "unanswerable", "split": "train"},
+    {"id": "t3", "question": "How long is the return window for a device?", "answer": "45 days",
+     "aliases": ["45"], "sources": ["returns.md"], "type": "paraphrase", "split": "test"},
+    {"id": "t4", "question": "Who won the 1998 football world cup?", "answer": None, "aliases": [], "sources": [],
+     "type": "unanswerable", "split": "test"},
+]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rag", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_index_ask_eval_smoke(corpus, tmp_path, capsys):
+    ix = str(tmp_path / "ix")
+    common = ["--docs", str(corpus), "--index-dir", ix, "--chunk-size", "40", "--overlap", "5"]
+    assert main(["index", *common]) == 0
+    assert "5 documents" in capsys.readouterr().out
+
+    assert main(["ask", *common, "When does the Ghent office open?"]) == 0
+    out = capsys.readouterr().out
+    assert "office.html" in out and "prompt tokens" in out  # cited source printed under the answer
+
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("\n".join(json.dumps(q) for q in GOLDEN) + "\n")
+    assert main(["eval", *common, "--golden", str(golden), "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result) == {"settings", "retrieval", "answers", "latency_ms", "per_question"}
+    assert set(result["retrieval"]) == {"bm25", "dense", "hybrid", "hybrid+rerank"}
+    assert result["retrieval"]["hybrid+rerank"]["recall@5"] == 1.0
+    assert {"contains", "exact", "f1", "citation_accuracy", "abstain_precision", "abstain_recall"} <= set(
+        result["answers"])
+    assert [q["id"] for q in result["per_question"]] == ["t3", "t4"]
+    assert result["settings"]["calibration"] is not None  # the train split had both kinds of question
+    assert all(v["p50"] >= 0 for v in result["latency_ms"].values())
+
+
+def test_unanswerable_question_abstains(tiny_pipeline):
+    """The re-ranker gives an off-topic question a low score; with a threshold the pipeline abstains."""
+    from dataclasses import replace
+
+    from rag.pipeline import RagPipeline
+
+    pipe = RagPipeline(replace(tiny_pipeline.cfg, abstain_threshold=0.2), tiny_pipeline.index)
+    pipe._reranker = tiny_pipeline.reranker
+    a = pipe.answer("Who won the 1998 football world cup?")
+    assert a.abstained and a.text == IDK and a.reason == "low-confidence" and a.cited == []
+    assert pipe.answer("How many days do I have to return a device?").confidence > 0.2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["index", "--docs", "/no/such/folder"], "/no/such/folder"),
+        (["index", "--docs", "EMPTY"], "no readable"),
+        (["ask", "--docs", "DOCS", "--mode", "magic", "q"], "--mode"),
+        (["eval", "--docs", "DOCS", "--golden", "BADGOLDEN"], "BADGOLDEN:1"),
+        (["ask", "--docs", "DOCS", "--model", "no-such-model", "q"], "no-such-model"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needle, corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    subs = {"EMPTY": str(tmp_path / "empty"), "DOCS": str(corpus), "BADGOLDEN": str(tmp_path / "bad.jsonl")}
+    args = [subs.get(a, a) for a in args]
+    needle = subs.get(needle.split(":")[0], needle.split(":")[0]) + (":1" if needle.endswith(":1") else "")
+    r = run_cli(*args, "--index-dir", str(tmp_path / "ix"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], r.stderr
