@@ -11,13 +11,15 @@ MODE   ?=
 K      ?=
 RERANKER ?=
 CHUNKER  ?=
+STEPS    ?=
+EPOCHS   ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
           $(if $(RERANKER),--reranker $(RERANKER)) $(if $(CHUNKER),--chunker $(CHUNKER))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup setup-large test test-slow lint rag index eval chat pdfs clean
+.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune pdfs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +62,10 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
+
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS=)
+	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS))
 
 pdfs: ## rebuild the demo PDFs from data/pdf_src (reproducible)
 	$(PY) data/make_pdfs.py

@@ -2,7 +2,8 @@
 
 Scoring is rank-bm25's ``BM25Okapi`` (Robertson & Zaragoza 2009; k1=1.5, b=0.75) with one change: Lucene's
 idf, log(1 + (N − n + 0.5)/(n + 0.5)), which is never negative. rank-bm25's Okapi idf turns negative for a term
-in more than half the documents, so in a small folder a matching chunk would rank *below* a non-matching one. The tokenizer is where BM25 quality is won or lost:
+in more than half the documents, so in a small folder a matching chunk would rank *below* a non-matching one.
+The tokenizer is where BM25 quality is won or lost:
 scikit-learn's English stop-word list and the Snowball English stemmer, plus one extra token that joins a
 letters-digits code ("TW-300" → "tw", "300", "tw300") so model numbers match however they are written.
 Left out on purpose: persisting rank-bm25's internals; it rebuilds from stored tokens in well under a second

@@ -72,7 +72,7 @@ def _sections(text: str) -> list[tuple[int, int, str]]:
     out, path = [], []
     if not marks or marks[0][0] > 0:
         out.append((0, bounds[0], ""))
-    for (start, level, name), end in zip(marks, bounds[1:]):
+    for (start, level, name), end in zip(marks, bounds[1:], strict=False):
         path = [p for p in path if p[0] < level] + [(level, name)]
         out.append((start, end, " › ".join(n for _, n in path)))
     return out

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from rag.evaluate import GoldenError, evaluate, load_golden
@@ -24,19 +24,24 @@ log = logging.getLogger("rag")
 USER_ERRORS = (IngestError, IndexMissing, ModelNotFound, GoldenError, FileNotFoundError)
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    helps = RagConfig.help()
-    for f in fields(RagConfig):
-        flag = "--" + f.name.replace("_", "-")
+def add_config_flags(p: argparse.ArgumentParser, cls=RagConfig) -> None:
+    """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata."""
+    for f in fields(cls):
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=f.default, help=f"{helps[f.name]} (default: {f.default})")
+            p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")
+
+
+def config_from(args, cls=RagConfig):
+    """The config dataclass built from parsed flags (its ``__post_init__`` validates them)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def _config(args) -> RagConfig:
-    return RagConfig(**{f.name: getattr(args, f.name) for f in fields(RagConfig)})
+    return config_from(args, RagConfig)
 
 
 def _pipeline(args, progress: bool = True) -> RagPipeline:
@@ -57,7 +62,7 @@ def _print_answer(a: Answer, streamed: bool) -> None:
         why = "retrieval confidence below threshold" if a.reason == "low-confidence" else "the model abstained"
         print(f"  (abstained: {why}; confidence {a.confidence:.3f})" if a.confidence is not None else "")
         return
-    for i, h in enumerate(a.cited, 1):
+    for h in a.cited:
         n = a.sources.index(h) + 1
         print(f"  [{n}] {h.label}" + ("" if a.explicit_citation else "  (top source; the model cited none)"))
     t = a.timings
@@ -190,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "train-reranker":
             sp.add_argument("rest", nargs=argparse.REMAINDER)
             continue
-        _add_config_flags(sp)
+        add_config_flags(sp)
         if name == "ask":
             sp.add_argument("question", nargs="+", help="one or more questions")
         if name in ("eval", "demo"):

@@ -61,7 +61,7 @@ class DenseIndex:
         if not self.ids:
             return []
         scores, idx = self.index.search(q.reshape(1, -1).astype(np.float32), min(k, len(self.ids)))
-        return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0]) if i >= 0]
+        return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0], strict=True) if i >= 0]
 
     def save(self, path: Path) -> None:
         import faiss

@@ -18,7 +18,7 @@ def rrf(lists: list[Results], k: int = 60, weights: list[float] | None = None) -
     """
     weights = weights or [1.0] * len(lists)
     fused: dict[str, float] = {}
-    for results, w in zip(lists, weights):
+    for results, w in zip(lists, weights, strict=True):
         for rank, (doc, _) in enumerate(results, start=1):
             fused[doc] = fused.get(doc, 0.0) + w / (k + rank)
     # ties keep first-seen order, so the first list (BM25) breaks them deterministically

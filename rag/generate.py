@@ -152,5 +152,36 @@ class Generator:
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return Generation(text, n_prompt, int(out.shape[0]), time.perf_counter() - t0)
 
+    def chat_batch(self, conversations: list[list[dict]], max_new_tokens: int | None = None,
+                   batch_size: int = 16) -> list[Generation]:
+        """Greedy answers for many conversations, left-padded into batches (several times faster on a CPU).
+
+        Padding can change the last bits of the logits, so a rare answer may differ from ``chat``'s.
+        """
+        import torch
+
+        tok, out = self.tokenizer, []
+        side, tok.padding_side = tok.padding_side, "left"  # the new tokens must line up at the right edge
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        try:
+            for i in range(0, len(conversations), batch_size):
+                texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                         for m in conversations[i:i + batch_size]]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    ids = self.model.generate(**enc, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                              do_sample=False, pad_token_id=pad, repetition_penalty=1.1)
+                secs = (time.perf_counter() - t0) / len(texts)
+                n_prompt = enc["input_ids"].shape[1]
+                for row, mask in zip(ids[:, n_prompt:], enc["attention_mask"], strict=True):
+                    stop = ((row == pad) | (row == tok.eos_token_id)).nonzero()
+                    n_new = int(stop[0, 0]) + 1 if len(stop) else len(row)
+                    text = tok.decode(row[:n_new], skip_special_tokens=True).strip()
+                    out.append(Generation(text, int(mask.sum()), n_new, secs))
+        finally:
+            tok.padding_side = side
+        return out
+
     def answer(self, question: str, sources: list[tuple[str, str]], on_token=None) -> Generation:
         return self.chat(self.prompt(question, sources), on_token=on_token)

@@ -74,7 +74,7 @@ def retrieval_scores(ranked_docs: list[str], expected: set[str]) -> dict[str, fl
 
 def abstention(abstained: list[bool], unanswerable: list[bool]) -> dict[str, float | None]:
     """Precision and recall of abstaining, treating unanswerable questions as the positive class."""
-    tp = sum(a and u for a, u in zip(abstained, unanswerable))
+    tp = sum(a and u for a, u in zip(abstained, unanswerable, strict=True))
     n_abst, n_unans = sum(abstained), sum(unanswerable)
     return {"abstain_precision": tp / n_abst if n_abst else None,
             "abstain_recall": tp / n_unans if n_unans else None}

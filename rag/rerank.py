@@ -31,5 +31,5 @@ def rerank(model, query: str, candidates: list[tuple[str, str]], batch_size: int
         return []
     scores = model.predict([(query, text) for _, text in candidates], batch_size=batch_size,
                            show_progress_bar=False, convert_to_numpy=True)
-    ranked = sorted(zip((i for i, _ in candidates), scores.tolist()), key=lambda x: -x[1])
+    ranked = sorted(zip((i for i, _ in candidates), scores.tolist(), strict=True), key=lambda x: -x[1])
     return [(i, float(s)) for i, s in ranked]

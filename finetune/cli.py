@@ -1,0 +1,167 @@
+"""Command line for fine-tuning: ``python -m finetune {data,train,eval,merge,run,sweep}``.
+
+Thin like ``rag.cli``: one function per verb, one ``--flag`` per config field (DataConfig, TrainConfig,
+EvalConfig), user mistakes as one ``error:`` line and exit 2. ``run`` is what ``make finetune`` calls:
+data → train → eval with settings shared by the three steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune import train as T
+from finetune.data import DataConfig, build
+from finetune.evaluate import EvalConfig, evaluate_model, question_sets, split_by_base
+from rag.cli import USER_ERRORS, add_config_flags, config_from
+
+log = logging.getLogger("finetune")
+QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
+           "constraint_adherence", "abstain_precision", "abstain_recall")
+
+
+def compare(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
+    from rag.generate import Generator
+
+    sets = question_sets(cfg)
+    base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
+    result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
+              "base": evaluate_model(Generator(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
+    if cfg.adapter:
+        adapter = str(T._adapter_dir(cfg.adapter))
+        result["tuned"] = evaluate_model(Generator(cfg.model, cfg.max_new_tokens, adapter=adapter), cfg, sets,
+                                         progress)
+        result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
+        drop = (result["base"].get("probes", {}).get("accuracy") or 0) - \
+            (result["tuned"].get("probes", {}).get("accuracy") or 0)
+        result["probe_drop"] = round(drop, 4)
+        result["regression"] = drop > cfg.max_probe_drop
+    return result
+
+
+def print_compare(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    models = [m for m in ("base", "tuned") if m in result]
+    t = Table(title="closed-book, base vs tuned (no retrieval)")
+    t.add_column("questions")
+    t.add_column("metric")
+    for m in models:
+        t.add_column(m, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    for name in result["base"]["qa"]:
+        for col in QA_COLS:
+            t.add_row(f"{name} (n={result['base']['qa'][name]['n']})" if col == QA_COLS[0] else "", col,
+                      *(fmt(result[m]["qa"][name][col]) for m in models))
+        t.add_section()
+    if "probes" in result["base"]:
+        for k in result["base"]["probes"]:
+            t.add_row("general probes" if k == "accuracy" else "", k, *(fmt(result[m]["probes"][k]) for m in models))
+    if "perplexity_general" in result["base"]:
+        t.add_row("general text", "perplexity", *(fmt(result[m]["perplexity_general"]) for m in models))
+    Console().print(t)
+    if result.get("synthetic_by_base"):
+        print("held-out synthetic questions, tuned accuracy by what the base model knew: " +
+              ", ".join(f"{k} {fmt(v['tuned_contains'])} (n={v['n']})" for k, v in result["synthetic_by_base"].items()))
+    if "regression" in result:
+        print(f"general-probe accuracy change: {-result['probe_drop']:+.3f}"
+              + (" — REGRESSION beyond --max-probe-drop" if result["regression"] else ""))
+
+
+def cmd_data(args) -> int:
+    cfg = config_from(args, DataConfig)
+    ds, stats = build(cfg)
+    print(f"dataset in {cfg.out}: {len(ds['train'])} training rows, {len(ds['test'])} held-out questions; {stats}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = config_from(args, EvalConfig)
+    result = compare(cfg)
+    print_compare(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        print(f"wrote {args.json}")
+    return 3 if args.strict and result.get("regression") else 0
+
+
+def cmd_run(args) -> int:
+    """data → train → eval, for ``make finetune``."""
+    name = Path(args.docs).resolve().name or "root"
+    root = Path(".openbook") / "finetune" / name
+    dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
+                      synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
+    tcfg = T.TrainConfig(model=args.model, output_dir=str(root / Path(args.model).name), epochs=args.epochs,
+                         max_steps=args.steps)
+    ds, stats = build(dcfg)
+    print(f"dataset: {len(ds['train'])} training rows, {len(ds['test'])} held-out questions; {stats}")
+    run = T.train(tcfg, ds["train"])
+    m = run.metrics
+    print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; "
+          f"loss curve {Path(tcfg.output_dir) / 'loss.png'}")
+    del run
+    ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out)
+    result = compare(ecfg)
+    result["training"] = m
+    print_compare(result)
+    out = Path(".openbook") / "reports" / f"finetune-eval-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(f"wrote {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m finetune", description="LoRA fine-tuning on the documents RAG "
+                                "indexes, evaluated closed-book against the base model.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("data", help="build the training set (golden train + synthetic QA + paraphrases)")
+    add_config_flags(sp, DataConfig)
+    for name, h in (("train", "LoRA-train on a dataset (see `python -m finetune train --help`)"),
+                    ("merge", "merge an adapter into its base model (see `python -m finetune merge --help`)")):
+        sub.add_parser(name, help=h, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    sp = sub.add_parser("eval", help="closed-book base vs tuned: QA, hallucination, format, probes, perplexity")
+    add_config_flags(sp, EvalConfig)
+    sp.add_argument("--json", default="", help="write the full result here")
+    sp.add_argument("--strict", action="store_true", help="exit 3 when general-probe accuracy drops more than "
+                    "--max-probe-drop")
+    sp = sub.add_parser("run", help="data → train → eval (what `make finetune` runs)")
+    sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
+    sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs, help="training epochs")
+    sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
+    sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
+    sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,
+                    help="chunks to write synthetic QA from")
+    return p
+
+
+COMMANDS = {"data": cmd_data, "eval": cmd_eval, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = parser().parse_args(argv)
+    if args.command == "train":
+        return T.main(args.rest)
+    if args.command == "merge":
+        return T.merge_main(args.rest)
+    try:
+        return COMMANDS[args.command](args)
+    except (*USER_ERRORS, T.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if "--" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2

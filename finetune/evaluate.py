@@ -1,0 +1,167 @@
+"""Closed-book evaluation, base vs LoRA-tuned: golden QA, hallucination, format, refusals, general skills, perplexity.
+
+The model gets the question and nothing else (no retrieval): whatever it answers comes from its weights. Scored
+with rag's answer metrics (contains / exact / token F1 on the answer line, abstention precision/recall) plus:
+
+- *hallucination rate*: a non-abstaining answer that is wrong (any answer to an unanswerable question is wrong);
+- *format consistency*: replies that follow the trained format exactly (answer line + ``Source:`` line, or
+  exactly "I don't know.");
+- *constraint adherence*: unanswerable questions refused, and answered ones citing a document that exists;
+- *capability regression*: general-skill probes (``data/probes/probes.jsonl``) and perplexity on general text
+  (``data/probes/general.txt``), so forgetting shows as a drop from base to tuned (``--strict`` fails on it).
+
+Training questions are scored too (memorisation), and the held-out synthetic questions are split by whether the
+base model already knew the answer. Left out on purpose: LLM-as-judge scoring (no judge runs offline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.data import closed_book_messages, parse_answer
+from rag import metrics as M
+from rag.evaluate import load_golden
+from rag.generate import Generator, is_abstention
+from rag.pipeline import option
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class EvalConfig:
+    """What ``python -m finetune eval`` compares; every field is a flag."""
+
+    docs: str = option("data/demo", "documents folder (answers must cite a document in it)")
+    golden: str = option("", "golden JSONL (default <docs>/golden.jsonl); its test split is the main score")
+    data: str = option("", "dataset folder from `finetune data` (its held-out synthetic questions are scored)")
+    model: str = option("smollm2-135m", "base model")
+    adapter: str = option("", "LoRA output dir or adapter folder to compare against the base ('' = base only)")
+    train_sample: int = option(40, "training questions scored for memorisation (0 = none)")
+    probes: str = option("data/probes/probes.jsonl", "general-skill probes")
+    general_text: str = option("data/probes/general.txt", "general text for perplexity")
+    max_new_tokens: int = option(32, "tokens per closed-book answer")
+    max_probe_drop: float = option(0.10, "--strict fails when probe accuracy drops more than this (absolute)")
+
+    def __post_init__(self):
+        if not self.golden and (Path(self.docs) / "golden.jsonl").exists():
+            self.golden = str(Path(self.docs) / "golden.jsonl")
+        if self.train_sample < 0 or self.max_new_tokens < 1 or not 0 <= self.max_probe_drop <= 1:
+            raise ValueError("--train-sample must be >= 0, --max-new-tokens >= 1, --max-probe-drop in [0, 1]")
+
+
+def score_qa(replies: list[str], items: list[dict], docs: str) -> tuple[dict, list[dict]]:
+    """Summary metrics and per-question rows for closed-book replies to golden-format ``items``."""
+    rows = []
+    for text, q in zip(replies, items, strict=True):
+        parsed = parse_answer(text)
+        answer = parsed[0] if parsed else text
+        abstained = is_abstention(text)
+        refs = [q["answer"], *q.get("aliases", [])] if q["answer"] is not None else []
+        correct = bool(refs) and not abstained and bool(M.contains(answer, refs))
+        cited_ok = bool(parsed) and (Path(docs) / parsed[1]).is_file()
+        rows.append({"id": q["id"], "question": q["question"], "expected": q["answer"], "reply": text,
+                     "abstained": abstained, "correct": correct, "hallucinated": not abstained and not correct,
+                     "format_ok": bool(parsed) or text.strip() == "I don't know.",
+                     "source_ok": bool(parsed) and parsed[1] in q.get("sources", []),
+                     "adheres": abstained if not refs else (abstained or cited_ok),
+                     "exact": M.exact_match(answer, refs) if refs else None,
+                     "f1": M.token_f1(answer, refs) if refs else None})
+    ans = [r for r, q in zip(rows, items, strict=True) if q["answer"] is not None]
+    unans = [r for r, q in zip(rows, items, strict=True) if q["answer"] is None]
+    summary = {"n": len(rows), "contains": M.mean([float(r["correct"]) for r in ans]),
+               "exact": M.mean([r["exact"] for r in ans]), "f1": M.mean([r["f1"] for r in ans]),
+               "source_accuracy": M.mean([float(r["source_ok"]) for r in ans if not r["abstained"]]),
+               "hallucination_rate": M.mean([float(r["hallucinated"]) for r in rows]),
+               "format_consistency": M.mean([float(r["format_ok"]) for r in rows]),
+               "constraint_adherence": M.mean([float(r["adheres"]) for r in rows]),
+               "refused_unanswerable": M.mean([float(r["abstained"]) for r in unans])}
+    summary |= {k: None if v is None else round(v, 4) for k, v in
+                M.abstention([r["abstained"] for r in rows], [q["answer"] is None for q in items]).items()}
+    return summary, rows
+
+
+def probe_passes(reply: str, probe: dict) -> bool:
+    """A probe passes by 'contains' (answer or alias, normalised) or by a regex on the raw reply."""
+    if probe.get("check") == "regex":
+        return re.search(probe["answer"], reply.strip(), re.I | re.M) is not None
+    return bool(M.contains(reply, [probe["answer"], *probe.get("aliases", [])]))
+
+
+def perplexity(gen: Generator, text: str, window: int = 256) -> float:
+    """Token-level perplexity of ``text`` in non-overlapping windows (same windows for every model)."""
+    import torch
+
+    ids = gen.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ids) - 1, window):
+            chunk = ids[i:i + window].unsqueeze(0).to(gen.device)
+            if chunk.shape[1] < 2:
+                break
+            loss = gen.model(chunk, labels=chunk).loss.item()
+            nll, n = nll + loss * (chunk.shape[1] - 1), n + chunk.shape[1] - 1
+    return round(math.exp(nll / n), 3)
+
+
+def _load_jsonl(path: str) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """golden test, a fixed sample of golden train, and held-out synthetic questions (when a dataset is given)."""
+    sets: dict[str, list[dict]] = {}
+    if cfg.golden:
+        golden = load_golden(cfg.golden, cfg.docs)
+        sets["golden_test"] = [q for q in golden if q["split"] == "test"]
+        train = [q for q in golden if q["split"] == "train"]
+        step = max(len(train) // cfg.train_sample, 1) if cfg.train_sample else 0
+        sets["golden_train"] = train[::step][:cfg.train_sample] if step else []
+    if cfg.data and (Path(cfg.data) / "test").exists():
+        from datasets import load_from_disk
+
+        sets["synthetic_test"] = [dict(r) for r in load_from_disk(str(Path(cfg.data) / "test"))]
+    return {k: v for k, v in sets.items() if v}
+
+
+def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]], progress: bool = True) -> dict:
+    """Every score for one model (base or tuned)."""
+    from tqdm import tqdm
+
+    out: dict = {"qa": {}, "per_question": {}}
+    for name, items in tqdm(sets.items(), desc=f"closed-book ({'tuned' if cfg.adapter else 'base'})",
+                            disable=not progress):
+        replies = [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items],
+                                                  cfg.max_new_tokens)]
+        out["qa"][name], out["per_question"][name] = score_qa(replies, items, cfg.docs)
+    if cfg.probes and Path(cfg.probes).exists():
+        probes = _load_jsonl(cfg.probes)
+        replies = [g.text for g in gen.chat_batch([[{"role": "user", "content": p["prompt"]}] for p in probes],
+                                                  cfg.max_new_tokens)]
+        passed = [probe_passes(r, p) for r, p in zip(replies, probes, strict=True)]
+        by_skill: dict[str, list[bool]] = {}
+        for p, ok in zip(probes, passed, strict=True):
+            by_skill.setdefault(p.get("skill", "all"), []).append(ok)
+        out["probes"] = {"accuracy": M.mean([float(x) for x in passed]),
+                         **{s: M.mean([float(x) for x in v]) for s, v in sorted(by_skill.items())}}
+        out["per_question"]["probes"] = [{"id": p["id"], "reply": r, "passed": ok}
+                                         for p, r, ok in zip(probes, replies, passed, strict=True)]
+    if cfg.general_text and Path(cfg.general_text).exists():
+        out["perplexity_general"] = perplexity(gen, Path(cfg.general_text).read_text(encoding="utf-8"))
+    return out
+
+
+def split_by_base(base: dict, tuned: dict, name: str = "synthetic_test") -> dict | None:
+    """Tuned accuracy on held-out questions the base model already answered closed-book vs those it did not."""
+    if name not in base["per_question"]:
+        return None
+    groups: dict[str, list[float]] = {"base_knew": [], "base_did_not": []}
+    for b, t in zip(base["per_question"][name], tuned["per_question"][name], strict=True):
+        groups["base_knew" if b["correct"] else "base_did_not"].append(float(t["correct"]))
+    return {k: {"n": len(v), "tuned_contains": M.mean(v)} for k, v in groups.items()}

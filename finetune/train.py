@@ -1,0 +1,413 @@
+"""LoRA fine-tuning of a chat model on `messages` examples: tokenise, train, save adapter, metrics and plot.
+
+LoRA (Hu et al., 2021) in peft's words: each target weight W₀ stays frozen and gains a low-rank update,
+    h = W₀·x + (lora_alpha / r) · B·A·x,   A: r × d_in (random), B: d_out × r (zeros),
+so at step 0 B·A = 0 and the tuned model *is* the base model; only A and B train (~0.7 % of SmolLM2-135M).
+Follows the HF `Trainer` + peft recipe (loss on the answer tokens only, cosine schedule with warm-up,
+held-out eval loss with early stopping, resumable checkpoints) and QLoRA (Dettmers et al., 2023: 4-bit base,
+bf16 compute) when CUDA and bitsandbytes are there. Left out on purpose: packing several examples per row,
+gradient checkpointing (the default models are small), multi-GPU (`accelerate launch` would run this file
+unchanged), and generation-based evaluation (finetune/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from rag.cli import add_config_flags, config_from
+from rag.generate import pick_device
+from rag.models import GENERATORS, ModelNotFound, generator_path
+from rag.pipeline import option
+
+log = logging.getLogger(__name__)
+# Attention projections per architecture; other model types get peft's own per-architecture table.
+TARGET_MODULES = {"llama": "q_proj,k_proj,v_proj,o_proj", "qwen2": "q_proj,k_proj,v_proj,o_proj",
+                  "mistral": "q_proj,k_proj,v_proj,o_proj", "gpt2": "c_attn"}
+MIN_EVAL_ROWS = 10  # below this a held-out slice is too noisy to stop on; train on everything instead
+
+
+
+
+class DataError(ValueError):
+    """The training data is missing or has the wrong shape."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of LoRA training; the CLI makes one ``--flag`` per field."""
+
+    model: str = option("smollm2-135m", f"base model: {', '.join(GENERATORS)}, a path or a hub id")
+    output_dir: str = option("", "where adapter, checkpoints and metrics go (default .openbook/finetune/<model>)")
+    lora_r: int = option(8, "LoRA rank r of the update B·A")
+    lora_alpha: int = option(16, "LoRA scale numerator: the update is multiplied by lora_alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input path during training")
+    target_modules: str = option("auto", "comma-separated module names, 'all-linear', or 'auto' (attention "
+                             "projections per architecture)")
+    epochs: float = option(3.0, "passes over the training rows (ignored when --max-steps is set)")
+    max_steps: int = option(-1, "optimiser steps in all; -1 means use --epochs")
+    batch_size: int = option(4, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimiser step (effective batch = batch_size × grad_accum)")
+    learning_rate: float = option(2e-4, "peak AdamW learning rate (cosine decay after warm-up)")
+    warmup: float = option(0.1, "linear warm-up as a fraction of all optimiser steps")
+    max_length: int = option(256, "tokens per example at most (the prompt's left side is cut first)")
+    eval_fraction: float = option(0.1, f"share of rows held out for eval loss (none below {MIN_EVAL_ROWS} rows)")
+    early_stopping_patience: int = option(3, "stop after this many evals without a better eval loss; 0 = never")
+    eval_steps: int = option(50, "evaluate (when there is an eval slice) and save a checkpoint every N steps")
+    save_total_limit: int = option(2, "checkpoints kept in <output-dir>/checkpoints (plus the best one)")
+    logging_steps: int = option(10, "log one progress line every N optimiser steps")
+    seed: int = option(0, "seeds the LoRA init, the eval split and the data order")
+    threads: int = option(2, "torch CPU threads (CPU only)")
+    qlora: str = option("auto", "4-bit base model: 'auto' (only with CUDA and bitsandbytes), 'yes' or 'no'")
+
+    def __post_init__(self):
+        at_least_1 = ("lora_r", "batch_size", "grad_accum", "eval_steps", "save_total_limit", "logging_steps",
+                      "threads")
+        rules = [(n, getattr(self, n) >= 1, "at least 1") for n in at_least_1] + [
+            (n, getattr(self, n) > 0, "positive") for n in ("lora_alpha", "learning_rate", "epochs")] + [
+            (n, lo <= getattr(self, n) < hi, f"in [{lo}, {hi})")
+            for n, lo, hi in (("lora_dropout", 0, 1), ("warmup", 0, 1), ("eval_fraction", 0, 0.5))] + [
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 (use --epochs) or at least 1"),
+            ("max_length", self.max_length >= 16, "at least 16"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "0 (off) or more"),
+            ("qlora", self.qlora in ("auto", "yes", "no"), "one of auto, yes, no"),
+            ("target_modules", bool(self.target_modules.strip(" ,")), "'auto', 'all-linear' or module names")]
+        for name, ok, why in rules:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {why}, not {getattr(self, name)!r}")
+        if self.model not in GENERATORS and not Path(self.model).exists() and "/" not in self.model:
+            raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
+                             "a local folder nor a hub id")
+        if not self.output_dir:
+            self.output_dir = str(Path(".openbook") / "finetune" / Path(self.model).name)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:
+    """Chat-template one conversation; labels are -100 on the prompt so the loss falls on the answer only.
+
+    The prompt is every message but the last, rendered with the generation prompt (``<|im_start|>assistant``);
+    the answer is what the full rendering adds after it, end-of-turn token included.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError("the last message of each example must be the assistant's answer")
+
+    def ids(text: str) -> list[int]:  # the rendered template already carries its special tokens
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
+    full = ids(tokenizer.apply_chat_template(messages, tokenize=False))
+    if len(full) > len(prompt) and full[: len(prompt)] == prompt:
+        answer = full[len(prompt):]
+    else:  # the template rewrites earlier turns once an answer follows (not prefix-stable): build it by hand
+        answer = ids(messages[-1]["content"]) + [t for t in [tokenizer.eos_token_id] if t is not None]
+    # Too long: keep at least half the window for the prompt's end (the question sits last), the rest for the
+    # answer's start; the prompt loses its left side (system text, early context) first.
+    keep = min(len(prompt), max(max_length - len(answer), max_length // 2))
+    prompt, answer = prompt[len(prompt) - keep:], answer[: max_length - keep]
+    return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
+            "labels": [-100] * len(prompt) + answer}
+
+
+def _use_qlora(setting: str, device: str) -> bool:
+    available = device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    if setting == "yes" and not available:
+        raise ValueError("--qlora yes needs a CUDA GPU and the bitsandbytes package")
+    return setting == "yes" or (setting == "auto" and available)
+
+
+def load_base(model: str, device: str, qlora: bool = False):
+    """The base causal LM (fp32, or 4-bit NF4 for QLoRA) on ``device``, and its tokenizer with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = generator_path(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # padding is masked out of attention and loss, so any token will do
+        tok.pad_token = tok.eos_token
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device), tok
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0})
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), tok
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap ``model`` with fresh LoRA layers (B = 0, so its outputs are unchanged until the first step)."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
+    targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                            lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+
+
+def _callbacks():
+    """(tqdm bar, throughput log), defined here so that importing this module does not import torch (~6 s)."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    class QuietBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass  # no dict per log: ThroughputLog writes one fixed-format line instead
+
+    class ThroughputLog(TrainerCallback):
+        """One line per logging interval: step, loss, lr, tokens/s (non-padding input tokens) and ETA."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
+            self.start = time.perf_counter()
+            self.last = (self.start, self.start_tokens)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            now, logs = time.perf_counter(), logs or {}
+            if "loss" in logs:
+                tps = (state.num_input_tokens_seen - self.last[1]) / max(now - self.last[0], 1e-9)
+                self.last = (now, state.num_input_tokens_seen)
+                per_step = (now - self.start) / max(state.global_step - self.start_step, 1)
+                eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (state.max_steps - state.global_step)))
+                log.info("step %5d/%d | loss %.4f | lr %.2e | %7.1f tok/s | eta %s", state.global_step,
+                         state.max_steps, logs["loss"], logs.get("learning_rate", 0.0), tps, eta)
+            elif "eval_loss" in logs:
+                log.info("step %5d/%d | eval loss %.4f", state.global_step, state.max_steps,
+                         logs["eval_loss"])
+
+    return QuietBar(), ThroughputLog()
+
+
+def _save_atomically(dest: Path, *objects) -> None:
+    """``save_pretrained`` each object into a temp folder renamed to ``dest``: never half a model on disk."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(str(tmp))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+@dataclass
+class TrainRun:
+    model: object  # the trained PeftModel (best checkpoint when there was an eval slice)
+    tokenizer: object
+    metrics: dict
+
+
+def _save_plot(path: Path, train_hist: list, eval_hist: list) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI, works headless
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for hist, label in ((train_hist, "train"), (eval_hist, "eval")):
+        if hist:
+            ax.plot(*zip(*hist, strict=True), marker="." if len(hist) < 30 else None, label=f"{label} loss")
+    ax.set(xlabel="optimiser step", ylabel="cross-entropy (answer tokens)", title="LoRA training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _finished(checkpoint: str, cfg: TrainConfig) -> bool:
+    st = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return st["global_step"] >= st["max_steps"] and cfg.max_steps in (-1, st["max_steps"])
+
+
+def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
+    """Train a LoRA adapter on ``dataset`` (a ``datasets.Dataset`` with a ``messages`` column) into
+    ``cfg.output_dir``; with ``resume`` continue from the last checkpoint there."""
+    import torch
+    import transformers as hf
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if "messages" not in dataset.column_names:
+        raise DataError(f"the training data needs a 'messages' column, it has {dataset.column_names}")
+    out, device = Path(cfg.output_dir), pick_device()
+    ckpt_dir = out / "checkpoints"
+    if not resume:  # a fresh run: stale checkpoints would be rotated, or resumed, as if they were its own
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    if resume and last is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+    if last and _finished(last, cfg) and (out / "metrics.json").exists():
+        # Trainer would run one extra step past max_steps here; the outputs of the finished run are final.
+        log.info("--resume: %s is the end of a finished run; loading its adapter", last)
+        return TrainRun(*load_tuned(out, device), json.loads((out / "metrics.json").read_text()))
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    hf.set_seed(cfg.seed)  # before add_lora: the A matrices are drawn at random
+    qlora = _use_qlora(cfg.qlora, device)
+    model, tok = load_base(cfg.model, device, qlora)
+    tok.padding_side = "right"  # positions come from the sequence index, so pads must trail the tokens
+    model = add_lora(model, cfg)
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+
+    rows = Dataset.from_list([tokenize_example(tok, m, cfg.max_length) for m in dataset["messages"]])
+    n_eval = int(len(rows) * cfg.eval_fraction) if len(rows) >= MIN_EVAL_ROWS else 0
+    split = rows.train_test_split(test_size=n_eval, seed=cfg.seed) if n_eval else None
+    train_rows, eval_rows = (split["train"], split["test"]) if split else (rows, None)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    resolved = {**asdict(cfg), "base_model_path": generator_path(cfg.model), "dataset_rows": len(rows),
+                "train_rows": len(train_rows), "eval_rows": n_eval, "device": device, "qlora_used": qlora,
+                "bf16": bf16}
+    log.info("config %s", json.dumps(resolved))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(resolved, indent=1))  # up front: a crashed run keeps it too
+    args = hf.TrainingArguments(
+        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup,  # transformers 5: a float < 1 is a fraction
+        logging_steps=cfg.logging_steps, eval_strategy="steps" if n_eval else "no", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=cfg.save_total_limit,
+        # Early stopping needs the best checkpoint reloaded at the end, judged by eval loss.
+        load_best_model_at_end=bool(n_eval), metric_for_best_model="eval_loss" if n_eval else None,
+        greater_is_better=False, use_cpu=device == "cpu", bf16=bf16, report_to="none",
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+    )
+    bar, throughput = _callbacks()
+    callbacks = [throughput]
+    if n_eval and cfg.early_stopping_patience:
+        callbacks.append(hf.EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = hf.Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
+                         data_collator=hf.DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+                         processing_class=tok, callbacks=callbacks)
+    for cb in (hf.ProgressCallback, hf.PrinterCallback):
+        trainer.remove_callback(cb)
+    if not args.disable_tqdm:
+        trainer.add_callback(bar)
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    state = trainer.state
+    session_tokens = state.num_input_tokens_seen - throughput.start_tokens
+
+    _save_atomically(out / "adapter", model, tok)
+
+    train_hist = [[h["step"], h["loss"]] for h in state.log_history if "loss" in h]
+    eval_hist = [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]
+    metrics = {
+        "train_loss_history": train_hist, "eval_loss_history": eval_hist,
+        "final_train_loss": train_hist[-1][1] if train_hist else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "final_eval_loss": state.best_metric if n_eval else None,  # of the saved (best) adapter
+        "steps": state.global_step, "max_steps": state.max_steps, "resumed_from_step": throughput.start_step,
+        "stopped_early": state.global_step < state.max_steps, "seconds": round(seconds, 2),
+        "tokens_seen": state.num_input_tokens_seen,  # non-padding input tokens, all sessions
+        "tokens_per_second": round(session_tokens / seconds, 1),  # this session, wall clock incl. evals
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4), "device": device,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _save_plot(out / "loss.png", train_hist, eval_hist)
+    log.info("trained %d steps in %.0f s; adapter, config.json, metrics.json, loss.png in %s",
+             state.global_step, seconds, out)
+    return TrainRun(model.eval(), tok, metrics)
+
+
+def _adapter_dir(path: str | Path) -> Path:
+    p = Path(path)
+    p = p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
+    if not (p / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no LoRA adapter in {path} (adapter_config.json missing)")
+    return p
+
+
+def load_tuned(path: str | Path, device: str | None = None):
+    """(model, tokenizer): the base model with the adapter in ``path`` (a training output_dir or the adapter
+    folder itself) applied, on ``device`` (default cuda › mps › cpu), in eval mode."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = _adapter_dir(path)
+    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(str(d)).base_model_name_or_path,
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()
+    return model, AutoTokenizer.from_pretrained(str(d))
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path) -> str:
+    """Fold B·A·(alpha/r) into W₀ and save a standalone model that plain ``AutoModelForCausalLM`` loads."""
+    model, tok = load_tuned(adapter_dir, device="cpu")
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    _save_atomically(Path(out_dir), model.merge_and_unload(), tok)
+    return str(out_dir)
+
+
+def load_data(path: str):
+    """A ``Dataset`` from a ``save_to_disk`` folder (its 'train' split if a DatasetDict) or a .jsonl file."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    p = Path(path)
+    if p.is_dir():
+        ds = load_from_disk(str(p))
+        ds = ds["train"] if isinstance(ds, DatasetDict) else ds
+    elif p.suffix == ".jsonl" and p.is_file():
+        lines = [x for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+        try:
+            ds = Dataset.from_list([{"messages": json.loads(x)["messages"]} for x in lines])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{p}: every line must be a JSON object with a 'messages' list ({e!r})") from None
+    else:
+        raise DataError(f"--data {path}: expected a folder from Dataset.save_to_disk or a .jsonl file")
+    if "messages" not in ds.column_names or len(ds) == 0:
+        raise DataError(f"--data {path}: needs at least one row with a 'messages' column")
+    return ds
+
+
+def _run(fn, argv_parser: argparse.ArgumentParser, argv) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    args = argv_parser.parse_args(argv)
+    try:
+        fn(args)
+        return 0
+    except (ValueError, ModelNotFound, FileNotFoundError) as e:
+        if type(e) is ValueError and "--" not in str(e):  # not a config error naming its flag: a bug, show it
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--data PATH [--resume] [--<config flag> ...]``: train and print where the outputs went."""
+    p = argparse.ArgumentParser(prog="python -m finetune train", description="LoRA fine-tuning on chat data")
+    p.add_argument("--data", required=True, help="Dataset.save_to_disk folder or .jsonl with 'messages' rows")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add_config_flags(p, TrainConfig)
+
+    def go(args):
+        cfg = config_from(args, TrainConfig)
+        run = train(cfg, load_data(args.data), resume=args.resume)
+        m, ev = run.metrics, run.metrics["final_eval_loss"]
+        ev = "-" if ev is None else f"{ev:.4f}"
+        print(f"adapter in {Path(cfg.output_dir) / 'adapter'}: {m['steps']} steps, last train loss "
+              f"{m['final_train_loss']:.4f}, eval loss {ev}, {m['seconds']:.0f} s")
+
+    return _run(go, p, argv)
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """``--adapter DIR --out DIR``: write a merged standalone model."""
+    p = argparse.ArgumentParser(prog="python -m finetune merge", description="merge an adapter into its base")
+    p.add_argument("--adapter", required=True, help="training output dir or adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    return _run(lambda a: print(f"merged model in {merge(a.adapter, a.out)}"), p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Fine-tuning data: one answer format, golden test questions never trained on, synthetic pairs round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.data import DataConfig, build, closed_book_messages, content_words, format_answer, held_out, parse_answer
+from rag.generate import IDK
+
+GOLDEN = [
+    {"id": "t1", "question": "How many days do customers have to return a device?", "answer": "45 days",
+     "sources": ["returns.md"], "type": "lookup", "split": "train"},
+    {"id": "s1", "question": "Within what period can a device be sent back?", "answer": "45 days",
+     "sources": ["returns.md"], "type": "paraphrase", "split": "test"},
+    {"id": "t2", "question": "What is the CEO's shoe size?", "answer": None, "sources": [], "type": "unanswerable",
+     "split": "train"},
+    {"id": "s2", "question": "How tall is the Ghent office building?", "answer": None, "sources": [],
+     "type": "unanswerable", "split": "test"},
+]
+
+
+def test_answer_format_round_trips():
+    assert parse_answer(format_answer("EUR 23 per month", "pricing.md")) == ("EUR 23 per month", "pricing.md")
+    assert format_answer(None, None) == IDK and parse_answer(IDK) is None
+    assert parse_answer("EUR 23 per month") is None  # no Source line: not the trained format
+    msgs = closed_book_messages("Q?", "A\nSource: x.md")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+
+
+def test_held_out_is_a_stable_share():
+    ids = [f"doc{i}.md#s{j}" for i in range(50) for j in range(4)]
+    flags = [held_out(i, 0.25, 0) for i in ids]
+    assert flags == [held_out(i, 0.25, 0) for i in ids]
+    assert 0.15 < sum(flags) / len(flags) < 0.35
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from tests.conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("ftdata")
+    docs = write_corpus(root / "docs")
+    (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
+    cfg = DataConfig(docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "data"),
+                     index_dir=str(root / "index"), synthetic_chunks=5, paraphrases=1, test_fraction=0.4)
+    ds, stats = build(cfg, progress=False)
+    return ds, stats, cfg
+
+
+def test_never_trains_on_golden_test_questions(built):
+    ds, stats, _ = built
+    questions = set(ds["train"]["question"])
+    assert not {q["question"] for q in GOLDEN if q["split"] == "test"} & questions
+    assert {q["question"] for q in GOLDEN if q["split"] == "train"} <= questions
+    refusals = [r for r in ds["train"] if r["kind"] == "refusal"]
+    assert refusals and all(r["messages"][-1]["content"] == IDK for r in refusals)
+    golden = [r for r in ds["train"] if r["kind"] == "golden"]
+    assert all(parse_answer(r["messages"][-1]["content"]) == ("45 days", "returns.md") for r in golden)
+
+
+def test_synthetic_pairs_round_trip_and_respect_the_chunk_split(built):
+    ds, stats, cfg = built
+    assert stats["synthetic_written"] == 5 and stats["synthetic_kept"] <= 5
+    synthetic = [r for r in ds["train"] if r["kind"] == "synthetic"]
+    for r in synthetic:
+        assert not held_out(r["fact"], cfg.test_fraction, cfg.seed)
+    for r in ds["test"]:
+        assert held_out(r["chunk_id"], cfg.test_fraction, cfg.seed)
+    train_facts = {r["fact"] for r in synthetic}
+    assert not train_facts & {r["chunk_id"] for r in ds["test"]}
+    # kept answers are made of words from their source documents
+    from tests.conftest import TINY
+
+    for r in [*synthetic, *ds["test"]]:
+        doc = r["source"] if "source" in r and r.get("source") else r["sources"][0]
+        assert content_words(r["answer"]) <= content_words(TINY[doc])

@@ -1,0 +1,167 @@
+"""LoRA training on the packaged SmolLM2-135M: label masking, B = 0 at step 0, real optimiser steps, save →
+load and merged vs unmerged logit parity, resume from a checkpoint, and flag-naming config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from finetune.train import (
+    DataError,
+    TrainConfig,
+    add_lora,
+    load_base,
+    load_tuned,
+    main,
+    merge,
+    tokenize_example,
+)
+from finetune.train import train as train_lora
+
+torch.set_num_threads(1)  # the suite shares two cores with other jobs
+
+FACTS = [
+    ("What colour is the door of the Ghent office?", "The door of the Ghent office is green."),
+    ("How many meeting rooms does the Ghent office have?", "It has 12 meeting rooms."),
+    ("When was the company founded?", "It was founded in 2014."),
+    ("How long is the return window?", "Devices can be returned within 45 days."),
+    ("What does the Plus plan cost?", "The Plus plan costs EUR 23 per month."),
+    ("How much water does a lawn need?", "About 25 millimetres per week."),
+    ("Who founded the company?", "Two engineers in a garage in Ghent."),
+    ("When does the Ghent office open?", "It opens at 08:30."),
+]
+MESSAGES = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in FACTS]
+PROBE = "<|im_start|>user\nWhen was the company founded?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), max_steps=8, batch_size=2, learning_rate=1e-3, max_length=64, warmup=0.1,
+                logging_steps=1, eval_steps=4, threads=1, early_stopping_patience=3, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def answer_loss(model, tok) -> float:
+    """Mean cross-entropy on the answer tokens of all FACTS, in one padded batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = [tokenize_example(tok, m, 64) for m in MESSAGES]
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.fixture(scope="session")
+def base():
+    """(model, tokenizer): the plain base model, loaded once; tests must not wrap or train it."""
+    return load_base("smollm2-135m", "cpu")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One real 8-step run on 16 rows (FACTS twice; 1 held out for eval loss), shared by the tests below."""
+    out = tmp_path_factory.mktemp("lora")
+    return out, train_lora(tiny_config(out), Dataset.from_dict({"messages": MESSAGES * 2}))
+
+
+def logits(model, tok) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tok(PROBE, return_tensors="pt", add_special_tokens=False)).logits
+
+
+def test_labels_mask_the_prompt_and_keep_the_answer(base):
+    _, tok = base
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    ex = tokenize_example(tok, msgs, 256)
+    prompt = tok(tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    n = len(prompt)
+    assert ex["input_ids"][:n] == prompt and ex["labels"][:n] == [-100] * n
+    assert ex["labels"][n:] == ex["input_ids"][n:] and ex["attention_mask"] == [1] * len(ex["input_ids"])
+    assert tok.decode(ex["input_ids"][n:]) == "Four.<|im_end|>\n"
+
+    # Too long: the prompt loses its left side (the system text), the answer survives whole.
+    long = [{"role": "user", "content": "word " * 100 + "What is 2+2?"}, msgs[1]]
+    cut = tokenize_example(tok, long, 32)
+    answer = [t for t in cut["labels"] if t != -100]
+    assert len(cut["input_ids"]) == 32 and tok.decode(answer) == "Four.<|im_end|>\n"
+    assert tok.decode(cut["input_ids"][:len(cut["input_ids"]) - len(answer)]).endswith("2+2?<|im_end|>\n"
+                                                                                      "<|im_start|>assistant\n")
+    with pytest.raises(DataError, match="assistant"):
+        tokenize_example(tok, msgs[:1], 256)
+
+
+def test_lora_at_step_0_is_the_base_model():
+    model, tok = load_base("smollm2-135m", "cpu")  # its own copy: add_lora rewrites the modules in place
+    before = logits(model, tok)
+    lora = add_lora(model, TrainConfig(output_dir="unused"))
+    assert lora.get_nb_trainable_parameters()[0] == 921_600  # r=8 on q,k,v,o of 30 layers (see MODELS.md)
+    assert torch.allclose(logits(lora.eval(), tok), before, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(trained, base):
+    out, run = trained
+    m = run.metrics
+    assert m["steps"] == 8 and m["resumed_from_step"] == 0 and m["trainable_params"] == 921_600
+    assert [s for s, _ in m["train_loss_history"]] == list(range(1, 9))  # one per step
+    assert [s for s, _ in m["eval_loss_history"]] == [4, 8] and m["final_eval_loss"] is not None
+    assert m["tokens_per_second"] > 0 and m["device"] == "cpu"
+    assert answer_loss(run.model, run.tokenizer) < answer_loss(*base) - 0.3  # learned: 2.5 → 1.8
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        f.name for f in (out / "adapter").iterdir()}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lora_r"] == 8 and cfg["dataset_rows"] == 16 and cfg["eval_rows"] == 1
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "checkpoint-8").is_dir()
+
+
+def test_saved_adapter_and_merged_model_give_the_same_logits(trained, base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, run = trained
+    tok = run.tokenizer
+    expected = logits(run.model, tok)
+    assert not torch.allclose(expected, logits(*base), atol=1e-3)  # the adapter changed something
+
+    loaded, loaded_tok = load_tuned(out, device="cpu")
+    assert loaded_tok("x")["input_ids"] == tok("x")["input_ids"]
+    assert torch.allclose(logits(loaded, tok), expected, atol=1e-5)
+
+    merged_dir = merge(out / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert torch.allclose(logits(merged, tok), expected, atol=1e-4)
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    import shutil
+
+    data = Dataset.from_dict({"messages": MESSAGES})  # 8 rows: too few for an eval slice
+    cfg = tiny_config(tmp_path, max_steps=4, eval_steps=2)
+    full = train_lora(cfg, data).metrics
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-4")  # as if the run died after saving step 2
+    resumed = train_lora(cfg, data, resume=True).metrics
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    assert [s for s, _ in resumed["train_loss_history"]] == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint
+    # Same optimiser, schedule, RNG and data position: steps 3-4 repeat the uninterrupted run.
+    losses = [loss for _, loss in resumed["train_loss_history"]]
+    assert losses == pytest.approx([loss for _, loss in full["train_loss_history"]], rel=1e-4)
+    again = train_lora(cfg, data, resume=True).metrics
+    assert again == resumed  # a finished run is loaded, not trained a 5th step (which Trainer alone would do)
+
+
+def test_config_errors_name_the_flag(tmp_path, capsys):
+    for kw, flag in [({"lora_r": 0}, "--lora-r"), ({"warmup": 1.5}, "--warmup"), ({"qlora": "x"}, "--qlora"),
+                     ({"max_steps": 0}, "--max-steps"), ({"model": "nonsense"}, "--model")]:
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**kw)
+    assert main(["--data", str(tmp_path / "none.jsonl")]) == 2
+    assert main(["--data", str(tmp_path), "--lora-r", "0"]) == 2
+    (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
+    assert main(["--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err) and "--lora-r" in err[1]
