@@ -4,9 +4,9 @@ Retrieval follows "fetch wide, fuse, re-rank, cut": each retriever returns max(k
 results, reciprocal rank fusion merges them, the cross-encoder scores the fused top ``rerank_n`` and its order
 joins the BM25 and dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
 With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
-generating, the pipeline abstains when its confidence (the best re-ranker score, or the best cosine similarity
-when not re-ranking) is below a threshold calibrated on a golden train split (rag/evaluate.py); the generator
-can still abstain by itself.
+generating, the pipeline abstains when a confidence signal (the best re-ranker, BM25 or cosine score) is below a
+threshold; signal and threshold are calibrated on a golden train split (rag/evaluate.py). The generator can
+still abstain by itself.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER, GENERATORS
 
 MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
+SIGNALS = ("rerank", "bm25", "dense")  # best cross-encoder score, best BM25 score, best cosine similarity
 
 
 def option(default, help: str):
@@ -55,10 +56,14 @@ class RagConfig:
     model: str = option(DEFAULT_GENERATOR, "generator: smollm2-135m, qwen-0.5b, a path or a hub id")
     max_new_tokens: int = option(48, "generated tokens per answer at most")
     abstain_threshold: float = option(-1.0, "abstain below this confidence (-1: calibrated value if any, else none)")
+    confidence: str = option("auto", "abstention signal: 'auto' (the one calibration chose; with an explicit "
+                             f"threshold: rerank, else dense), or one of {', '.join(SIGNALS)}")
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
+        if self.confidence not in ("auto", *SIGNALS):
+            raise ValueError(f"--confidence must be auto or one of {', '.join(SIGNALS)}, not '{self.confidence}'")
         if self.rerank_fusion not in ("replace", "rrf"):
             raise ValueError(f"--rerank-fusion must be 'replace' or 'rrf', not '{self.rerank_fusion}'")
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
@@ -135,32 +140,36 @@ class RagPipeline:
             self._reranker = load_reranker(self.cfg.reranker)
         return self._reranker
 
-    def threshold(self) -> float | None:
-        """The abstention threshold: explicit flag, else the calibration saved beside the index for this mode."""
-        if self.cfg.abstain_threshold >= 0:
-            return self.cfg.abstain_threshold
-        cal = Path(self.cfg.index_dir) / "calibration.json"
-        if cal.exists():
-            entry = json.loads(cal.read_text()).get(self._calibration_key())
-            return entry["threshold"] if entry else None
-        return None
+    def threshold(self) -> tuple[str, float] | None:
+        """(signal, threshold) for abstention: the explicit flags, else the calibration saved beside the index."""
+        c = self.cfg
+        if c.abstain_threshold >= 0:
+            auto = "rerank" if c.mode == "hybrid+rerank" else "bm25" if c.mode == "bm25" else "dense"
+            return (auto if c.confidence == "auto" else c.confidence), c.abstain_threshold
+        cal = Path(c.index_dir) / "calibration.json"
+        entry = json.loads(cal.read_text()).get(self._calibration_key()) if cal.exists() else None
+        return (entry["signal"], entry["threshold"]) if entry else None
 
     def _calibration_key(self) -> str:
         c = self.cfg
-        return f"{c.mode}|{c.reranker if 'rerank' in c.mode else c.embedder}|{c.chunker}|{c.contextual}"
+        return f"{c.mode}|{c.reranker if 'rerank' in c.mode else c.embedder}|{c.chunker}|{c.contextual}|{c.confidence}"
 
     def ranked(self, query: str, mode: str | None = None, k: int | None = None
-               ) -> tuple[list[Hit], dict, float | None]:
-        """Best-first distinct passages, seconds spent per stage, and the confidence used for abstention."""
+               ) -> tuple[list[Hit], dict, dict[str, float]]:
+        """Best-first distinct passages, seconds spent per stage, and the abstention signals (``SIGNALS``)."""
         c, mode, k = self.cfg, mode or self.cfg.mode, k or self.cfg.k
-        n = max(k * c.fetch_factor, c.rerank_n)
+        n = max(c.k * c.fetch_factor, c.rerank_n)  # the configured k: a longer cut sees the same candidates
         t0 = time.perf_counter()
         lists = []
         if mode != "dense":
             lists.append(self.index.search_bm25(query, n))
         if mode != "bm25":
             lists.append(self.index.search_dense(query, n))
-        best_cos = lists[-1][0][1] if mode != "bm25" and lists[-1] else None
+        signals = {}
+        if mode != "dense" and lists[0]:
+            signals["bm25"] = lists[0][0][1]
+        if mode != "bm25" and lists[-1]:
+            signals["dense"] = lists[-1][0][1]
         fused = lists[0] if len(lists) == 1 else rrf(lists, c.rrf_k)
         timings = {"retrieve": time.perf_counter() - t0}
         ce: dict[str, float] = {}
@@ -184,12 +193,17 @@ class RagPipeline:
             hits.append(Hit(cid, chunk.doc_id, chunk.section, shown.text, score, ce.get(cid)))
             if len(hits) == k:
                 break
-        return hits, timings, (max(ce.values()) if ce else best_cos)
+        if ce:
+            signals["rerank"] = max(ce.values())
+        return hits, timings, signals
 
-    def answer(self, question: str, on_token=None) -> Answer:
-        hits, timings, confidence = self.ranked(question)
-        threshold = self.threshold()
-        if not hits or (threshold is not None and confidence is not None and confidence < threshold):
+    def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
+        """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), then generate."""
+        hits, timings, signals = ranked or self.ranked(question)
+        hits, timings = hits[: self.cfg.k], dict(timings)
+        rule = self.threshold()
+        confidence = signals.get(rule[0]) if rule else None
+        if not hits or (confidence is not None and confidence < rule[1]):
             timings["generate"] = 0.0
             if on_token:
                 on_token(IDK)
