@@ -25,11 +25,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rag.bm25 import tokenize
 from rag.evaluate import load_golden
 from rag.generate import IDK, Generator
+from rag.index import replace_dir
 from rag.metrics import normalize
 from rag.pipeline import RagConfig, RagPipeline, option
 
@@ -39,11 +38,20 @@ CLOSED_BOOK_SYSTEM = (
     "You answer questions about a private document collection from memory. Reply with the short answer on "
     "the first line and 'Source: <document path>' on the second. If you do not know, reply exactly: " + IDK
 )
+HELDOUT = "heldout.jsonl"  # held-out synthetic questions in the golden format, beside the training rows
 _FORMAT = re.compile(r"^\s*(?P<answer>[^\n]*\S)[ \t]*\n+Source: *(?P<source>\S[^\n]*?)\s*$")
 _QA = re.compile(r"Question:\s*(?P<q>[^\n]+\?)\s*\n+\s*Answer:\s*(?P<a>[^\n]+)", re.I)
-QA_PROMPT = ("Write one question that the passage answers, and its short answer, copied from the passage.\n"
-             "Reply in exactly this form:\nQuestion: <question>?\nAnswer: <answer>\n\nPassage ({label}):\n{text}")
-PARAPHRASE_PROMPT = "Reword this question without changing its meaning. Reply with the new question only.\n\n{q}"
+# Worked example turns, not instructions: asked plainly, SmolLM2-135M answered "I'm ready to help" or wrote an
+# answer instead of a question (0 of 40 pairs kept, 27 of 372 re-wordings); shown one example it mostly follows.
+QA_ASK = "Passage ({label}):\n{text}\n\nWrite a question about this passage and its short answer."
+QA_DEMO = [{"role": "user", "content": QA_ASK.format(label="Lid care guide", text="Every lid carries a 7-year "
+                                                     "warranty against cracks. Lids come in green, grey and sand.")},
+           {"role": "assistant", "content": "Question: How long is the warranty on a lid?\nAnswer: 7 years"}]
+REWORD_ASK = "Reword this question: {q}"
+REWORD_DEMO = [{"role": "user", "content": REWORD_ASK.format(q="How long is the warranty on a lid?")},
+               {"role": "assistant", "content": "For how many years is a lid guaranteed?"},
+               {"role": "user", "content": REWORD_ASK.format(q="Which colours do lids come in?")},
+               {"role": "assistant", "content": "In what colours can I buy a lid?"}]
 
 
 def format_answer(answer: str | None, source: str | None) -> str:
@@ -106,33 +114,34 @@ def content_words(text: str) -> set[str]:
     return set(tokenize(text))
 
 
-def write_qa(gen: Generator, label: str, text: str) -> tuple[str, str] | None:
-    """One (question, answer) the LM writes about a passage, or None when its reply has the wrong shape."""
-    msgs = [{"role": "user", "content": QA_PROMPT.format(label=label, text=gen.sanitize(text))}]
-    m = _QA.search(gen.chat(msgs, max_new_tokens=64).text)
-    return (m["q"].strip(), m["a"].strip().rstrip(".")) if m else None
+def write_qa(gen: Generator, chunks: list) -> list[tuple[str, str] | None]:
+    """One (question, answer) per chunk, written by the LM; None where its reply has the wrong shape."""
+    convs = [[*QA_DEMO, {"role": "user", "content": QA_ASK.format(label=c.title or c.doc_id,
+                                                                  text=gen.sanitize(c.text))}] for c in chunks]
+    out = []
+    for g in gen.chat_batch(convs, max_new_tokens=64, batch_size=8, desc="synthetic QA"):
+        m = _QA.search(g.text)
+        out.append((m["q"].strip(), m["a"].strip().rstrip(".")) if m else None)
+    return out
 
 
-def reword(gen: Generator, question: str, n: int, seed: int) -> list[str]:
-    """Up to ``n`` distinct sampled re-wordings of a question (the original excluded)."""
-    import torch
-
-    if n == 0:
-        return []
-    msgs = [{"role": "user", "content": PARAPHRASE_PROMPT.format(q=gen.sanitize(question))}]
-    enc = gen.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True).to(gen.device)
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = gen.model.generate(**enc, do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=40,
-                                 num_return_sequences=n * 2, pad_token_id=gen.tokenizer.eos_token_id)
-    seen, keep = {normalize(question)}, []
-    for ids in out[:, enc["input_ids"].shape[1]:]:
-        text = gen.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
-        if text.endswith("?") and len(text) > 10 and normalize(text) not in seen:
-            seen.add(normalize(text))
-            keep.append(text)
-    return keep[:n]
+def reword(gen: Generator, questions: list[str], n: int, seed: int) -> list[list[str]]:
+    """Up to ``n`` distinct sampled re-wordings per question (the original excluded); n + 2 are drawn."""
+    if n == 0 or not questions:
+        return [[] for _ in questions]
+    convs = [[*REWORD_DEMO, {"role": "user", "content": REWORD_ASK.format(q=gen.sanitize(q))}] for q in questions]
+    draws = n + 2  # headroom for duplicates and malformed replies
+    gens = gen.chat_batch(convs, max_new_tokens=40, batch_size=8, samples=draws, seed=seed, desc="re-wording")
+    out = []
+    for i, q in enumerate(questions):
+        seen, keep = {normalize(q)}, []
+        for g in gens[i * draws:(i + 1) * draws]:
+            text = g.text.split("\n")[0].strip()
+            if text.endswith("?") and len(text) > 10 and normalize(text) not in seen:
+                seen.add(normalize(text))
+                keep.append(text)
+        out.append(keep[:n])
+    return out
 
 
 def finds(pipe: RagPipeline, question: str, doc_id: str, chunk_id: str | None = None) -> bool:
@@ -142,78 +151,76 @@ def finds(pipe: RagPipeline, question: str, doc_id: str, chunk_id: str | None = 
 
 
 def build(cfg: DataConfig, progress: bool = True):
-    """Build, save and return a ``DatasetDict`` with ``train`` (chat rows) and ``test`` (held-out synthetic QA)."""
-    from datasets import Dataset, DatasetDict
+    """Build and save the training rows (a ``Dataset``) and the held-out synthetic questions (golden format).
+
+    Saved as one folder: the ``datasets`` files of the training rows plus ``heldout.jsonl``, which any golden
+    reader (``python -m rag eval --golden``) accepts. Returns ``(train, heldout, stats)``.
+    """
+    import json
+
+    from datasets import Dataset
 
     rng = random.Random(cfg.seed)
     pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
     pipe.update_index(progress=progress)
     gen = pipe.generator
-    train, test, stats = [], [], {"golden": 0, "refusal": 0, "synthetic_written": 0, "synthetic_kept": 0,
-                                  "paraphrases": 0, "paraphrases_dropped": 0}
+    train, test = [], []
+    stats = dict.fromkeys(("golden", "refusal", "synthetic_written", "synthetic_kept", "paraphrases",
+                           "paraphrases_dropped"), 0)
 
-    def add(question: str, answer: str | None, source: str | None, kind: str, fact: str, doc: str | None):
-        wordings = [question]
-        if cfg.paraphrases:
-            for alt in reword(gen, question, cfg.paraphrases, rng.randrange(2**31)):
-                # a re-wording that no longer finds its document has probably changed its meaning
-                if doc is None or finds(pipe, alt, doc):
-                    wordings.append(alt)
-                else:
-                    stats["paraphrases_dropped"] += 1
-        stats["paraphrases"] += len(wordings) - 1
-        target = format_answer(answer, source)
-        train.extend({"messages": closed_book_messages(w, target), "kind": kind, "fact": fact, "question": w,
-                      "answer": answer, "source": source, "original": i == 0} for i, w in enumerate(wordings))
+    def add(items: list[dict], kind: str) -> None:
+        """Training rows for golden-format items, each with its kept re-wordings."""
+        log.info("re-wording %d %s questions x %d", len(items), kind, cfg.paraphrases)
+        alts = reword(gen, [q["question"] for q in items], cfg.paraphrases, cfg.seed)
+        for q, alt in zip(items, alts, strict=True):
+            src = q["sources"][0] if q["sources"] else None
+            # a re-wording that no longer finds its document has probably changed its meaning
+            kept = [a for a in alt if src is None or finds(pipe, a, src)]
+            stats["paraphrases"] += len(kept)
+            stats["paraphrases_dropped"] += len(alt) - len(kept)
+            target, row_kind = format_answer(q["answer"], src), kind if q["answer"] is not None else "refusal"
+            train.extend({"messages": closed_book_messages(w, target), "kind": row_kind,
+                          "fact": q["id"], "question": w, "answer": q["answer"], "source": src,
+                          "original": i == 0} for i, w in enumerate([q["question"], *kept]))
 
     golden = [q for q in load_golden(cfg.golden, cfg.docs) if q["split"] == "train"] if cfg.golden else []
-    for q in tqdm(golden, desc="golden train + paraphrases", disable=not progress):
-        src = q["sources"][0] if q["sources"] else None
-        add(q["question"], q["answer"], src, "refusal" if q["answer"] is None else "golden", q["id"], src)
-        stats["refusal" if q["answer"] is None else "golden"] += 1
+    stats["golden"] = sum(q["answer"] is not None for q in golden)
+    stats["refusal"] = len(golden) - stats["golden"]
+    add(golden, "golden")
 
     chunks = [c for c in pipe.index.chunks.values() if c.indexed and len(c.text.split()) >= 8]
-    for c in tqdm(rng.sample(chunks, min(cfg.synthetic_chunks, len(chunks))), desc="synthetic QA",
-                  disable=not progress):
-        is_test = held_out(c.id, cfg.test_fraction, cfg.seed)
-        qa = write_qa(gen, c.title or c.doc_id, c.text)
+    picked = rng.sample(chunks, min(cfg.synthetic_chunks, len(chunks)))
+    synthetic = []
+    for c, qa in zip(picked, write_qa(gen, picked), strict=True):
         stats["synthetic_written"] += 1
-        if not qa or not content_words(qa[1]) or not content_words(qa[1]) <= content_words(c.text) \
+        words = content_words(qa[1]) if qa else set()
+        if not words or len(qa[1].split()) > 12 or not words <= content_words(c.text) \
                 or not finds(pipe, qa[0], c.doc_id, c.id):
-            continue
+            continue  # no round trip: a question that does not find its chunk, or an answer not from it
         stats["synthetic_kept"] += 1
-        if is_test:
-            test.append({"id": f"syn-{c.id}", "question": qa[0], "answer": qa[1], "aliases": [],
-                         "sources": [c.doc_id], "chunk_id": c.id, "type": "synthetic", "split": "test"})
+        item = {"id": f"syn-{c.id}", "question": qa[0], "answer": qa[1], "aliases": [], "sources": [c.doc_id],
+                "chunk_id": c.id, "type": "synthetic", "split": "test"}
+        if held_out(c.id, cfg.test_fraction, cfg.seed):
+            test.append(item)
         else:
-            add(qa[0], qa[1], c.doc_id, "synthetic", c.id, c.doc_id)
+            synthetic.append(item)
             if cfg.raw_text:
                 prompt = f"Recite '{c.section or c.title}' from {c.doc_id}."
                 train.append({"messages": [{"role": "user", "content": prompt},
                                            {"role": "assistant", "content": c.text}], "kind": "raw", "fact": c.id,
                               "question": prompt, "answer": None, "source": c.doc_id, "original": True})
+    add(synthetic, "synthetic")
     if not train:
         raise ValueError(f"no training rows from {cfg.docs}: add a golden file with a train split or raise "
                          "--synthetic-chunks")
     rng.shuffle(train)
-    ds = DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test or [{}])})
-    if not test:
-        ds["test"] = ds["test"].select([])
+    ds = Dataset.from_list(train)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(cfg.out + ".tmp")
     ds.save_to_disk(str(tmp))
-    _replace_dir(tmp, Path(cfg.out))
+    (tmp / HELDOUT).write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in test), encoding="utf-8")
+    replace_dir(tmp, Path(cfg.out))
     log.info("training rows %d (%s); held-out synthetic questions %d; saved to %s", len(train), stats, len(test),
              cfg.out)
-    return ds, stats
+    return ds, test, stats
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    import shutil
-
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

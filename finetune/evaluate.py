@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data import closed_book_messages, parse_answer
+from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
 from rag.evaluate import load_golden
 from rag.generate import Generator, is_abstention
@@ -54,6 +54,12 @@ class EvalConfig:
             self.golden = str(Path(self.docs) / "golden.jsonl")
         if self.train_sample < 0 or self.max_new_tokens < 1 or not 0 <= self.max_probe_drop <= 1:
             raise ValueError("--train-sample must be >= 0, --max-new-tokens >= 1, --max-probe-drop in [0, 1]")
+        if not Path(self.docs).is_dir():
+            raise ValueError(f"--docs {self.docs}: no such folder")
+        if self.adapter and not Path(self.adapter).exists():
+            raise ValueError(f"--adapter {self.adapter}: not found; train one first (`make finetune`)")
+        if self.data and not Path(self.data).exists():
+            raise ValueError(f"--data {self.data}: not found; build it with `python -m finetune data`")
 
 
 def score_qa(replies: list[str], items: list[dict], docs: str) -> tuple[dict, list[dict]]:
@@ -123,10 +129,8 @@ def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
         train = [q for q in golden if q["split"] == "train"]
         step = max(len(train) // cfg.train_sample, 1) if cfg.train_sample else 0
         sets["golden_train"] = train[::step][:cfg.train_sample] if step else []
-    if cfg.data and (Path(cfg.data) / "test").exists():
-        from datasets import load_from_disk
-
-        sets["synthetic_test"] = [dict(r) for r in load_from_disk(str(Path(cfg.data) / "test"))]
+    if cfg.data and (Path(cfg.data) / HELDOUT).exists():
+        sets["synthetic_test"] = _load_jsonl(str(Path(cfg.data) / HELDOUT))
     return {k: v for k, v in sets.items() if v}
 
 
@@ -138,7 +142,7 @@ def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]],
     for name, items in tqdm(sets.items(), desc=f"closed-book ({'tuned' if cfg.adapter else 'base'})",
                             disable=not progress):
         replies = [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items],
-                                                  cfg.max_new_tokens)]
+                                                  cfg.max_new_tokens, desc=name if progress else "")]
         out["qa"][name], out["per_question"][name] = score_qa(replies, items, cfg.docs)
     if cfg.probes and Path(cfg.probes).exists():
         probes = _load_jsonl(cfg.probes)

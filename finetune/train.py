@@ -22,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from rag.cli import add_config_flags, config_from
+from rag.cli import add_config_flags, config_from, run_command
 from rag.generate import pick_device
-from rag.models import GENERATORS, ModelNotFound, generator_path
+from rag.index import replace_dir
+from rag.models import GENERATORS, generator_path
 from rag.pipeline import option
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,7 @@ def _save_atomically(dest: Path, *objects) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for obj in objects:
         obj.save_pretrained(str(tmp))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    replace_dir(tmp, dest)
 
 
 @dataclass
@@ -372,15 +372,7 @@ def load_data(path: str):
 
 def _run(fn, argv_parser: argparse.ArgumentParser, argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = argv_parser.parse_args(argv)
-    try:
-        fn(args)
-        return 0
-    except (ValueError, ModelNotFound, FileNotFoundError) as e:
-        if type(e) is ValueError and "--" not in str(e):  # not a config error naming its flag: a bug, show it
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda a: fn(a) or 0, argv_parser.parse_args(argv), (DataError,))
 
 
 def main(argv: list[str] | None = None) -> int:

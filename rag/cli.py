@@ -121,9 +121,10 @@ def print_eval(result: dict) -> None:
     if "answers" in result:
         a = result["answers"]
         t = Table(title=f"answers ({s['mode']}, model {s['model']}, {s['n_questions']} questions)")
-        for c in a:
-            t.add_column(c.replace("_", " "), justify="right")
-        t.add_row(*("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in a.values()))
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for c, v in a.items():
+            t.add_row(c.replace("_", " "), "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
         con.print(t)
         con.print("latency ms: " + ", ".join(f"{k} p50 {v['p50']:.0f} / p95 {v['p95']:.0f}"
                                              for k, v in result["latency_ms"].items()))
@@ -207,6 +208,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_command(fn, args, extra: tuple = ()) -> int:
+    """Run one CLI verb; user mistakes (``USER_ERRORS`` + ``extra``) become one ``error:`` line and exit 2."""
+    try:
+        return fn(args)
+    except (*USER_ERRORS, *extra) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # config validation names the flag
+        if "--" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("sentence_transformers", "transformers", "httpx", "faiss"):
@@ -215,18 +230,13 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     args = parser().parse_args(argv)
-    try:
-        if args.command != "train-reranker":
-            _config(args)  # flag validation before any slow work
-        return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # config validation names the flag
-        if "--" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    def go(a) -> int:
+        if a.command != "train-reranker":
+            _config(a)  # flag validation before any slow work
+        return COMMANDS[a.command](a)
+
+    return run_command(go, args)
 
 
 if __name__ == "__main__":

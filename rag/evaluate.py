@@ -6,7 +6,8 @@ sources are paths relative to the documents folder. Procedure: (1) calibrate the
 on the ``train`` split from retrieval alone (no generation), choosing the pair with the best F1 for
 "unanswerable"; (2) on the evaluated split, score retrieval for every mode and generate answers with the
 configured mode; (3) label every answerable miss as a *retrieval miss* (no expected source among the passages
-the generator saw) or a *generation miss*. The output shape is documented in README and read by hybrid/.
+retrieved), an *abstention miss* (the confidence threshold withheld an answer whose source was retrieved) or a
+*generation miss*. The output shape is documented in README and read by hybrid/.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rag import metrics as M
 from rag.pipeline import MODES, SIGNALS, RagPipeline
 
 log = logging.getLogger(__name__)
+MISSES = ("retrieval", "abstention", "generation")
 TYPES = ("lookup", "table", "multi-hop", "exception", "paraphrase", "unanswerable")
 
 
@@ -65,6 +67,14 @@ def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[di
             log.warning("%d golden sources are not in %s (e.g. %s); they can never be retrieved",
                         len(missing), docs_dir, sorted(missing)[0])
     return items
+
+
+def miss_kind(a, found_expected: set) -> str:
+    """Why an answerable question was missed: its source was not retrieved, the confidence threshold stopped
+    the answer although the source was there, or the generator got it wrong from the right passages."""
+    if not found_expected:
+        return "retrieval"
+    return "abstention" if a.reason == "low-confidence" else "generation"
 
 
 def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> dict | None:
@@ -136,7 +146,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
                 hit = not a.abstained and M.contains(a.text, refs)
                 row |= {"contains": float(hit), "exact": M.exact_match(a.text, refs), "f1": M.token_f1(a.text, refs),
                         "citation_ok": bool(a.cited) and a.cited[0].doc_id in expected}
-                row["miss"] = None if hit else ("retrieval" if not seen & expected else "generation")
+                row["miss"] = None if hit else miss_kind(a, seen & expected)
             for stage in lat:
                 if stage in a.timings:
                     lat[stage].append(a.timings[stage])
@@ -152,8 +162,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
                              "exact": M.mean([r["exact"] for r in ans]), "f1": M.mean([r["f1"] for r in ans]),
                              "citation_accuracy": M.mean([float(r["citation_ok"]) for r in ans if not r["abstained"]]),
                              **{k: None if v is None else round(v, 4) for k, v in abst.items()},
-                             "retrieval_misses": sum(r["miss"] == "retrieval" for r in ans),
-                             "generation_misses": sum(r["miss"] == "generation" for r in ans)}
+                             **{f"{k}_misses": sum(r["miss"] == k for r in ans) for k in MISSES}}
         result["latency_ms"] = {s: M.percentiles(v) for s, v in lat.items() if v}
     result["per_question"] = per_q
     return result

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from rag.models import generator_path
 
 IDK = "I don't know."
@@ -153,28 +155,34 @@ class Generator:
         return Generation(text, n_prompt, int(out.shape[0]), time.perf_counter() - t0)
 
     def chat_batch(self, conversations: list[list[dict]], max_new_tokens: int | None = None,
-                   batch_size: int = 16) -> list[Generation]:
-        """Greedy answers for many conversations, left-padded into batches (several times faster on a CPU).
+                   batch_size: int = 16, samples: int = 0, seed: int = 0, desc: str = "") -> list[Generation]:
+        """Answers for many conversations, left-padded into batches (several times faster on a CPU).
 
-        Padding can change the last bits of the logits, so a rare answer may differ from ``chat``'s.
+        Greedy by default; ``samples=n`` draws n sampled replies per conversation instead (temperature 0.9,
+        top-p 0.95), returned conversation by conversation. Padding can change the last bits of the logits, so
+        a rare greedy answer may differ from ``chat``'s. ``desc`` shows a progress bar with that label.
         """
         import torch
 
         tok, out = self.tokenizer, []
         side, tok.padding_side = tok.padding_side, "left"  # the new tokens must line up at the right edge
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        sampling = dict(do_sample=True, temperature=0.9, top_p=0.95, num_return_sequences=samples) if samples \
+            else dict(do_sample=False, repetition_penalty=1.1)
+        torch.manual_seed(seed)
         try:
-            for i in range(0, len(conversations), batch_size):
+            for i in tqdm(range(0, len(conversations), batch_size), desc=desc, disable=not desc, unit="batch"):
                 texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                          for m in conversations[i:i + batch_size]]
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     ids = self.model.generate(**enc, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                              do_sample=False, pad_token_id=pad, repetition_penalty=1.1)
-                secs = (time.perf_counter() - t0) / len(texts)
+                                              pad_token_id=pad, **sampling)
+                secs = (time.perf_counter() - t0) / len(ids)
                 n_prompt = enc["input_ids"].shape[1]
-                for row, mask in zip(ids[:, n_prompt:], enc["attention_mask"], strict=True):
+                masks = enc["attention_mask"].repeat_interleave(max(samples, 1), dim=0)
+                for row, mask in zip(ids[:, n_prompt:], masks, strict=True):
                     stop = ((row == pad) | (row == tok.eos_token_id)).nonzero()
                     n_new = int(stop[0, 0]) + 1 if len(stop) else len(row)
                     text = tok.decode(row[:n_new], skip_special_tokens=True).strip()

@@ -93,6 +93,19 @@ class Index:
                                                                              manifest["faiss"]))
 
 
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a fully written folder ``tmp`` to ``dest``, keeping the old ``dest`` until the new one is in place.
+
+    Used for artefacts that are one folder (models, datasets); the index itself swaps a ``CURRENT`` pointer.
+    """
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
     return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
 

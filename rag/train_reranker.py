@@ -35,6 +35,7 @@ import numpy as np
 
 from rag.bm25 import BM25, tokenize
 from rag.fuse import rrf
+from rag.index import replace_dir
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
 
 log = logging.getLogger(__name__)
@@ -260,12 +261,7 @@ def train(cfg: RerankerConfig | None = None, force: bool = False, evaluate_after
     if evaluate_after:
         meta["eval"] = evaluate(model, depth=cfg.rerank_depth, seed=cfg.seed)
     (tmp / "openbook.json").write_text(json.dumps(meta, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     log.info("saved re-ranker to %s in %.0f s", out, time.time() - t0)
     return out
 

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from finetune.data import DataConfig, build, closed_book_messages, content_words, format_answer, held_out, parse_answer
+from finetune.data import (
+    HELDOUT,
+    DataConfig,
+    build,
+    closed_book_messages,
+    content_words,
+    format_answer,
+    held_out,
+    parse_answer,
+)
+from rag.evaluate import load_golden
 from rag.generate import IDK
 
 GOLDEN = [
@@ -45,34 +56,35 @@ def built(tmp_path_factory):
     (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
     cfg = DataConfig(docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "data"),
                      index_dir=str(root / "index"), synthetic_chunks=5, paraphrases=1, test_fraction=0.4)
-    ds, stats = build(cfg, progress=False)
-    return ds, stats, cfg
+    train, heldout, stats = build(cfg, progress=False)
+    return train, heldout, stats, cfg
 
 
 def test_never_trains_on_golden_test_questions(built):
-    ds, stats, _ = built
-    questions = set(ds["train"]["question"])
+    train, _, _, _ = built
+    questions = set(train["question"])
     assert not {q["question"] for q in GOLDEN if q["split"] == "test"} & questions
     assert {q["question"] for q in GOLDEN if q["split"] == "train"} <= questions
-    refusals = [r for r in ds["train"] if r["kind"] == "refusal"]
+    refusals = [r for r in train if r["kind"] == "refusal"]
     assert refusals and all(r["messages"][-1]["content"] == IDK for r in refusals)
-    golden = [r for r in ds["train"] if r["kind"] == "golden"]
+    golden = [r for r in train if r["kind"] == "golden"]
     assert all(parse_answer(r["messages"][-1]["content"]) == ("45 days", "returns.md") for r in golden)
 
 
 def test_synthetic_pairs_round_trip_and_respect_the_chunk_split(built):
-    ds, stats, cfg = built
+    train, heldout, stats, cfg = built
     assert stats["synthetic_written"] == 5 and stats["synthetic_kept"] <= 5
-    synthetic = [r for r in ds["train"] if r["kind"] == "synthetic"]
+    assert load_golden(Path(cfg.out) / HELDOUT) if heldout else (Path(cfg.out) / HELDOUT).read_text() == ""
+    synthetic = [r for r in train if r["kind"] == "synthetic"]
     for r in synthetic:
         assert not held_out(r["fact"], cfg.test_fraction, cfg.seed)
-    for r in ds["test"]:
+    for r in heldout:
         assert held_out(r["chunk_id"], cfg.test_fraction, cfg.seed)
     train_facts = {r["fact"] for r in synthetic}
-    assert not train_facts & {r["chunk_id"] for r in ds["test"]}
+    assert not train_facts & {r["chunk_id"] for r in heldout}
     # kept answers are made of words from their source documents
     from tests.conftest import TINY
 
-    for r in [*synthetic, *ds["test"]]:
+    for r in [*synthetic, *heldout]:
         doc = r["source"] if "source" in r and r.get("source") else r["sources"][0]
         assert content_words(r["answer"]) <= content_words(TINY[doc])

@@ -36,3 +36,14 @@ def test_citation_and_abstention_parsing():
     assert citations("Yes [2], see also [1] and [2] and [9].", 3) == [2, 1]
     assert is_abstention(IDK) and is_abstention("The sources do not contain the answer.")
     assert not is_abstention("Returns are accepted within 45 days [1].")
+
+
+def test_batched_generation_matches_one_by_one(generator):
+    convs = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Name a colour of the rainbow. Be brief, please."}]]
+    batched = generator.chat_batch(convs, batch_size=2)
+    assert [g.text for g in batched] == [generator.chat(c).text for c in convs]
+    assert all(g.new_tokens <= 12 for g in batched)
+    sampled = generator.chat_batch(convs, batch_size=2, samples=3, seed=1)
+    assert len(sampled) == 6
+    assert [g.text for g in sampled] == [g.text for g in generator.chat_batch(convs, batch_size=2, samples=3, seed=1)]
