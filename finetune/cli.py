@@ -16,7 +16,7 @@ from pathlib import Path
 from finetune import train as T
 from finetune.data import DataConfig, build
 from finetune.evaluate import EvalConfig, evaluate_model, question_sets, split_by_base
-from rag.cli import add_config_flags, config_from, run_command
+from rag.cli import add_config_flags, config_from, run_command, write_report
 
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
@@ -90,9 +90,7 @@ def cmd_eval(args) -> int:
     result = compare(cfg)
     print_compare(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        write_report(result, args.json)
     return 3 if args.strict and result.get("regression") else 0
 
 
@@ -115,10 +113,7 @@ def cmd_run(args) -> int:
     result = compare(ecfg)
     result["training"] = m
     print_compare(result)
-    out = Path(".openbook") / "reports" / f"finetune-eval-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    print(f"wrote {out}")
+    write_report(result, Path(".openbook") / "reports" / f"finetune-eval-{name}.json")
     return 0
 
 

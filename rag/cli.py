@@ -130,6 +130,13 @@ def print_eval(result: dict) -> None:
                                              for k, v in result["latency_ms"].items()))
 
 
+def write_report(result: dict, path: str | Path) -> None:
+    """Save a result as JSON (creating its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(f"wrote {path}")
+
+
 def cmd_eval(args) -> int:
     golden_file = _golden_path(args)
     if golden_file is None:
@@ -140,9 +147,7 @@ def cmd_eval(args) -> int:
     result["settings"]["golden"] = str(golden_file)
     print_eval(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False))
-        print(f"wrote {args.json}")
+        write_report(result, args.json)
     return 0
 
 
@@ -165,10 +170,7 @@ def cmd_demo(args) -> int:
         print(f"\nevaluating on {golden_file} ...")
         result = evaluate(pipe, golden, split="test")
         print_eval(result)
-        out = Path(".openbook") / "reports" / f"rag-eval-{Path(pipe.cfg.index_dir).name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
-        print(f"wrote {out}")
+        write_report(result, Path(".openbook") / "reports" / f"rag-eval-{Path(pipe.cfg.index_dir).name}.json")
     return 0
 
 
