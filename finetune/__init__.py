@@ -1,1 +1,4 @@
-"""LoRA fine-tuning on the same corpus (planned: issue 4; nothing here yet)."""
+"""LoRA fine-tuning on the corpus RAG indexes.
+
+Training data (``data``), LoRA training (``train``), closed-book evaluation (``evaluate``); ``python -m finetune``.
+"""
