@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag.bm25 import tokenize
-from rag.evaluate import load_golden
+from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, Generator
 from rag.index import replace_dir
 from rag.metrics import normalize
@@ -75,8 +75,6 @@ def closed_book_messages(question: str, answer: str | None = None) -> list[dict]
     return msgs + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
-
-
 @dataclass
 class DataConfig:
     """How the training set is built; every field is a ``python -m finetune data`` flag."""
@@ -97,8 +95,7 @@ class DataConfig:
             raise ValueError("--synthetic-chunks and --paraphrases must be 0 or more")
         if not 0 < self.test_fraction < 1:
             raise ValueError("--test-fraction must be between 0 and 1")
-        if not self.golden and (Path(self.docs) / "golden.jsonl").exists():
-            self.golden = str(Path(self.docs) / "golden.jsonl")
+        self.golden = golden_for(self.docs, self.golden)
         if not self.out:
             self.out = str(Path(".openbook") / "finetune" / (Path(self.docs).resolve().name or "root") / "data")
 

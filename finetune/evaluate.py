@@ -25,13 +25,11 @@ from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
-from rag.evaluate import load_golden
+from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
 from rag.pipeline import option
 
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass
@@ -50,8 +48,7 @@ class EvalConfig:
     max_probe_drop: float = option(0.10, "--strict fails when probe accuracy drops more than this (absolute)")
 
     def __post_init__(self):
-        if not self.golden and (Path(self.docs) / "golden.jsonl").exists():
-            self.golden = str(Path(self.docs) / "golden.jsonl")
+        self.golden = golden_for(self.docs, self.golden)
         if self.train_sample < 0 or self.max_new_tokens < 1 or not 0 <= self.max_probe_drop <= 1:
             raise ValueError("--train-sample must be >= 0, --max-new-tokens >= 1, --max-probe-drop in [0, 1]")
         if not Path(self.docs).is_dir():

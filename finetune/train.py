@@ -19,7 +19,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rag.cli import add_config_flags, config_from, run_command
@@ -89,9 +89,6 @@ class TrainConfig:
         if not self.output_dir:
             self.output_dir = str(Path(".openbook") / "finetune" / Path(self.model).name)
 
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in fields(cls)}
 
 
 def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from rag.evaluate import GoldenError, evaluate, load_golden
+from rag.evaluate import GoldenError, evaluate, golden_for, load_golden
 from rag.index import IndexMissing
 from rag.ingest import IngestError
 from rag.models import ModelNotFound
@@ -99,10 +99,8 @@ def cmd_chat(args) -> int:
 
 
 def _golden_path(args) -> Path | None:
-    if args.golden:
-        return Path(args.golden)
-    default = Path(args.docs) / "golden.jsonl"
-    return default if default.exists() else None
+    path = golden_for(args.docs, args.golden)
+    return Path(path) if path else None
 
 
 def print_eval(result: dict) -> None:

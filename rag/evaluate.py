@@ -31,6 +31,12 @@ class GoldenError(ValueError):
     """A malformed golden file; the message names the file and line."""
 
 
+def golden_for(docs: str | Path, golden: str | Path = "") -> str:
+    """The golden file to use: ``golden`` when given, else ``<docs>/golden.jsonl`` if it exists, else ''."""
+    default = Path(docs) / "golden.jsonl"
+    return str(golden) if golden else str(default) if default.exists() else ""
+
+
 def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[dict]:
     """Read and validate a golden JSONL file; with ``docs_dir``, warn about sources missing from the folder."""
     path = Path(path)
