@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -24,9 +25,21 @@ _CODE = re.compile(r"\b([a-z]{1,4})[-\s]?(\d{2,5})\b")
 
 @lru_cache(maxsize=1)
 def _stop_words() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    """scikit-learn's English stop-word list, loaded from its own module file.
 
-    return frozenset(ENGLISH_STOP_WORDS)
+    ``import sklearn`` costs ~1.4 s, most of a cold ``python -m rag ask``; the list module imports nothing.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "feature_extraction" / "_stop_words.py" if spec else None
+    if path is None or not path.exists():  # another scikit-learn layout: take the slow, public route
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        return frozenset(ENGLISH_STOP_WORDS)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_openbook_stop_words", path))
+    module.__spec__.loader.exec_module(module)
+    return frozenset(module.ENGLISH_STOP_WORDS)
 
 
 @lru_cache(maxsize=1)
