@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
     sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
     sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,
-                    help="chunks to write synthetic QA from")
+                    help="chunks to write synthetic QA from (-1: 40 with a golden file, 160 without)")
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
     sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")

@@ -40,13 +40,25 @@ CLOSED_BOOK_SYSTEM = (
 )
 HELDOUT = "heldout.jsonl"  # held-out synthetic questions in the golden format, beside the training rows
 _FORMAT = re.compile(r"^\s*(?P<answer>[^\n]*\S)[ \t]*\n+Source: *(?P<source>\S[^\n]*?)\s*$")
-_QA = re.compile(r"Question:\s*(?P<q>[^\n]+\?)\s*\n+\s*Answer:\s*(?P<a>[^\n]+)", re.I)
+_QUESTION = re.compile(r"(?:Question:\s*)?(?P<q>[^\n?]{12,}\?)", re.I)
+# Candidate answers, most checkable first: an amount or quantity ("EUR 49", "30 days", "99.9%"), then a
+# `code` span, then a capitalised name inside a sentence. The answer is taken from the text, never written by the
+# LM: asked to write question *and* answer, SmolLM2-135M invented answers (0 of 40 pairs round-tripped).
+_NOT_UNIT = r"(?!(?:per|and|or|to|in|of|for|the|an?|on|at|by|with|is|are|was|if|from)\b)"
+_AMOUNT = r"(?:\b(?:EUR|USD|GBP|CHF)\s?|[$€£])?\b\d[\d,.:]*(?:\s?(?:%|" + _NOT_UNIT + r"[A-Za-z]{1,12}\b))?"
+_SPANS = (re.compile(_AMOUNT),
+          re.compile(r"`([^`\n]{2,40})`"),
+          re.compile(r"(?<=[a-z,;] )(?:[A-Z][\w-]+ ){0,3}[A-Z][\w-]+"))
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 # Worked example turns, not instructions: asked plainly, SmolLM2-135M answered "I'm ready to help" or wrote an
-# answer instead of a question (0 of 40 pairs kept, 27 of 372 re-wordings); shown one example it mostly follows.
-QA_ASK = "Passage ({label}):\n{text}\n\nWrite a question about this passage and its short answer."
+# answer instead of a question; shown examples it mostly follows.
+QA_ASK = "Passage ({label}):\n{text}\n\nWrite a question about the passage whose answer is: {answer}"
 QA_DEMO = [{"role": "user", "content": QA_ASK.format(label="Lid care guide", text="Every lid carries a 7-year "
-                                                     "warranty against cracks. Lids come in green, grey and sand.")},
-           {"role": "assistant", "content": "Question: How long is the warranty on a lid?\nAnswer: 7 years"}]
+                                                     "warranty against cracks.", answer="7-year")},
+           {"role": "assistant", "content": "Question: How long is the warranty on a lid?"},
+           {"role": "user", "content": QA_ASK.format(label="Team page", text="Support tickets are handled by "
+                                                     "Mara Lind, who leads the Oslo office.", answer="Mara Lind")},
+           {"role": "assistant", "content": "Question: Who handles support tickets?"}]
 REWORD_ASK = "Reword this question: {q}"
 REWORD_DEMO = [{"role": "user", "content": REWORD_ASK.format(q="How long is the warranty on a lid?")},
                {"role": "assistant", "content": "For how many years is a lid guaranteed?"},
@@ -84,18 +96,22 @@ class DataConfig:
     out: str = option("", "dataset folder (default .openbook/finetune/<folder>/data)")
     index_dir: str = option("", "the RAG index used for round trips (default .openbook/index/<folder>)")
     model: str = option("smollm2-135m", "LM that writes synthetic questions and paraphrases")
-    synthetic_chunks: int = option(40, "chunks to write synthetic QA from (0: none; train and test parts together)")
+    synthetic_chunks: int = option(-1, "chunks to write synthetic QA from, train and test parts together (0: none; "
+                                   "-1: 40 beside a golden train split, 160 without one)")
     test_fraction: float = option(0.25, "share of synthetic chunks held out for testing (split before writing)")
     paraphrases: int = option(4, "extra wordings per training question (0: the original question only)")
     raw_text: bool = option(False, "add each train chunk's text as a continued pre-training row")
     seed: int = option(0, "seeds chunk sampling, the split and paraphrase sampling")
 
     def __post_init__(self):
-        if self.synthetic_chunks < 0 or self.paraphrases < 0:
-            raise ValueError("--synthetic-chunks and --paraphrases must be 0 or more")
+        if self.synthetic_chunks < -1 or self.paraphrases < 0:
+            raise ValueError("--synthetic-chunks must be -1 (auto) or more, --paraphrases 0 or more")
         if not 0 < self.test_fraction < 1:
             raise ValueError("--test-fraction must be between 0 and 1")
         self.golden = golden_for(self.docs, self.golden)
+        if self.synthetic_chunks == -1:
+            # without a golden file synthetic pairs are all there is; about a third survive the round trip
+            self.synthetic_chunks = 40 if self.golden else 160
         if not self.out:
             self.out = str(Path(".openbook") / "finetune" / (Path(self.docs).resolve().name or "root") / "data")
 
@@ -111,14 +127,43 @@ def content_words(text: str) -> set[str]:
     return set(tokenize(text))
 
 
+def answer_span(text: str) -> tuple[str, str] | None:
+    """``(answer, sentence)``: a short checkable fact in ``text`` and the prose sentence it sits in, or None.
+
+    >>> answer_span("# Plans\\nThe Pro plan costs EUR 49 per month. It has no limits.")
+    ('EUR 49', 'The Pro plan costs EUR 49 per month.')
+    """
+    sentences = [s.strip() for s in _SENTENCE.split(text)]
+    # prose only: headings, table rows and list stubs lack the words a question needs
+    sentences = [s for s in sentences if len(s.split()) >= 6 and not s.startswith(("#", "|"))]
+    for pattern in _SPANS:
+        for sent in sentences:
+            for m in pattern.finditer(sent):
+                span = (m.group(1) if m.groups() else m.group(0)).strip(" ,.;:")
+                if len(span) >= 2 and len(span.split()) <= 6:
+                    return span, sent
+    return None
+
+
 def write_qa(gen: Generator, chunks: list) -> list[tuple[str, str] | None]:
-    """One (question, answer) per chunk, written by the LM; None where its reply has the wrong shape."""
-    convs = [[*QA_DEMO, {"role": "user", "content": QA_ASK.format(label=c.title or c.doc_id,
-                                                                  text=gen.sanitize(c.text))}] for c in chunks]
+    """One (question, answer) per chunk: the answer is a span of the chunk, the LM writes the question for it.
+
+    None where the chunk has no candidate answer or the reply is not a question that leaves the answer out.
+    """
+    spans = [answer_span(c.text) for c in chunks]
+    todo = [(c, sp) for c, sp in zip(chunks, spans, strict=True) if sp]
+    convs = [[*QA_DEMO, {"role": "user", "content": QA_ASK.format(label=c.title or c.doc_id, text=gen.sanitize(
+        sent), answer=gen.sanitize(ans))}] for c, (ans, sent) in todo]
+    replies = iter(gen.chat_batch(convs, max_new_tokens=40, batch_size=8, desc="synthetic questions"))
     out = []
-    for g in gen.chat_batch(convs, max_new_tokens=64, batch_size=8, desc="synthetic QA"):
-        m = _QA.search(g.text)
-        out.append((m["q"].strip(), m["a"].strip().rstrip(".")) if m else None)
+    for sp in spans:
+        if sp is None:
+            out.append(None)
+            continue
+        m = _QUESTION.search(next(replies).text)
+        # a question that contains its own answer teaches nothing and would pass any closed-book test
+        ok = m and normalize(sp[0]) not in normalize(m["q"])
+        out.append((m["q"].strip(), sp[0]) if ok else None)
     return out
 
 

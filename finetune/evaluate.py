@@ -118,7 +118,7 @@ def _load_jsonl(path: str) -> list[dict]:
 
 
 def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """golden test, a fixed sample of golden train, and held-out synthetic questions (when a dataset is given)."""
+    """golden test, a fixed sample of golden train; held-out and trained synthetic questions (given a dataset)."""
     sets: dict[str, list[dict]] = {}
     if cfg.golden:
         golden = load_golden(cfg.golden, cfg.docs)
@@ -127,7 +127,14 @@ def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
         step = max(len(train) // cfg.train_sample, 1) if cfg.train_sample else 0
         sets["golden_train"] = train[::step][:cfg.train_sample] if step else []
     if cfg.data and (Path(cfg.data) / HELDOUT).exists():
+        from datasets import load_from_disk
+
         sets["synthetic_test"] = _load_jsonl(str(Path(cfg.data) / HELDOUT))
+        # the synthetic questions trained on, as first written (memorisation, as golden_train is for golden)
+        rows = [r for r in load_from_disk(cfg.data) if r["kind"] == "synthetic" and r["original"]]
+        rows = sorted(rows, key=lambda r: r["fact"])[:cfg.train_sample]
+        sets["synthetic_train"] = [{"id": r["fact"], "question": r["question"], "answer": r["answer"], "aliases": [],
+                                    "sources": [r["source"]], "type": "synthetic", "split": "train"} for r in rows]
     return {k: v for k, v in sets.items() if v}
 
 
