@@ -91,3 +91,34 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def paired_bootstrap(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over paired items and its 95% percentile interval, resampling items with replacement.
+
+    >>> paired_bootstrap([1, 1, 1, 1], [0, 0, 0, 0])
+    (1.0, 1.0, 1.0)
+    """
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(diff), (n, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_ci(values, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile interval of one list of per-item scores."""
+    return paired_bootstrap(values, np.zeros(len(values)), n, seed)
+
+
+def faithfulness(answer: str, passages: list[str], tokenize, min_overlap: float = 0.8) -> float | None:
+    """Share of the answer's sentences whose content words are (≥ ``min_overlap``) found in ``passages``.
+
+    Token overlap, not entailment: cheap, reproducible and judge-free, but it credits a sentence that copies
+    words in a wrong order. Citation markers and "Quote:" labels are ignored; None when nothing is left.
+    """
+    vocab = set(tokenize(" ".join(passages)))
+    sentences = [t for s in re.split(r"(?<=[.!?])\s+|\n+", re.sub(r"\[\d+\]|^Quote:", " ", answer, flags=re.M))
+                 if (t := set(tokenize(s)))]
+    if not sentences:
+        return None
+    return sum(len(t & vocab) / len(t) >= min_overlap for t in sentences) / len(sentences)

@@ -54,6 +54,8 @@ class RagConfig:
     rerank_fusion: str = option("rrf", "'replace' the fused order by the re-ranker's, or 'rrf': fuse the re-ranker's "
                             "order with the BM25 and dense lists")
     model: str = option(DEFAULT_GENERATOR, "generator: smollm2-135m, qwen-0.5b, a path or a hub id")
+    adapter: str = option("", "LoRA adapter folder for the generator, e.g. a RAFT adapter from `python -m hybrid "
+                          "train` ('' = the plain model)")
     max_new_tokens: int = option(48, "generated tokens per answer at most")
     abstain_threshold: float = option(-1.0, "abstain below this confidence (-1: calibrated value if any, else none)")
     confidence: str = option("auto", "abstention signal: 'auto' (the one calibration chose; with an explicit "
@@ -72,6 +74,11 @@ class RagConfig:
         if self.model not in GENERATORS and not Path(self.model).exists() and "/" not in self.model:
             raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
                              "a local folder nor a hub id")
+        local = Path(self.adapter).expanduser()
+        if self.adapter and (local.exists() or self.adapter.startswith((".", "/", "~"))) \
+                and not (local / "adapter_config.json").exists():
+            raise ValueError(f"--adapter {self.adapter}: no LoRA adapter there (adapter_config.json missing); "
+                             "train one first, e.g. `make hybrid`")
         if not self.index_dir:
             self.index_dir = str(Path(".openbook") / "index" / (Path(self.docs).resolve().name or "root"))
         self.chunk_config()  # validates chunker flags
@@ -126,7 +133,7 @@ class RagPipeline:
     @property
     def generator(self) -> Generator:
         if self._generator is None:
-            self._generator = Generator(self.cfg.model, self.cfg.max_new_tokens)
+            self._generator = Generator(self.cfg.model, self.cfg.max_new_tokens, adapter=self.cfg.adapter or None)
         return self._generator
 
     @property
@@ -194,21 +201,51 @@ class RagPipeline:
             signals["rerank"] = max(ce.values())
         return hits, timings, signals
 
-    def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
-        """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), then generate."""
-        hits, timings, signals = ranked or self.ranked(question)
+    def _gate(self, question: str, ranked: tuple) -> tuple[list[Hit], dict, float | None, Answer | None]:
+        """Passages, timings and confidence for a question; an abstaining Answer when confidence is too low."""
+        hits, timings, signals = ranked
         hits, timings = hits[: self.cfg.k], dict(timings)
         rule = self.threshold()
         confidence = signals.get(rule[0]) if rule else None
         if not hits or (confidence is not None and confidence < rule[1]):
             timings["generate"] = 0.0
-            if on_token:
-                on_token(IDK)
-            return Answer(question, IDK, True, "low-confidence", hits, [], False, confidence, timings)
-        gen = self.generator.answer(question, [(h.label, h.text) for h in hits], on_token=on_token)
+            return hits, timings, confidence, Answer(question, IDK, True, "low-confidence", hits, [], False,
+                                                     confidence, timings)
+        return hits, timings, confidence, None
+
+    @staticmethod
+    def _finish(question: str, hits: list[Hit], timings: dict, confidence: float | None, gen) -> Answer:
         timings["generate"] = gen.seconds
         abstained = is_abstention(gen.text)
         cites = citations(gen.text, len(hits))
         cited = [] if abstained else [hits[i - 1] for i in cites] or hits[:1]
         return Answer(question, gen.text, abstained, "model" if abstained else "", hits, cited, bool(cites),
                       confidence, timings, gen.prompt_tokens, gen.new_tokens)
+
+    def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
+        """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), then generate."""
+        hits, timings, confidence, early = self._gate(question, ranked or self.ranked(question))
+        if early:
+            if on_token:
+                on_token(IDK)
+            return early
+        gen = self.generator.answer(question, [(h.label, h.text) for h in hits], on_token=on_token)
+        return self._finish(question, hits, timings, confidence, gen)
+
+    def answer_batch(self, questions: list[str], rankeds: list[tuple], batch_size: int = 8,
+                     desc: str = "") -> list[Answer]:
+        """``answer`` for many questions with their ``ranked()`` results, generating in padded batches.
+
+        Several times faster on a CPU; each answer's generate time is its batch's time divided by the batch size,
+        which is throughput, not the latency one user would see (use ``answer`` for that).
+        """
+        gated = [self._gate(q, r) for q, r in zip(questions, rankeds, strict=True)]
+        todo = [i for i, g in enumerate(gated) if g[3] is None]
+        gens = self.generator.chat_batch([self.generator.prompt(questions[i], [(h.label, h.text) for h in
+                                                                             gated[i][0]]) for i in todo],
+                                         batch_size=batch_size, desc=desc)
+        out = [g[3] for g in gated]
+        for i, gen in zip(todo, gens, strict=True):
+            hits, timings, confidence, _ = gated[i]
+            out[i] = self._finish(questions[i], hits, timings, confidence, gen)
+        return out

@@ -36,6 +36,7 @@ import numpy as np
 from rag.bm25 import BM25, tokenize
 from rag.fuse import rrf
 from rag.index import replace_dir
+from rag.metrics import paired_bootstrap
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
 
 log = logging.getLogger(__name__)
@@ -281,14 +282,6 @@ def recall_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
 def reciprocal_rank(ranked: list[str], relevant: set[str]) -> float:
     """1 / rank of the first relevant document, 0 if none is retrieved."""
     return next((1 / (i + 1) for i, d in enumerate(ranked) if d in relevant), 0.0)
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, ...]:
-    """Mean of a - b and its 95% percentile interval, resampling queries with replacement."""
-    diff = a - b
-    idx = np.random.default_rng(seed).integers(0, len(diff), (n, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def ce_scores(model, queries: list[Query], pools: list[list[str]], batch_size: int = 64) -> list[np.ndarray]:
