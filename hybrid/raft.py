@@ -1,0 +1,162 @@
+"""RAFT-style training rows: a question, its oracle chunk among retrieved distractors, and a cited, quoted answer.
+
+RAFT (Zhang et al. 2024, "RAFT: Adapting Language Model to Domain Specific RAG") fine-tunes the generator on
+the prompts it will see at answer time: the question plus k passages, one of which (the *oracle*) holds the
+answer and the rest are *distractors*. Here the distractors are the passages openbook's own hybrid retriever
+ranks highest for the question that do not contain the answer (hard negatives, not random chunks), and the
+prompt is exactly ``rag.generate.Generator.prompt`` — the same system text, worked example and numbered
+sources as RAG — so the adapter is trained on the inference-time format.
+
+Questions come from ``finetune.data.build`` (the golden ``train`` split, synthetic QA for folders without one,
+their paraphrases and refusals; never the ``test`` split). Targets:
+
+- oracle present: ``<answer> [n]`` then ``Quote: "<the oracle sentence holding the answer>"``;
+- oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin): "I don't know." by
+  default, or with ``no_oracle="memorised"`` the answer without a citation. RAFT trains the memorised answer so
+  the model also learns the facts; openbook defaults to abstaining because a wrong-but-confident answer is the
+  failure users care about most, and a RAG answer without a supporting source cannot be checked;
+- golden unanswerable questions: retrieved passages only, target "I don't know.".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune.data import DataConfig, build
+from rag.evaluate import golden_for, load_golden
+from rag.generate import IDK
+from rag.index import replace_dir
+from rag.metrics import normalize
+from rag.pipeline import RagConfig, RagPipeline, option
+
+log = logging.getLogger(__name__)
+NO_ORACLE = ("idk", "memorised")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass
+class RaftConfig:
+    """How RAFT rows are built; every field is a ``python -m hybrid data`` flag."""
+
+    docs: str = option("data/demo", "documents folder (the one RAG indexes)")
+    golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; only its train split is used)")
+    out: str = option("", "dataset folder (default .openbook/hybrid/<folder>/data)")
+    index_dir: str = option("", "the RAG index distractors are retrieved from (default .openbook/index/<folder>)")
+    model: str = option("smollm2-135m", "LM that writes paraphrases and synthetic questions (finetune data)")
+    k: int = option(3, "passages per prompt, oracle included (RAG's --k)")
+    p_no_oracle: float = option(0.2, "share of answerable rows whose oracle is replaced by another distractor")
+    no_oracle: str = option("idk", "target when the oracle is removed: 'idk' or 'memorised' (the answer, uncited)")
+    paraphrases: int = option(1, "extra wordings per training question (finetune data --paraphrases)")
+    synthetic_chunks: int = option(-1, "finetune data --synthetic-chunks (-1: 40 with a golden file, 160 without)")
+    seed: int = option(0, "seeds the oracle position, the no-oracle coin and finetune data")
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError("--k must be at least 2 (the oracle and one distractor)")
+        if not 0 <= self.p_no_oracle < 1:
+            raise ValueError("--p-no-oracle must be in [0, 1)")
+        if self.no_oracle not in NO_ORACLE:
+            raise ValueError(f"--no-oracle must be one of {', '.join(NO_ORACLE)}, not '{self.no_oracle}'")
+        if not self.out:
+            self.out = str(Path(".openbook") / "hybrid" / (Path(self.docs).resolve().name or "root") / "data")
+
+
+def quote(text: str, answers: list[str], max_words: int = 30) -> str | None:
+    """The first sentence of ``text`` that contains one of ``answers`` (whole words), cut to ``max_words``.
+
+    >>> quote("Returns are free. Labels cost EUR 5.95 each. Ask us.", ["EUR 5.95"])
+    'Labels cost EUR 5.95 each.'
+    """
+    for sent in _SENTENCE.split(text):
+        if any(f" {normalize(a)} " in f" {normalize(sent)} " for a in answers if normalize(a)):
+            words = sent.strip().lstrip("#|-* ").split()
+            return " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")
+    return None
+
+
+def target(answer: str, n: int, supporting: str | None) -> str:
+    """``'45 days [2]\\nQuote: "Returns are accepted for 45 days."'``; no quote line when none was found."""
+    return f"{answer} [{n}]" + (f'\nQuote: "{supporting}"' if supporting else "")
+
+
+def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_oracle: bool, no_oracle: str,
+             rng: random.Random) -> dict | None:
+    """One RAFT example for a ``finetune.data`` row, or None when no passage of its source holds the answer."""
+    hits, _, _ = pipe.ranked(row["question"], mode="hybrid", k=4 * k)
+    answers = [row["answer"], *aliases] if row["answer"] is not None else []
+
+    def holds(h) -> bool:
+        return any(f" {normalize(a)} " in f" {normalize(h.text)} " for a in answers if normalize(a))
+
+    if row["answer"] is None:  # unanswerable: what retrieval finds is all there is
+        passages, text, oracle = hits[:k], IDK, None
+    else:
+        oracle = next((h for h in hits if h.doc_id == row["source"] and holds(h)), None)
+        docs = pipe.index.manifest["documents"]
+        if oracle is None and row["source"] in docs:  # the retriever missed it: the source's chunk holding it
+            oracle = next((_as_hit(pipe, c) for cid in docs[row["source"]]["chunks"]
+                           if (c := pipe.index.chunks[cid]).indexed and holds(c)), None)
+        if oracle is None:
+            return None
+        distractors = [h for h in hits if not holds(h) and h.text != oracle.text]
+        if len(distractors) < k - 1 + drop_oracle:
+            return None
+        if drop_oracle:
+            passages = distractors[:k]
+            text = IDK if no_oracle == "idk" else row["answer"]
+        else:
+            passages = distractors[: k - 1]
+            passages.insert(rng.randrange(k), oracle)  # the oracle's position is random, never always [1]
+            text = target(row["answer"], passages.index(oracle) + 1, quote(oracle.text, answers))
+    messages = pipe.generator.prompt(row["question"], [(h.label, h.text) for h in passages])
+    return {"messages": [*messages, {"role": "assistant", "content": text}], "question": row["question"],
+            "answer": row["answer"], "source": row["source"], "fact": row["fact"], "kind": row["kind"],
+            "oracle": oracle is not None and oracle in passages, "target": text}
+
+
+def _as_hit(pipe: RagPipeline, chunk):
+    from rag.pipeline import Hit
+
+    shown = pipe.index.chunks[chunk.parent_id] if chunk.parent_id else chunk
+    return Hit(chunk.id, chunk.doc_id, chunk.section, shown.text, 0.0)
+
+
+def build_raft(cfg: RaftConfig, progress: bool = True):
+    """Build and save the RAFT rows (a ``Dataset``); returns ``(dataset, stats)``."""
+    from datasets import Dataset
+    from tqdm import tqdm
+
+    qa_out = str(Path(cfg.out).parent / "qa")
+    qa, _, qa_stats = build(DataConfig(docs=cfg.docs, golden=cfg.golden, out=qa_out, index_dir=cfg.index_dir,
+                                       model=cfg.model, paraphrases=cfg.paraphrases,
+                                       synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed), progress)
+    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k))
+    pipe.update_index(progress=False)
+    golden = golden_for(cfg.docs, cfg.golden)
+    aliases = {q["id"]: q.get("aliases", []) for q in load_golden(golden, cfg.docs)} if golden else {}
+    rng = random.Random(cfg.seed)
+    qa = [r for r in qa if r["kind"] != "raw"]
+    answerable = [i for i, r in enumerate(qa) if r["answer"] is not None]
+    drop = set(rng.sample(answerable, round(cfg.p_no_oracle * len(answerable))))  # exactly P, not a coin per row
+    rows, skipped = [], 0
+    for i, r in enumerate(tqdm(qa, desc="RAFT rows", unit="row", disable=not progress)):
+        row = raft_row(pipe, r, aliases.get(r["fact"], []), cfg.k, i in drop, cfg.no_oracle, rng)
+        skipped += row is None
+        rows += [row] if row else []
+    if not rows:
+        raise ValueError(f"no RAFT rows from {cfg.docs}: no training question had a passage holding its answer")
+    stats = {"rows": len(rows), "with_oracle": sum(r["oracle"] for r in rows),
+             "no_oracle": sum(not r["oracle"] and r["answer"] is not None for r in rows),
+             "unanswerable": sum(r["answer"] is None for r in rows), "skipped": skipped, "qa": qa_stats}
+    ds = Dataset.from_list(rows)
+    tmp = Path(cfg.out + ".tmp")
+    ds.save_to_disk(str(tmp))
+    (tmp / "raft_config.json").write_text(json.dumps({**asdict(cfg), "stats": stats}, indent=1))
+    replace_dir(tmp, Path(cfg.out))
+    log.info("RAFT rows %s saved to %s", stats, cfg.out)
+    return ds, stats

@@ -1,0 +1,66 @@
+"""RAFT rows: the oracle is in exactly (1 − P) of answerable rows, cited correctly, and test questions never leak."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hybrid.raft import RaftConfig, build_raft, quote, target
+from rag.generate import IDK
+from rag.metrics import contains
+from tests.test_finetune_data import GOLDEN as FT_GOLDEN
+
+GOLDEN = [*FT_GOLDEN,
+          {"id": "t3", "question": "How much does the Plus plan cost?", "answer": "EUR 23 per month",
+           "sources": ["pricing.md"], "type": "table", "split": "train"},
+          {"id": "t4", "question": "How much water does a lawn need each week?", "answer": "25 millimetres",
+           "sources": ["garden/watering.txt"], "type": "lookup", "split": "train"},
+          {"id": "t5", "question": "In which year was the company founded?", "answer": "2014",
+           "sources": ["history.md"], "type": "lookup", "split": "train"}]
+
+
+def test_quote_and_target():
+    assert quote("Intro line. Lawns need 25 millimetres of water. Done.", ["25 millimetres"]) == \
+        "Lawns need 25 millimetres of water."
+    assert quote("Nothing here.", ["45 days"]) is None
+    assert target("45 days", 2, None) == "45 days [2]"
+
+
+@pytest.fixture(scope="module")
+def raft(tmp_path_factory):
+    from tests.conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("raft")
+    docs = write_corpus(root / "docs")
+    (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
+    cfg = RaftConfig(docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "raft" / "data"),
+                     index_dir=str(root / "index"), k=3, p_no_oracle=0.5, paraphrases=0, synthetic_chunks=0)
+    ds, stats = build_raft(cfg, progress=False)
+    return list(ds), stats
+
+
+def test_oracle_share_and_citations(raft):
+    rows, stats = raft
+    answerable = [r for r in rows if r["answer"] is not None]
+    assert len(answerable) == 4 and stats["skipped"] == 0
+    assert sum(r["oracle"] for r in answerable) == 2  # exactly (1 − 0.5) × 4
+    for r in answerable:
+        passages = re.findall(r"Source (\d) \([^)]*\):\n(.*?)(?=\n\nSource \d|\n\nQuestion:)",
+                              r["messages"][-2]["content"], re.S)
+        assert len(passages) == 3
+        holding = [int(n) for n, text in passages if contains(text, [r["answer"]])]
+        if r["oracle"]:
+            assert holding and r["target"].startswith(f"{r['answer']} [{holding[0]}]")
+        else:
+            assert not holding and r["target"] == IDK  # distractors only: the trained reply is a refusal
+
+
+def test_prompt_is_rags_and_test_questions_never_appear(raft):
+    rows, _ = raft
+    assert all(r["messages"][0]["role"] == "system" and r["messages"][-1]["role"] == "assistant" for r in rows)
+    asked = {r["question"] for r in rows}
+    assert not {q["question"] for q in GOLDEN if q["split"] == "test"} & asked
+    refusal = [r for r in rows if r["answer"] is None]
+    assert len(refusal) == 1 and refusal[0]["target"] == IDK
