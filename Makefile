@@ -19,7 +19,7 @@ FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(MODE),--mode $(M
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune pdfs clean
+.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare pdfs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,17 @@ chat: ## ask questions interactively
 finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS=)
 	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS))
+
+hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS=)
+	$(PY) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS))
+
+hybrid-eval: ## evaluate the RAFT generator inside the RAG pipeline on DOCS/golden.jsonl
+	$(PY) -m hybrid eval $(FLAGS) --json .openbook/reports/hybrid-eval.json
+
+compare: ## base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side on DOCS, with freshness; report in .openbook/reports
+	$(PY) -m hybrid compare --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(wildcard $(DOCS)/changes/edits.jsonl),--freshness)
 
 pdfs: ## rebuild the demo PDFs from data/pdf_src (reproducible)
 	$(PY) data/make_pdfs.py

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -191,9 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["merge"]):  # own parsers: argparse's REMAINDER drops leading --flags
+        return (T.main if argv[0] == "train" else T.merge_main)(argv[1:])
     args = parser().parse_args(argv)
-    if args.command == "train":
-        return T.main(args.rest)
-    if args.command == "merge":
-        return T.merge_main(args.rest)
     return run_command(COMMANDS[args.command], args, (T.DataError,))

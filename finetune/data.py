@@ -22,7 +22,8 @@ import hashlib
 import logging
 import random
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rag.bm25 import tokenize
@@ -202,6 +203,7 @@ def build(cfg: DataConfig, progress: bool = True):
 
     from datasets import Dataset
 
+    t0 = time.perf_counter()
     rng = random.Random(cfg.seed)
     pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
     pipe.update_index(progress=progress)
@@ -260,6 +262,8 @@ def build(cfg: DataConfig, progress: bool = True):
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(cfg.out + ".tmp")
     ds.save_to_disk(str(tmp))
+    stats["seconds"] = round(time.perf_counter() - t0, 1)
+    (tmp / "build.json").write_text(json.dumps({"config": asdict(cfg), "stats": stats}, indent=1))
     (tmp / HELDOUT).write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in test), encoding="utf-8")
     replace_dir(tmp, Path(cfg.out))
     log.info("training rows %d (%s); held-out synthetic questions %d; saved to %s", len(train), stats, len(test),

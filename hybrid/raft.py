@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     from datasets import Dataset
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     qa_out = str(Path(cfg.out).parent / "qa")
     qa, _, qa_stats = build(DataConfig(docs=cfg.docs, golden=cfg.golden, out=qa_out, index_dir=cfg.index_dir,
                                        model=cfg.model, paraphrases=cfg.paraphrases,
@@ -152,7 +154,8 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
         raise ValueError(f"no RAFT rows from {cfg.docs}: no training question had a passage holding its answer")
     stats = {"rows": len(rows), "with_oracle": sum(r["oracle"] for r in rows),
              "no_oracle": sum(not r["oracle"] and r["answer"] is not None for r in rows),
-             "unanswerable": sum(r["answer"] is None for r in rows), "skipped": skipped, "qa": qa_stats}
+             "unanswerable": sum(r["answer"] is None for r in rows), "skipped": skipped, "qa": qa_stats,
+             "seconds": round(time.perf_counter() - t0, 1)}
     ds = Dataset.from_list(rows)
     tmp = Path(cfg.out + ".tmp")
     ds.save_to_disk(str(tmp))

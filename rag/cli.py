@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     # transformers reads this when first imported; importing it here just to call disable_progress_bar() would
     # add ~1.2 s to every cold command (HF_HUB_DISABLE_PROGRESS_BARS=0 brings the bars back)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-reranker"]:  # its own parser: argparse's REMAINDER drops leading --flags
+        from rag import train_reranker
+
+        return train_reranker.main(argv[1:])
     args = parser().parse_args(argv)
 
     def go(a) -> int:

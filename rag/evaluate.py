@@ -12,6 +12,7 @@ retrieved), an *abstention miss* (the confidence threshold withheld an answer wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -94,6 +95,14 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
     if not any(q["answer"] is None for q in train) or all(q["answer"] is None for q in train):
         log.info("no train split with both answerable and unanswerable questions: no calibrated threshold")
         return None
+    # the same index version and train questions give the same signals: re-use the saved choice
+    stamp = hashlib.sha256(json.dumps([pipe.index.path.name, [(q["question"], q["answer"]) for q in train]])
+                           .encode()).hexdigest()[:16]
+    cal_path = Path(pipe.cfg.index_dir) / "calibration.json"
+    table = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+    if table.get(pipe._calibration_key(), {}).get("stamp") == stamp:
+        log.info("abstention calibration unchanged since the last run (same index and train questions)")
+        return table[pipe._calibration_key()]
     runs = [(pipe.ranked(q["question"])[2], q["answer"] is None)
             for q in tqdm(train, desc="calibrate", disable=not progress, leave=False)]
     names = SIGNALS if pipe.cfg.confidence == "auto" else (pipe.cfg.confidence,)
@@ -110,9 +119,8 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
                 best = (f1, name, t)
     if best[1] is None:
         return None
-    entry = {"signal": best[1], "threshold": round(best[2], 6), "train_f1": round(best[0], 4), "n": len(runs)}
-    cal_path = Path(pipe.cfg.index_dir) / "calibration.json"
-    table = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+    entry = {"signal": best[1], "threshold": round(best[2], 6), "train_f1": round(best[0], 4), "n": len(runs),
+             "stamp": stamp}
     table[pipe._calibration_key()] = entry
     tmp = cal_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1))

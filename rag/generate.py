@@ -176,10 +176,12 @@ class Generator:
         sampling = dict(do_sample=True, temperature=0.9, top_p=0.95, num_return_sequences=samples) if samples \
             else GREEDY
         torch.manual_seed(seed)
+        rendered = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
+        # similar lengths share a batch, so little compute goes to padding; results return in input order
+        order = sorted(range(len(rendered)), key=lambda j: len(rendered[j]))
         try:
-            for i in tqdm(range(0, len(conversations), batch_size), desc=desc, disable=not desc, unit="batch"):
-                texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                         for m in conversations[i:i + batch_size]]
+            for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not desc, unit="batch"):
+                texts = [rendered[j] for j in order[i:i + batch_size]]
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
@@ -195,7 +197,11 @@ class Generator:
                     out.append(Generation(text, int(mask.sum()), n_new, secs))
         finally:
             tok.padding_side = side
-        return out
+        n = max(samples, 1)
+        restored: list[Generation] = [None] * len(out)  # type: ignore[list-item]
+        for pos, j in enumerate(order):
+            restored[j * n:(j + 1) * n] = out[pos * n:(pos + 1) * n]
+        return restored
 
     def answer(self, question: str, sources: list[tuple[str, str]], on_token=None) -> Generation:
         return self.chat(self.prompt(question, sources), on_token=on_token)

@@ -85,3 +85,15 @@ def test_bad_input_is_one_clear_line(args, needle, corpus, tmp_path):
     assert "Traceback" not in r.stderr
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.stderr
+
+
+def test_pass_through_verbs_keep_their_flags(capsys):
+    """`python -m finetune train --data …` reaches train's own parser (argparse REMAINDER used to drop it)."""
+    from finetune.cli import main as finetune_main
+    from hybrid.cli import main as hybrid_main
+
+    assert finetune_main(["train", "--data", "/no/such/data"]) == 2
+    assert "--data /no/such/data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        hybrid_main(["ask", "--help"])
+    assert e.value.code == 0 and "--adapter" in capsys.readouterr().out

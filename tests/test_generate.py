@@ -42,7 +42,10 @@ def test_batched_generation_matches_one_by_one(generator):
     convs = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "Name a colour of the rainbow. Be brief, please."}]]
     batched = generator.chat_batch(convs, batch_size=2)
-    assert [g.text for g in batched] == [generator.chat(c).text for c in convs]
+    one_by_one = [generator.chat(c).text for c in convs]
+    assert [g.text for g in batched] == one_by_one
+    # batches are formed by prompt length, answers still come back in the caller's order
+    assert [g.text for g in generator.chat_batch(convs[::-1], batch_size=1)] == one_by_one[::-1]
     assert all(g.new_tokens <= 12 for g in batched)
     sampled = generator.chat_batch(convs, batch_size=2, samples=3, seed=1)
     assert len(sampled) == 6

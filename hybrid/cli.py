@@ -1,0 +1,106 @@
+"""Command line for the hybrid (RAFT) mode: ``python -m hybrid {data,train,compare,index,ask,chat,eval}``.
+
+``data`` builds RAFT rows, ``train`` builds them and LoRA-trains the generator on them with the fine-tuning
+trainer. ``index``, ``ask``, ``chat`` and ``eval`` are ``python -m rag``'s verbs with ``--adapter`` pointing at
+the RAFT adapter for that folder, so retrieval, re-ranking, abstention and metrics are RAG's, unchanged.
+``compare`` runs every system on the same questions and writes the report (``hybrid/compare.py``, ``report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from finetune import train as T
+from hybrid import report
+from hybrid.compare import CompareConfig, compare
+from hybrid.raft import RaftConfig, build_raft
+from rag import cli as rag_cli
+from rag.cli import add_config_flags, config_from, run_command
+
+RAG_VERBS = ("index", "ask", "chat", "eval")
+
+
+def out_root(docs: str) -> Path:
+    """Where hybrid artefacts for a docs folder live: ``.openbook/hybrid/<folder name>``."""
+    return Path(".openbook") / "hybrid" / (Path(docs).resolve().name or "root")
+
+
+def default_adapter(docs: str, model: str) -> Path:
+    return out_root(docs) / Path(model).name / "adapter"
+
+
+def cmd_data(args) -> int:
+    ds, stats = build_raft(config_from(args, RaftConfig))
+    print(f"RAFT dataset: {len(ds)} rows; {stats}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    rcfg = config_from(args, RaftConfig)
+    ds, stats = build_raft(rcfg)
+    print(f"RAFT dataset: {len(ds)} rows; {stats}")
+    tcfg = T.TrainConfig(model=rcfg.model, output_dir=str(default_adapter(rcfg.docs, rcfg.model).parent),
+                         epochs=args.epochs, max_steps=args.steps, max_length=args.max_length)
+    m = T.train(tcfg, ds).metrics
+    print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; adapter "
+          f"{default_adapter(rcfg.docs, rcfg.model)}; loss curve {Path(tcfg.output_dir) / 'loss.png'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    cfg = config_from(args, CompareConfig)
+    result = compare(cfg, with_freshness=args.freshness)
+    report.print_terminal(result)
+    paths = report.write(result, cfg.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "compare": cmd_compare}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hybrid", description="RAFT: the generator fine-tuned to answer from "
+                                "retrieved passages with distractors, run inside the RAG pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("data", help="build RAFT rows (question + oracle + retrieved distractors → cited answer)")
+    add_config_flags(sp, RaftConfig)
+    sp = sub.add_parser("train", help="build RAFT rows and LoRA-train the generator on them (`make hybrid`)")
+    add_config_flags(sp, RaftConfig)
+    sp.add_argument("--epochs", type=float, default=1.0, help="training epochs (default: 1)")
+    sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
+    sp.add_argument("--max-length", type=int, default=1024, help="tokens per example (default: 1024; prompts "
+                    "hold k passages)")
+    sp = sub.add_parser("compare", help="base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side (`make "
+                        "compare`): table, context probes, report")
+    add_config_flags(sp, CompareConfig)
+    sp.add_argument("--freshness", action="store_true", help="also apply <docs>/changes/edits.jsonl to a copy, "
+                    "re-index and re-ask the changed facts")
+    for verb in RAG_VERBS:
+        sub.add_parser(verb, add_help=False, help=f"`python -m rag {verb}` with the RAFT adapter (same flags)"
+                       ).add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in RAG_VERBS:  # rag's parser: argparse's REMAINDER drops leading --flags
+        rest = argv[1:]
+        if "--adapter" not in rest and not any(a.startswith("--adapter=") for a in rest) \
+                and not {"-h", "--help"} & set(rest):
+            docs = rest[rest.index("--docs") + 1] if "--docs" in rest[:-1] else "data/demo"
+            model = rest[rest.index("--model") + 1] if "--model" in rest[:-1] else "smollm2-135m"
+            rest += ["--adapter", str(default_adapter(docs, model))]
+        return rag_cli.main([argv[0], *rest])
+    args = parser().parse_args(argv)
+    return run_command(COMMANDS[args.command], args, (T.DataError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The comparison as a terminal table, a Markdown report and a self-contained HTML page with charts.
+
+The decision matrix is the one the RAG-vs-fine-tuning guides use (data freshness, attribution, latency, per-query
+cost, set-up time, behaviour/format, forgetting), filled with this run's measurements; the "wins here" column
+names the best measured system for that factor *on this corpus*, or says the factor was not measured.
+Break-even: fine-tuning's one-time training compute (training tokens × 3, forward + backward, at the per-token
+price) against the tokens it saves per query compared with RAG's longer prompts. Left out on purpose: GPU-hour
+prices and hosting costs, which depend on the user's provider (set ``--price-per-mtok`` instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from hybrid.compare import METRICS
+
+TRAIN_COST_FACTOR = 3  # a training token costs about three forward tokens (forward + backward pass)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, dict) and "mean" in v:
+        lo, hi = v["ci"]
+        return f"{v['mean']:.{digits}f} [{lo:.2f}, {hi:.2f}]"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def cost_per_query(s: dict, price: float) -> float | None:
+    """USD per query for the tokens processed (prompt + generated) at ``price`` per million tokens."""
+    if s.get("prompt_tokens") is None:
+        return None
+    return ((s["prompt_tokens"] or 0) + (s["new_tokens"] or 0)) * price / 1e6
+
+
+def break_even(result: dict) -> dict | None:
+    """Queries after which fine-tuning's training cost is repaid by its shorter prompts (vs RAG), or None."""
+    sys_, setup, price = result["systems"], result["setup"], result["settings"]["price_per_mtok"]
+    if not {"rag", "finetuned"} <= set(sys_) or not setup.get("finetuned", {}).get("train_tokens"):
+        return None
+    saving = cost_per_query(sys_["rag"], price) - cost_per_query(sys_["finetuned"], price)
+    one_time = setup["finetuned"]["train_tokens"] * TRAIN_COST_FACTOR * price / 1e6
+    return {"one_time_usd": one_time, "saving_per_query_usd": saving,
+            "queries": round(one_time / saving) if saving > 0 else None, "price_per_mtok": price}
+
+
+def decision_matrix(result: dict) -> list[dict]:
+    """One row per factor: the measured value per system and which system wins on this corpus."""
+    sys_, price = result["systems"], result["settings"]["price_per_mtok"]
+    fresh = result.get("freshness", {}).get("systems", {})
+    setup = result["setup"]
+    forgetting = result.get("forgetting", {})
+
+    def mean(s, k):
+        v = sys_[s].get(k)
+        return v["mean"] if isinstance(v, dict) else v
+
+    setup_s = {s: setup["index"]["build_s"] if s == "rag" else (setup.get("finetuned", {}).get("train_s") if s ==
+               "finetuned" else None) for s in sys_}
+    if "finetuned+rag" in sys_:
+        setup_s["finetuned+rag"] = (setup.get("finetuned", {}).get("train_s") or 0) + setup["index"]["build_s"]
+    if "hybrid" in sys_ and setup.get("raft"):
+        setup_s["hybrid"] = (setup["raft"].get("train_s") or 0) + setup["index"]["build_s"]
+    factors = [("accuracy (contains)", {s: mean(s, "contains") for s in sys_}, max),
+               ("hallucination rate", {s: mean(s, "hallucination_rate") for s in sys_}, min),
+               ("data freshness (fresh answers after an edit)", {s: fresh.get(s, {}).get("fresh") for s in sys_}, max),
+               ("attribution (citation accuracy)", {s: mean(s, "citation_accuracy") for s in sys_}, max),
+               ("latency p50 ms (one query)", {s: sys_[s]["latency_ms"].get("total", {}).get("p50") for s in sys_},
+                min),
+               ("cost per query, USD", {s: cost_per_query(sys_[s], price) for s in sys_}, min),
+               ("set-up time s (index build / training)", setup_s, min),
+               ("behaviour: format consistency", {s: mean(s, "format_consistency") for s in sys_}, max),
+               ("forgetting: general-probe change", {s: forgetting.get(s) for s in sys_}, max)]
+    rows = []
+    for name, values, best in factors:
+        known = {s: v for s, v in values.items() if v is not None}
+        if len(known) < 2:
+            win = "not measured"
+        else:
+            top = best(known.values())
+            leaders = [s for s, v in known.items() if v == top]
+            win = leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
+        rows.append({"factor": name, "values": values, "wins": win})
+    return rows
+
+
+def markdown(result: dict, charts: list[str] = ()) -> str:
+    """The report as Markdown (``charts`` are image file names placed beside it)."""
+    st, sys_ = result["settings"], result["systems"]
+    names = list(sys_)
+    lines = [f"# openbook comparison — {st['docs']}", "",
+             f"{st['n']} questions ({st['n_answerable']} answerable) from the {st['questions']}; generator "
+             f"{st['model']}. Means with 95% bootstrap intervals over questions. Faithfulness: {st['faithfulness']}.",
+             "", "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in (*METRICS, "abstain_precision", "abstain_recall", "prompt_tokens", "new_tokens"):
+        lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(_fmt(sys_[s].get(k)) for s in names) + " |")
+    lines.append("| latency p50 / p95 ms | " + " | ".join(
+        f"{sys_[s]['latency_ms'].get('total', {}).get('p50', 0):.0f} / "
+        f"{sys_[s]['latency_ms'].get('total', {}).get('p95', 0):.0f}" for s in names) + " |")
+    ref = result["differences_vs"]
+    lines += ["", f"Differences from {ref} (paired bootstrap, 95%; * = interval excludes zero):", ""]
+    for s, d in result["differences"].items():
+        lines.append(f"- {s}: " + "; ".join(f"{m} {v['diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+                                             f"{' *' if v['significant'] else ''}" for m, v in d.items()))
+    if result.get("context_probes"):
+        lines += ["", "## Where did the answer come from?", "",
+                  "Questions whose retrieved passages hold the answer, re-asked with no context, with another "
+                  "question's passages, and with the answer value edited in the passages (counterfactual).", "",
+                  "| system | n | no context: correct | unrelated context: correct | counterfactual: follows "
+                  "passage | counterfactual: says original |", "|---|---|---|---|---|---|"]
+        for s, p in result["context_probes"].items():
+            lines.append(f"| {s} | {p['n']} | {p['none_contains']:.3f} | {p['unrelated_contains']:.3f} | "
+                         f"{p['follows_context']:.3f} | {p['follows_weights']:.3f} |")
+    if result.get("freshness"):
+        f = result["freshness"]
+        lines += ["", "## Freshness", "", f"{f['edits']} edits applied to a copy; incremental re-index "
+                  f"{f['reindex_s']:.1f} s ({f['reembedded_chunks']} chunks re-embedded); {f['questions']} "
+                  f"questions about the changed facts; the new value was in the passages retrieval gave the "
+                  f"generator for {f['retrieved_new']:.0%} of them.", "",
+                  "| system | new value | old value (stale) | update |", "|---|---|---|---|"]
+        for s, v in f["systems"].items():
+            upd = "–" if v["update_s"] is None else f"{v['update']} {v['update_s']:.1f} s"
+            lines.append(f"| {s} | {v['fresh']:.3f} | {v['stale']:.3f} | {upd} |")
+    setup = result["setup"]
+    lines += ["", "## Set-up cost", "", f"- index: fresh build {setup['index']['build_s']:.1f} s, "
+              f"{setup['index']['size_mb']} MB"]
+    for k in ("finetuned", "raft"):
+        if k in setup:
+            data = "not recorded" if setup[k].get("data_s") is None else f"{setup[k]['data_s']:.0f} s"
+            lines.append(f"- {k} adapter: data {data}, training {setup[k]['train_s']:.0f} s "
+                         f"({setup[k]['train_tokens']} tokens), {setup[k]['adapter_mb']} MB")
+    lines += ["", "## Decision matrix (measured on this corpus)", "",
+              "| factor | " + " | ".join(names) + " | wins here |", "|---" * (len(names) + 2) + "|"]
+    for r in decision_matrix(result):
+        lines.append(f"| {r['factor']} | " + " | ".join(
+            _fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in names) + f" | {r['wins']} |")
+    be = break_even(result)
+    if be:
+        q = "never (fine-tuned prompts are not shorter)" if be["queries"] is None else f"{be['queries']:,} queries"
+        lines += ["", f"Break-even: fine-tuning costs about {be['one_time_usd']:.4f} USD of training compute "
+                  f"(training tokens × {TRAIN_COST_FACTOR} at {be['price_per_mtok']} USD per million tokens) and "
+                  f"saves {be['saving_per_query_usd']:.6f} USD per query against RAG's longer prompts: repaid "
+                  f"after {q}. Accuracy is not part of this sum — see the table above."]
+    lines += [""] + [f"![{c}]({c})" for c in charts]
+    return "\n".join(lines) + "\n"
+
+
+def charts(result: dict) -> dict[str, bytes]:
+    """PNG bar charts: accuracy and hallucination with intervals, and latency per stage."""
+    from matplotlib.figure import Figure
+
+    sys_ = result["systems"]
+    names = list(sys_)
+    out = {}
+    fig = Figure(figsize=(7, 3.4))
+    for i, key in enumerate(("contains", "hallucination_rate")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        vals = [sys_[s][key] for s in names]
+        means = [v["mean"] if v else 0 for v in vals]
+        err = [[m - (v["ci"][0] if v else 0) for m, v in zip(means, vals, strict=True)],
+               [(v["ci"][1] if v else 0) - m for m, v in zip(means, vals, strict=True)]]
+        ax.bar(names, means, yerr=err, capsize=3, color="#4c72b0" if i == 0 else "#c44e52")
+        ax.set(title=key.replace("_", " "), ylim=(0, 1))
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    out["accuracy.png"] = _png(fig)
+    fig = Figure(figsize=(7, 3.4))
+    ax = fig.add_subplot()
+    bottom = [0.0] * len(names)
+    for stage in ("retrieve", "rerank", "generate"):
+        vals = [sys_[s]["latency_ms"].get(stage, {}).get("p50", 0) for s in names]
+        ax.bar(names, vals, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set(title="latency p50 per stage (ms, one query at a time)")
+    ax.legend()
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    out["latency.png"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def write(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """compare.json, report.md (+ PNGs) and a self-contained report.html (images inlined) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = charts(result)
+    for name, data in pngs.items():
+        (out / name).write_bytes(data)
+    md = markdown(result, list(pngs))
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "report.html").write_text(_html(md, pngs), encoding="utf-8")
+    return {"json": out / "compare.json", "markdown": out / "report.md", "html": out / "report.html"}
+
+
+def _html(md: str, pngs: dict[str, bytes]) -> str:
+    """A minimal Markdown → HTML for this report's own Markdown (headings, tables, lists, images)."""
+    body, table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not table else "td"
+            body.append(("<table>" if not table else "") + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells)
+                        + "</tr>")
+            table = True
+            continue
+        if table:
+            body.append("</table>")
+            table = False
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:-1]
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,'
+                        f'{base64.b64encode(pngs[name]).decode()}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        body.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+             "font-size:.9em;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>openbook comparison</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def print_terminal(result: dict) -> None:
+    """The main table and the decision matrix, in the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con, sys_ = Console(), result["systems"]
+    t = Table(title=f"{result['settings']['n']} questions — {result['settings']['questions']}")
+    t.add_column("metric")
+    for s in sys_:
+        t.add_column(s, justify="right")
+    for k in (*METRICS, "abstain_precision", "abstain_recall", "prompt_tokens", "new_tokens"):
+        t.add_row(k.replace("_", " "), *(_fmt(sys_[s].get(k)) for s in sys_))
+    t.add_row("latency p50 ms", *(_fmt(sys_[s]["latency_ms"].get("total", {}).get("p50"), 0) for s in sys_))
+    con.print(t)
+    m = Table(title="decision matrix (measured here)")
+    m.add_column("factor")
+    for s in sys_:
+        m.add_column(s, justify="right")
+    m.add_column("wins here")
+    for r in decision_matrix(result):
+        m.add_row(r["factor"], *(_fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in sys_),
+                  r["wins"])
+    con.print(m)

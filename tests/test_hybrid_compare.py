@@ -1,0 +1,95 @@
+"""Compare on a tiny corpus: every system gets a row of finite numbers, the report holds them all, and an edit
+re-indexed into a copy of the corpus reaches the RAG answer (freshness)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hybrid.compare import SYSTEMS, CompareConfig, apply_edits, compare
+from tests.test_hybrid_raft import GOLDEN
+
+EDITS = [{"id": "e-01", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days",
+          "why": "longer return window"}]
+CHANGED = [{"id": "f-01", "question": "How many days do customers have to return a device?", "answer": "60 days",
+            "aliases": [], "sources": ["returns.md"], "type": "lookup", "split": "test", "old_answer": "45 days",
+            "edit": "e-01"}]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    from finetune.train import TrainConfig, train
+    from hybrid.raft import RaftConfig, build_raft
+    from tests.conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("compare")
+    docs = write_corpus(root / "docs")
+    # no unanswerable train question: no calibrated threshold, so every system generates for every question
+    (docs / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN if q["id"] != "t2"))
+    (docs / "changes").mkdir()
+    (docs / "changes" / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in EDITS))
+    (docs / "changes" / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in CHANGED))
+    index = str(root / "index")
+    raft, _ = build_raft(RaftConfig(docs=str(docs), index_dir=index, out=str(root / "raft" / "data"),
+                                    paraphrases=0, synthetic_chunks=0), progress=False)
+    few = dict(max_steps=2, batch_size=2, max_length=512, threads=1, eval_steps=10)
+    train(TrainConfig(output_dir=str(root / "raft" / "m"), **few), raft)
+    # the closed-book adapter: a few steps on the same questions in the closed-book format
+    from datasets import Dataset
+
+    from finetune.data import closed_book_messages, format_answer
+
+    rows = [{"messages": closed_book_messages(q["question"], format_answer(q["answer"], (q["sources"] or [None])[0]))}
+            for q in GOLDEN if q["split"] == "train"]
+    train(TrainConfig(output_dir=str(root / "ft" / "m"), **few), Dataset.from_list(rows))
+    cfg = CompareConfig(docs=str(docs), index_dir=index, finetuned=str(root / "ft" / "m"),
+                        raft=str(root / "raft" / "m"), latency_sample=1, bootstrap=200, out=str(root / "report"))
+    return compare(cfg, with_freshness=True, progress=False), cfg
+
+
+def test_every_system_has_finite_scores(result):
+    res, _ = result
+    assert list(res["systems"]) == list(SYSTEMS)
+    for name, s in res["systems"].items():
+        assert 0 <= s["contains"]["mean"] <= 1 and 0 <= s["hallucination_rate"]["mean"] <= 1, name
+        lo, hi = s["contains"]["ci"]
+        assert lo <= s["contains"]["mean"] <= hi
+        assert math.isfinite(s["latency_ms"]["total"]["p50"]) and s["prompt_tokens"] >= 0
+    rows = res["per_question"]
+    for name in SYSTEMS:
+        assert all(r["prompt_tokens"] > 0 for r in rows[name]), name
+    # retrieval systems read passages: their prompts are longer than closed-book ones
+    assert min(r["prompt_tokens"] for r in rows["rag"]) > max(r["prompt_tokens"] for r in rows["base"])
+    assert res["systems"]["base"]["faithfulness"] is None
+    assert set(res["differences"]) == set(SYSTEMS) - {"rag"}
+
+
+def test_report_files_hold_every_system(result):
+    from hybrid import report
+
+    res, cfg = result
+    paths = report.write(res, cfg.out)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    for name in SYSTEMS:
+        assert f"| {name} |" in md or f" {name} " in md.splitlines()[4]
+        assert name in page
+    assert "data:image/png;base64," in page and "Decision matrix" in md
+
+
+def test_freshness_reaches_retrieval_after_reindex(result):
+    res, _ = result
+    f = res["freshness"]
+    assert f["reembedded_chunks"] > 0 and f["retrieved_new"] == 1.0  # the edited passage is what RAG reads
+    # closed-book weights never saw the edit, so they cannot give the new value by reading it
+    assert f["systems"]["rag"]["update"] == "re-index" and f["systems"]["finetuned"]["update"] == "retrain"
+
+
+def test_apply_edits_refuses_an_ambiguous_find(tmp_path):
+    from tests.conftest import write_corpus
+
+    docs = write_corpus(tmp_path / "docs")
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        apply_edits(docs, tmp_path / "copy", [{"id": "x", "path": "returns.md", "find": "no such text",
+                                               "replace": "y"}])
