@@ -77,6 +77,9 @@ def decision_matrix(result: dict) -> list[dict]:
                ("forgetting: general-probe change", {s: forgetting.get(s) for s in sys_}, max)]
     rows = []
     for name, values, best in factors:
+        key = {"accuracy (contains)": "contains", "hallucination rate": "hallucination_rate",
+               "attribution (citation accuracy)": "citation_accuracy",
+               "behaviour: format consistency": "format_consistency"}.get(name)
         known = {s: v for s, v in values.items() if v is not None}
         if len(known) < 2:
             win = "not measured"
@@ -84,6 +87,10 @@ def decision_matrix(result: dict) -> list[dict]:
             top = best(known.values())
             leaders = [s for s, v in known.items() if v == top]
             win = leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
+            ci = (sys_[win].get(key) or {}).get("ci") if key and len(leaders) == 1 else None
+            rest = [v for s, v in known.items() if s != win]
+            if ci and any(ci[0] <= v <= ci[1] for v in rest):  # a lead inside the bootstrap interval is noise
+                win += " (others within its 95% interval)"
         rows.append({"factor": name, "values": values, "wins": win})
     return rows
 
@@ -205,8 +212,11 @@ def write(result: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def _html(md: str, pngs: dict[str, bytes]) -> str:
     """A minimal Markdown → HTML for this report's own Markdown (headings, tables, lists, images)."""
-    body, table = [], False
+    body, table, listing = [], False, False
     for line in md.splitlines():
+        if listing and not line.startswith("- "):
+            body.append("</ul>")
+            listing = False
         if line.startswith("|"):
             cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):
@@ -227,11 +237,11 @@ def _html(md: str, pngs: dict[str, bytes]) -> str:
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
         elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
+            body.append(("" if listing else "<ul>") + f"<li>{html.escape(line[2:])}</li>")
+            listing = True
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
-    if table:
-        body.append("</table>")
+    body.append("</table>" if table else "</ul>" if listing else "")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
              "font-size:.9em;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
