@@ -93,3 +93,20 @@ def test_apply_edits_refuses_an_ambiguous_find(tmp_path):
     with pytest.raises(ValueError, match="occurs 0 times"):
         apply_edits(docs, tmp_path / "copy", [{"id": "x", "path": "returns.md", "find": "no such text",
                                                "replace": "y"}])
+
+
+def test_folder_without_golden_uses_held_out_synthetic_questions(tmp_path):
+    """No golden file: the comparison answers `finetune data`'s held-out questions and says where they came from."""
+    from tests.conftest import write_corpus
+
+    docs = write_corpus(tmp_path / "docs")
+    data = tmp_path / "ft" / "data"
+    data.mkdir(parents=True)
+    held = {"id": "syn-returns.md#s1", "question": "Within how many days may a device be returned?",
+            "answer": "45 days", "aliases": [], "sources": ["returns.md"], "type": "synthetic", "split": "test"}
+    (data / "heldout.jsonl").write_text(json.dumps(held) + "\n")
+    cfg = CompareConfig(docs=str(docs), index_dir=str(tmp_path / "index"), finetuned=str(tmp_path / "ft" / "m"),
+                        systems="base,rag", latency_sample=1, bootstrap=50, probes=0, out=str(tmp_path / "r"))
+    res = compare(cfg, progress=False)
+    assert "held-out synthetic questions, no golden file" in res["settings"]["questions"]
+    assert res["settings"]["n"] == 1 and set(res["systems"]) == {"base", "rag"}
