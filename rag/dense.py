@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ def load_embedder(name: str):
     return _LOADED[name]
 
 
+@cache  # read per query otherwise: two JSON files and a glob on every embed() call
 def _onnx_dir(name: str) -> Path | None:
     """Cache folder of the ONNX copy of a local mean-pooling model (keyed by its path and weights), else None."""
     from rag.models import cache_dir
@@ -62,6 +63,8 @@ def export_onnx(name: str) -> Path | None:
     transformers and torch to embed a handful of chunks; onnxruntime + tokenizers import in ~0.2 s and give the
     same vectors (max abs difference ~2e-7 on MiniLM). Only Transformer → mean Pooling (→ Normalize) models.
     """
+    if ("onnx-failed", name) in _LOADED:
+        return None
     out = _onnx_dir(name)
     if out is None or (out / "model.onnx").exists():
         return out
@@ -97,10 +100,12 @@ def export_onnx(name: str) -> Path | None:
     except Exception as e:  # noqa: BLE001 -- any failure only costs speed: sentence-transformers stays in use
         log.warning("no fast ONNX embedder for %s (%s); using sentence-transformers", name, e)
         shutil.rmtree(tmp, ignore_errors=True)
+        _LOADED[("onnx-failed", name)] = True  # one try per process, not one per bulk embed
         return None
     _LOADED.pop(("onnx", str(tmp)), None)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    from rag.index import replace_dir  # rag.index imports this module
+
+    replace_dir(tmp, out)
     log.info("exported %s to ONNX at %s", name, out)
     return out
 
