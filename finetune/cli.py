@@ -16,8 +16,9 @@ from pathlib import Path
 
 from finetune import train as T
 from finetune.data import DataConfig, build
-from finetune.evaluate import EvalConfig, evaluate_model, question_sets, split_by_base
+from finetune.evaluate import EvalConfig, evaluate_model, question_sets, report_path, split_by_base
 from rag.cli import add_config_flags, config_from, run_command, write_report
+from rag.pipeline import artefacts
 
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
@@ -33,7 +34,7 @@ def compare(cfg: EvalConfig, progress: bool = True) -> dict:
     result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
               "base": evaluate_model(Generator(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
     if cfg.adapter:
-        adapter = str(T._adapter_dir(cfg.adapter))
+        adapter = str(T.adapter_dir(cfg.adapter))
         result["tuned"] = evaluate_model(Generator(cfg.model, cfg.max_new_tokens, adapter=adapter), cfg, sets,
                                          progress)
         result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
@@ -97,8 +98,7 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     """data → train → eval, for ``make finetune``."""
-    name = Path(args.docs).resolve().name or "root"
-    root = Path(".openbook") / "finetune" / name
+    root = artefacts("finetune", args.docs)
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
                       synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
     tcfg = T.TrainConfig(model=args.model, output_dir=str(root / Path(args.model).name), epochs=args.epochs,
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
     result = compare(ecfg)
     result["training"] = m
     print_compare(result)
-    write_report(result, Path(".openbook") / "reports" / f"finetune-eval-{name}.json")
+    write_report(result, report_path(args.docs))
     return 0
 
 
@@ -123,7 +123,7 @@ def cmd_sweep(args) -> int:
     from matplotlib.figure import Figure
 
     counts = [int(x) for x in args.paraphrases.split(",")]
-    root = Path(".openbook") / "finetune" / (Path(args.docs).resolve().name or "root") / "sweep"
+    root = artefacts("finetune", args.docs) / "sweep"
     rows = []
     for n in counts:
         dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=n, synthetic_chunks=args.synthetic_chunks,

@@ -31,7 +31,7 @@ from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, Generator
 from rag.index import replace_dir
 from rag.metrics import normalize
-from rag.pipeline import RagConfig, RagPipeline, option
+from rag.pipeline import RagConfig, RagPipeline, artefacts, option
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DataConfig:
             # without a golden file synthetic pairs are all there is; about a third survive the round trip
             self.synthetic_chunks = 40 if self.golden else 160
         if not self.out:
-            self.out = str(Path(".openbook") / "finetune" / (Path(self.docs).resolve().name or "root") / "data")
+            self.out = str(artefacts("finetune", self.docs) / "data")
 
 
 def held_out(chunk_id: str, fraction: float, seed: int) -> bool:
@@ -193,11 +193,12 @@ def finds(pipe: RagPipeline, question: str, doc_id: str, chunk_id: str | None = 
     return any(h.chunk_id == chunk_id if chunk_id else h.doc_id == doc_id for h in hits)
 
 
-def build(cfg: DataConfig, progress: bool = True):
+def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = None):
     """Build and save the training rows (a ``Dataset``) and the held-out synthetic questions (golden format).
 
     Saved as one folder: the ``datasets`` files of the training rows plus ``heldout.jsonl``, which any golden
-    reader (``python -m rag eval --golden``) accepts. Returns ``(train, heldout, stats)``.
+    reader (``python -m rag eval --golden``) accepts. ``pipe``: an up-to-date pipeline over ``cfg.docs`` to
+    re-use (its index and generator), else one is built. Returns ``(train, heldout, stats)``.
     """
     import json
 
@@ -205,8 +206,9 @@ def build(cfg: DataConfig, progress: bool = True):
 
     t0 = time.perf_counter()
     rng = random.Random(cfg.seed)
-    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
-    pipe.update_index(progress=progress)
+    if pipe is None:
+        pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
+        pipe.update_index(progress=progress)
     gen = pipe.generator
     train, test = [], []
     stats = dict.fromkeys(("golden", "refusal", "synthetic_written", "synthetic_kept", "paraphrases",

@@ -27,7 +27,7 @@ from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
-from rag.pipeline import option
+from rag.pipeline import folder_name, option
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,12 @@ def perplexity(gen: Generator, text: str, window: int = 256) -> float:
     return round(math.exp(nll / n), 3)
 
 
-def _load_jsonl(path: str) -> list[dict]:
+def report_path(docs: str | Path) -> Path:
+    """Where ``make finetune`` writes its base-vs-tuned result for a docs folder (``hybrid compare`` reads it)."""
+    return Path(".openbook") / "reports" / f"finetune-eval-{folder_name(docs)}.json"
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
@@ -129,7 +134,7 @@ def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
     if cfg.data and (Path(cfg.data) / HELDOUT).exists():
         from datasets import load_from_disk
 
-        sets["synthetic_test"] = _load_jsonl(str(Path(cfg.data) / HELDOUT))
+        sets["synthetic_test"] = load_jsonl(str(Path(cfg.data) / HELDOUT))
         # the synthetic questions trained on, as first written (memorisation, as golden_train is for golden)
         rows = [r for r in load_from_disk(cfg.data) if r["kind"] == "synthetic" and r["original"]]
         rows = sorted(rows, key=lambda r: r["fact"])[:cfg.train_sample]
@@ -149,7 +154,7 @@ def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]],
                                                   cfg.max_new_tokens, desc=name if progress else "")]
         out["qa"][name], out["per_question"][name] = score_qa(replies, items, cfg.docs)
     if cfg.probes and Path(cfg.probes).exists():
-        probes = _load_jsonl(cfg.probes)
+        probes = load_jsonl(cfg.probes)
         replies = [g.text for g in gen.chat_batch([[{"role": "user", "content": p["prompt"]}] for p in probes],
                                                   cfg.max_new_tokens)]
         passed = [probe_passes(r, p) for r, p in zip(replies, probes, strict=True)]

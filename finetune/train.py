@@ -316,7 +316,8 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     return TrainRun(model.eval(), tok, metrics)
 
 
-def _adapter_dir(path: str | Path) -> Path:
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter folder inside a training output dir (``<dir>/adapter``), or ``path`` itself if it is one."""
     p = Path(path)
     p = p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
     if not (p / "adapter_config.json").exists():
@@ -331,7 +332,7 @@ def load_tuned(path: str | Path, device: str | None = None):
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = _adapter_dir(path)
+    d = adapter_dir(path)
     base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(str(d)).base_model_name_or_path,
                                                 dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()

@@ -19,17 +19,14 @@ from hybrid.compare import CompareConfig, compare
 from hybrid.raft import RaftConfig, build_raft
 from rag import cli as rag_cli
 from rag.cli import add_config_flags, config_from, run_command
+from rag.pipeline import artefacts
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
 
 
-def out_root(docs: str) -> Path:
-    """Where hybrid artefacts for a docs folder live: ``.openbook/hybrid/<folder name>``."""
-    return Path(".openbook") / "hybrid" / (Path(docs).resolve().name or "root")
-
-
 def default_adapter(docs: str, model: str) -> Path:
-    return out_root(docs) / Path(model).name / "adapter"
+    """The RAFT adapter ``make hybrid`` trains for a docs folder and model (``CompareConfig.raft`` + adapter)."""
+    return artefacts("hybrid", docs) / Path(model).name / "adapter"
 
 
 def cmd_data(args) -> int:

@@ -26,12 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
+from finetune.evaluate import load_jsonl, report_path
+from finetune.train import adapter_dir
 from rag import metrics as M
 from rag.bm25 import tokenize
 from rag.evaluate import calibrate, golden_for, load_golden
 from rag.generate import IDK, Generator, is_abstention
 from rag.index import update_index
-from rag.pipeline import RagConfig, RagPipeline, option
+from rag.pipeline import RagConfig, RagPipeline, artefacts, folder_name, option
 
 log = logging.getLogger(__name__)
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
@@ -61,14 +63,13 @@ class CompareConfig:
     out: str = option("", "report folder (default .openbook/reports/compare-<folder>)")
 
     def __post_init__(self):
-        name = Path(self.docs).resolve().name or "root"
         unknown = set(self.system_list) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
         stem = Path(self.model).name
-        self.finetuned = self.finetuned or str(Path(".openbook") / "finetune" / name / stem)
-        self.raft = self.raft or str(Path(".openbook") / "hybrid" / name / stem)
-        self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{name}")
+        self.finetuned = self.finetuned or str(artefacts("finetune", self.docs) / stem)
+        self.raft = self.raft or str(artefacts("hybrid", self.docs) / stem)
+        self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}")
         self.golden = golden_for(self.docs, self.golden)
 
     @property
@@ -80,13 +81,13 @@ class CompareConfig:
         kind = ADAPTER[system]
         if not kind:
             return None
-        root = Path(self.finetuned if kind == "finetuned" else self.raft)
-        for d in (root / "adapter", root):
-            if (d / "adapter_config.json").exists():
-                return str(d)
-        make = "make finetune" if kind == "finetuned" else "make hybrid"
-        raise FileNotFoundError(f"system '{system}' needs a LoRA adapter in {root}; run `{make} DOCS={self.docs}` "
-                                f"first, or leave it out with --systems")
+        root = self.finetuned if kind == "finetuned" else self.raft
+        try:
+            return str(adapter_dir(root))
+        except FileNotFoundError:
+            make = "make finetune" if kind == "finetuned" else "make hybrid"
+            raise FileNotFoundError(f"system '{system}' needs a LoRA adapter in {root}; run `{make} DOCS="
+                                    f"{self.docs}` first, or leave it out with --systems") from None
 
 
 def questions(cfg: CompareConfig) -> tuple[list[dict], list[dict], str]:
@@ -130,9 +131,14 @@ def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dic
     return rows
 
 
+def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPipeline:
+    """``base``'s pipeline and index with the system's generator (its adapter, or the plain model)."""
+    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": cfg.adapter(system) or ""}), index=base.index)
+
+
 def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list) -> tuple:
     """Rows for a retrieval system, and its pipeline (kept for the context probes)."""
-    pipe = RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": cfg.adapter(system) or ""}), index=base.index)
+    pipe = with_generator(base, cfg, system)
     n = min(cfg.latency_sample, len(qs))
     answers = [pipe.answer(q["question"], ranked=r) for q, r in zip(qs[:n], rankeds[:n], strict=True)]
     answers += pipe.answer_batch([q["question"] for q in qs[n:]], rankeds[n:], desc=system)
@@ -159,7 +165,7 @@ def context_probes(cfg: CompareConfig, pipes: dict, qs: list[dict], rankeds: lis
     rng = random.Random(cfg.seed)
     picked = []
     for q, r in zip(qs, rankeds, strict=True):
-        hits = r[0][: base_k(pipes)]
+        hits = r[0][: next(iter(pipes.values())).cfg.k]
         # the answer's exact wording must be in a passage, or the counterfactual edit would miss it
         if q["answer"] is None or not any(re.search(re.escape(q["answer"]), h.text, re.I) for h in hits):
             continue
@@ -192,10 +198,6 @@ def context_probes(cfg: CompareConfig, pipes: dict, qs: list[dict], rankeds: lis
                 res["follows_weights"] = res.pop("counterfactual_contains")
         out[system] = res
     return out
-
-
-def base_k(pipes: dict) -> int:
-    return next(iter(pipes.values())).cfg.k
 
 
 def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
@@ -312,8 +314,7 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
 def forgetting(cfg: CompareConfig, systems) -> dict:
     """General-probe accuracy change (tuned − base) from ``make finetune``'s report; 0 for the untouched base
     model by construction; absent where not measured (the RAFT adapter is not probed yet)."""
-    name = Path(cfg.docs).resolve().name or "root"
-    report = Path(".openbook") / "reports" / f"finetune-eval-{name}.json"
+    report = report_path(cfg.docs)
     out = {s: 0.0 for s in ("base", "rag") if s in systems}
     if report.exists():
         r = json.loads(report.read_text())
@@ -349,7 +350,7 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
     if not (changes / "edits.jsonl").exists():
         raise FileNotFoundError(f"no {changes / 'edits.jsonl'}: the freshness demo needs a change set there "
                                 "(format: data/CHANGES.md)")
-    edits = [json.loads(x) for x in (changes / "edits.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    edits = load_jsonl(changes / "edits.jsonl")
     qs = load_golden(changes / "golden.jsonl", cfg.docs)
     train_s = {kind: json.loads((Path(root) / "metrics.json").read_text()).get("seconds")
                for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft))
@@ -360,10 +361,11 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
         apply_edits(cfg.docs, docs, edits)
         shutil.copytree(base.cfg.index_dir, index_dir)  # the live index, so the update is incremental
         t0 = time.perf_counter()
-        _, stats = update_index(docs, index_dir, base.cfg.chunk_config(), base.cfg.embedder, base.cfg.faiss, False)
+        index, stats = update_index(docs, index_dir, base.cfg.chunk_config(), base.cfg.embedder, base.cfg.faiss,
+                                    False)
         out["reindex_s"], out["reembedded_chunks"] = round(time.perf_counter() - t0, 2), stats.embedded_chunks
-        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}))
-        fresh.update_index(progress=False)
+        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}),
+                            index=index)
         rankeds = [fresh.ranked(q["question"]) for q in qs]
         k = fresh.cfg.k
         out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r[0][:k])
@@ -372,8 +374,7 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
             if s in CLOSED_BOOK:
                 texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
             else:
-                pipe = RagPipeline(RagConfig(**{**asdict(fresh.cfg), "adapter": cfg.adapter(s) or ""}),
-                                   index=fresh.index)
+                pipe = with_generator(fresh, cfg, s)
                 texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
             new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
             old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]

@@ -33,7 +33,7 @@ from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.index import replace_dir
 from rag.metrics import normalize
-from rag.pipeline import RagConfig, RagPipeline, option
+from rag.pipeline import RagConfig, RagPipeline, artefacts, option
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")
@@ -64,7 +64,7 @@ class RaftConfig:
         if self.no_oracle not in NO_ORACLE:
             raise ValueError(f"--no-oracle must be one of {', '.join(NO_ORACLE)}, not '{self.no_oracle}'")
         if not self.out:
-            self.out = str(Path(".openbook") / "hybrid" / (Path(self.docs).resolve().name or "root") / "data")
+            self.out = str(artefacts("hybrid", self.docs) / "data")
 
 
 def quote(text: str, answers: list[str], max_words: int = 30) -> str | None:
@@ -133,12 +133,11 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    qa_out = str(Path(cfg.out).parent / "qa")
-    qa, _, qa_stats = build(DataConfig(docs=cfg.docs, golden=cfg.golden, out=qa_out, index_dir=cfg.index_dir,
-                                       model=cfg.model, paraphrases=cfg.paraphrases,
-                                       synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed), progress)
     pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k))
-    pipe.update_index(progress=False)
+    pipe.update_index(progress=progress)
+    qa, _, qa_stats = build(DataConfig(docs=cfg.docs, golden=cfg.golden, out=str(Path(cfg.out).parent / "qa"),
+                                       index_dir=cfg.index_dir, model=cfg.model, paraphrases=cfg.paraphrases,
+                                       synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed), progress, pipe)
     golden = golden_for(cfg.docs, cfg.golden)
     aliases = {q["id"]: q.get("aliases", []) for q in load_golden(golden, cfg.docs)} if golden else {}
     rng = random.Random(cfg.seed)

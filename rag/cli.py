@@ -173,14 +173,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_train_reranker(args) -> int:
-    from rag import train_reranker
-
-    return train_reranker.main(args.rest)
-
-
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "chat": cmd_chat, "eval": cmd_eval, "demo": cmd_demo,
-            "train-reranker": cmd_train_reranker}
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "chat": cmd_chat, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go(a) -> int:
-        if a.command != "train-reranker":
-            _config(a)  # flag validation before any slow work
+        _config(a)  # flag validation before any slow work
         return COMMANDS[a.command](a)
 
     return run_command(go, args)

@@ -27,6 +27,16 @@ MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
 SIGNALS = ("rerank", "bm25", "dense")  # best cross-encoder score, best BM25 score, best cosine similarity
 
 
+def folder_name(docs: str | Path) -> str:
+    """The name artefacts of a docs folder go under (``root`` for ``/``)."""
+    return Path(docs).resolve().name or "root"
+
+
+def artefacts(kind: str, docs: str | Path) -> Path:
+    """Where runtime artefacts of one kind for a docs folder go: ``.openbook/<kind>/<folder name>``."""
+    return Path(".openbook") / kind / folder_name(docs)
+
+
 def option(default, help: str):
     """A dataclass field with its help text, which the CLI turns into ``--flag`` help."""
     return field(default=default, metadata={"help": help})
@@ -80,7 +90,7 @@ class RagConfig:
             raise ValueError(f"--adapter {self.adapter}: no LoRA adapter there (adapter_config.json missing); "
                              "train one first, e.g. `make hybrid`")
         if not self.index_dir:
-            self.index_dir = str(Path(".openbook") / "index" / (Path(self.docs).resolve().name or "root"))
+            self.index_dir = str(artefacts("index", self.docs))
         self.chunk_config()  # validates chunker flags
 
     def chunk_config(self) -> ChunkConfig:
@@ -201,11 +211,12 @@ class RagPipeline:
             signals["rerank"] = max(ce.values())
         return hits, timings, signals
 
-    def _gate(self, question: str, ranked: tuple) -> tuple[list[Hit], dict, float | None, Answer | None]:
-        """Passages, timings and confidence for a question; an abstaining Answer when confidence is too low."""
+    def _gate(self, question: str, ranked: tuple, rule: tuple[str, float] | None
+              ) -> tuple[list[Hit], dict, float | None, Answer | None]:
+        """Passages, timings and confidence for a question; an abstaining Answer when confidence is below ``rule``
+        (``threshold()``'s (signal, threshold), read once per call of answer or answer_batch)."""
         hits, timings, signals = ranked
         hits, timings = hits[: self.cfg.k], dict(timings)
-        rule = self.threshold()
         confidence = signals.get(rule[0]) if rule else None
         if not hits or (confidence is not None and confidence < rule[1]):
             timings["generate"] = 0.0
@@ -224,7 +235,7 @@ class RagPipeline:
 
     def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
         """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), then generate."""
-        hits, timings, confidence, early = self._gate(question, ranked or self.ranked(question))
+        hits, timings, confidence, early = self._gate(question, ranked or self.ranked(question), self.threshold())
         if early:
             if on_token:
                 on_token(IDK)
@@ -239,7 +250,8 @@ class RagPipeline:
         Several times faster on a CPU; each answer's generate time is its batch's time divided by the batch size,
         which is throughput, not the latency one user would see (use ``answer`` for that).
         """
-        gated = [self._gate(q, r) for q, r in zip(questions, rankeds, strict=True)]
+        rule = self.threshold()
+        gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
         todo = [i for i, g in enumerate(gated) if g[3] is None]
         gens = self.generator.chat_batch([self.generator.prompt(questions[i], [(h.label, h.text) for h in
                                                                              gated[i][0]]) for i in todo],
