@@ -13,13 +13,15 @@ RERANKER ?=
 CHUNKER  ?=
 STEPS    ?=
 EPOCHS   ?=
+SEEDS    ?=
+BEIR     ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
           $(if $(RERANKER),--reranker $(RERANKER)) $(if $(CHUNKER),--chunker $(CHUNKER))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare pdfs clean
+.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui bench bench-smoke pdfs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -49,7 +51,7 @@ test-slow: ## the slow tests too
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: ## ruff
-	$(PY) -m ruff check rag finetune hybrid tests data
+	$(PY) -m ruff check rag finetune hybrid tests data bench
 
 rag: ## index DOCS, answer three example questions with citations, evaluate when DOCS has golden.jsonl
 	$(PY) -m rag demo $(FLAGS)
@@ -76,7 +78,16 @@ hybrid-eval: ## evaluate the RAFT generator inside the RAG pipeline on DOCS/gold
 
 compare: ## base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side on DOCS, with freshness; report in .openbook/reports
 	$(PY) -m hybrid compare --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) \
-	  $(if $(wildcard $(DOCS)/changes/edits.jsonl),--freshness)
+	  $(if $(wildcard $(DOCS)/changes/edits.jsonl),--freshness) $(if $(SEEDS),--seeds $(SEEDS))
+
+ui: ## side-by-side web demo on http://127.0.0.1:7860: base / RAG / fine-tuned / hybrid answers with sources
+	$(PY) -m hybrid ui --docs $(DOCS) $(if $(MODEL),--model $(MODEL))
+
+bench: ## benchmarks (≤ 45 min): fitz-gov retrieval + governance, scale, BM25/FAISS backends, generation, training
+	$(PY) -m bench $(if $(BEIR),--beir $(BEIR))
+
+bench-smoke: ## every benchmark section on tiny sizes (≤ 2 min)
+	$(PY) -m bench --smoke
 
 pdfs: ## rebuild the demo PDFs from data/pdf_src (reproducible)
 	$(PY) data/make_pdfs.py

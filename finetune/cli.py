@@ -119,31 +119,41 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """Closed-book accuracy against paraphrase count: one data build + training run + eval per count."""
+    """Closed-book accuracy against paraphrase count: one data build at the largest count, cut to nested sets
+    (``cut_paraphrases``), one training run and eval per count; the base model is evaluated once."""
+    from datasets import Dataset
     from matplotlib.figure import Figure
 
-    counts = [int(x) for x in args.paraphrases.split(",")]
+    from finetune.data import cut_paraphrases
+    from rag.generate import Generator
+
+    counts = sorted({int(x) for x in args.paraphrases.split(",")})
     root = artefacts("finetune", args.docs) / "sweep"
-    rows = []
+    dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=counts[-1],
+                      synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
+    full = build(dcfg)[0].to_list()
+    rows, base = [], None
     for n in counts:
-        dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=n, synthetic_chunks=args.synthetic_chunks,
-                          out=str(root / f"p{n}" / "data"))
-        train, _, _ = build(dcfg)
-        tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}" / "model"), epochs=args.epochs)
+        train = Dataset.from_list(cut_paraphrases(full, n))
+        tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}"), epochs=args.epochs)
         m = T.train(tcfg, train).metrics
         ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out, probes="",
                           general_text="")
-        res = compare(ecfg)
-        rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"],
-                     **{f"{k}_contains": v["contains"] for k, v in res["tuned"]["qa"].items()},
-                     **{f"base_{k}_contains": v["contains"] for k, v in res["base"]["qa"].items()}})
+        sets = question_sets(ecfg)
+        base = base or evaluate_model(Generator(args.model, ecfg.max_new_tokens), ecfg, sets)
+        tuned = evaluate_model(Generator(args.model, ecfg.max_new_tokens, adapter=str(T.adapter_dir(
+            tcfg.output_dir))), ecfg, sets)
+        rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
+                     **{f"{k}_contains": v["contains"] for k, v in tuned["qa"].items()},
+                     **{f"base_{k}_contains": v["contains"] for k, v in base["qa"].items()}})
         log.info("sweep %s", rows[-1])
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     for key in [k for k in rows[0] if k.endswith("_contains") and not k.startswith("base_")]:
-        ax.plot(counts, [r[key] for r in rows], marker="o", label=key.removesuffix("_contains"))
+        line = ax.plot(counts, [r[key] for r in rows], marker="o", label=key.removesuffix("_contains"))[0]
+        ax.axhline(rows[0][f"base_{key}"], ls=":", color=line.get_color())  # the untuned model on the same set
     ax.set(xlabel="paraphrases per question", ylabel="closed-book 'contains' accuracy",
-           title=f"{args.model}, {args.epochs:g} epochs")
+           title=f"{args.model}, {args.epochs:g} epochs (dotted: base model)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(root / "sweep.png", dpi=120)

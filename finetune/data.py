@@ -187,6 +187,25 @@ def reword(gen: Generator, questions: list[str], n: int, seed: int) -> list[list
     return out
 
 
+def cut_paraphrases(rows: list[dict], n: int) -> list[dict]:
+    """Each fact's original question(s) plus its first ``n`` re-wordings, from ``build``'s rows in their order;
+    cutting one build gives nested sets (n=2 ⊂ n=4), so a sweep compares counts, not different wordings.
+
+    >>> rows = [{"fact": "f", "original": i == 0, "q": i} for i in range(4)]
+    >>> [r["q"] for r in cut_paraphrases(rows, 1)]
+    [0, 1]
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        if not r["original"]:
+            seen[r["fact"]] = seen.get(r["fact"], 0) + 1
+            if seen[r["fact"]] > n:
+                continue
+        out.append(r)
+    return out
+
+
 def finds(pipe: RagPipeline, question: str, doc_id: str, chunk_id: str | None = None) -> bool:
     """Round trip: the question retrieves its source chunk (or any chunk of its document) in the hybrid top 5."""
     hits, _, _ = pipe.ranked(question, mode="hybrid", k=5)

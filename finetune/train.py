@@ -211,7 +211,8 @@ def _save_plot(path: Path, train_hist: list, eval_hist: list) -> None:
         if hist:
             ax.plot(*zip(*hist, strict=True), marker="." if len(hist) < 30 else None, label=f"{label} loss")
     ax.set(xlabel="optimiser step", ylabel="cross-entropy (answer tokens)", title="LoRA training loss")
-    ax.legend()
+    if ax.lines:  # a run shorter than --logging-steps logged no loss
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

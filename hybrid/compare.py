@@ -22,12 +22,13 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from finetune.evaluate import load_jsonl, report_path
 from finetune.train import adapter_dir
+from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M
 from rag.bm25 import tokenize
 from rag.evaluate import calibrate, golden_for, load_golden
@@ -60,9 +61,13 @@ class CompareConfig:
     bootstrap: int = option(2000, "bootstrap resamples for the 95% intervals")
     price_per_mtok: float = option(0.50, "USD per million tokens processed, for per-query cost and break-even")
     seed: int = option(0, "seeds the bootstrap and the probes")
+    seeds: int = option(1, "training seeds for the adapter systems: 1 = the adapters as trained; N > 1 also "
+                        "trains N-1 more per adapter on the same data (minutes each) and reports the spread")
     out: str = option("", "report folder (default .openbook/reports/compare-<folder>)")
 
     def __post_init__(self):
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, not {self.seeds}")
         unknown = set(self.system_list) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
@@ -303,12 +308,34 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
               "differences_vs": ref, "differences": differences(per_system, ref, cfg.bootstrap, cfg.seed),
               "setup": setup_cost(cfg, base)}
     result["forgetting"] = forgetting(cfg, per_system)
+    if cfg.seeds > 1:
+        result["seeds"] = over_seeds(cfg, base, qs, rankeds, per_system)
     if cfg.probes > 0 and pipes:
         result["context_probes"] = context_probes(cfg, pipes, qs, rankeds)
     if with_freshness:
         result["freshness"] = freshness(cfg, base, progress)
     result["per_question"] = {s: rows for s, rows in per_system.items()}
     return result
+
+
+def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: list, first: dict) -> dict:
+    """``--seeds N``: the adapter systems again with adapters trained on seeds 1..N-1 (``hybrid.seeds``), all
+    questions batched; per system the spread of each metric over the N seeds (``first`` holds seed 0's rows)."""
+    trained = [s for s in first if ADAPTER[s]]
+    kinds = {ADAPTER[s] for s in trained}
+    runs = {s: [first[s]] for s in trained}
+    for seed in range(1, cfg.seeds):
+        scfg = replace(cfg, latency_sample=0,
+                       finetuned=str(seed_adapter(cfg.finetuned, seed)) if "finetuned" in kinds else cfg.finetuned,
+                       raft=str(seed_adapter(cfg.raft, seed)) if "raft" in kinds else cfg.raft)
+        for s in trained:
+            log.info("system %s, training seed %d", s, seed)
+            runs[s].append(run_closed_book(scfg, s, qs) if s in CLOSED_BOOK else
+                           run_retrieval(scfg, s, base, qs, rankeds)[0])
+    ref = first.get("rag")
+    return {s: spread([summarise(rows, cfg.bootstrap, cfg.seed) for rows in rs],
+                      [differences({s: rows, "rag": ref}, "rag", cfg.bootstrap, cfg.seed)[s] for rows in rs]
+                      if ref else []) for s, rs in runs.items()}
 
 
 def forgetting(cfg: CompareConfig, systems) -> dict:

@@ -8,7 +8,8 @@ prompt is exactly ``rag.generate.Generator.prompt`` — the same system text, wo
 sources as RAG — so the adapter is trained on the inference-time format.
 
 Questions come from ``finetune.data.build`` (the golden ``train`` split, synthetic QA for folders without one,
-their paraphrases and refusals; never the ``test`` split). Targets:
+their paraphrases and refusals; never the ``test`` split) — re-used from ``make finetune``'s saved rows when they
+were built for the same folder, model and seed, so both adapters learn the same questions. Targets:
 
 - oracle present: ``<answer> [n]`` then ``Quote: "<the oracle sentence holding the answer>"``;
 - oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin): "I don't know." by
@@ -28,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.data import DataConfig, build
+from finetune.data import DataConfig, build, cut_paraphrases
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.index import replace_dir
@@ -127,6 +128,31 @@ def _as_hit(pipe: RagPipeline, chunk):
     return Hit(chunk.id, chunk.doc_id, chunk.section, shown.text, 0.0)
 
 
+def finetune_questions(dcfg: DataConfig) -> tuple[list[dict], dict] | None:
+    """The questions ``make finetune`` already wrote for this folder, model and seed, cut to ``dcfg.paraphrases``
+    wordings per fact, with stats; None when there are none to re-use (RAFT then builds its own).
+
+    Re-using them costs nothing (no LM calls) and means the closed-book and the RAFT adapter learn from the same
+    questions, so their comparison differs in the prompt format, not in the training questions."""
+    from datasets import load_from_disk
+
+    src = artefacts("finetune", dcfg.docs) / "data"
+    try:
+        built = json.loads((src / "build.json").read_text())["config"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    same = {k: built.get(k) == getattr(dcfg, k) for k in ("model", "golden", "synthetic_chunks", "test_fraction",
+                                                          "seed", "index_dir")}
+    same["docs"] = Path(built.get("docs", "")).resolve() == Path(dcfg.docs).resolve()
+    if not all(same.values()) or built.get("paraphrases", 0) < dcfg.paraphrases:
+        log.info("not re-using %s (built with other settings: %s)", src, [k for k, v in same.items() if not v])
+        return None
+    rows = cut_paraphrases(load_from_disk(str(src)).to_list(), dcfg.paraphrases)
+    log.info("re-using %d of the %s questions in %s (%d wordings per fact at most)", len(rows), built.get(
+        "paraphrases"), src, dcfg.paraphrases + 1)
+    return rows, {"reused": str(src), "rows": len(rows)}
+
+
 def build_raft(cfg: RaftConfig, progress: bool = True):
     """Build and save the RAFT rows (a ``Dataset``); returns ``(dataset, stats)``."""
     from datasets import Dataset
@@ -135,9 +161,14 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     t0 = time.perf_counter()
     pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k))
     pipe.update_index(progress=progress)
-    qa, _, qa_stats = build(DataConfig(docs=cfg.docs, golden=cfg.golden, out=str(Path(cfg.out).parent / "qa"),
-                                       index_dir=cfg.index_dir, model=cfg.model, paraphrases=cfg.paraphrases,
-                                       synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed), progress, pipe)
+    dcfg = DataConfig(docs=cfg.docs, golden=cfg.golden, out=str(Path(cfg.out).parent / "qa"),
+                      index_dir=cfg.index_dir, model=cfg.model, paraphrases=cfg.paraphrases,
+                      synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed)
+    reused = finetune_questions(dcfg)
+    if reused:
+        qa, qa_stats = reused
+    else:
+        qa, _, qa_stats = build(dcfg, progress, pipe)
     golden = golden_for(cfg.docs, cfg.golden)
     aliases = {q["id"]: q.get("aliases", []) for q in load_golden(golden, cfg.docs)} if golden else {}
     rng = random.Random(cfg.seed)

@@ -113,6 +113,19 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
     for s, d in result["differences"].items():
         lines.append(f"- {s}: " + "; ".join(f"{m} {v['diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
                                              f"{' *' if v['significant'] else ''}" for m, v in d.items()))
+    if result.get("seeds"):
+        n = next(iter(result["seeds"].values()))["n"]
+        lines += ["", f"## Over {n} training seeds", "",
+                  "The adapter systems re-trained with other seeds on the same data: mean ± sd [min, max] over "
+                  f"seeds, and in how many of the {n} seeds the difference from {ref} was significant.", "",
+                  "| system | contains | hallucination rate | citation accuracy | significant vs "
+                  f"{ref} (contains / halluc.) |", "|---|---|---|---|---|"]
+        for s, v in result["seeds"].items():
+            cell = [f"{v[m]['mean']:.3f} ± {v[m]['sd']:.3f} [{v[m]['min']:.3f}, {v[m]['max']:.3f}]"
+                    if m in v else "–" for m in ("contains", "hallucination_rate", "citation_accuracy")]
+            sig = v.get("significant_vs_ref", {})
+            lines.append(f"| {s} | " + " | ".join(cell) + f" | {sig.get('contains', '–')}/{n} / "
+                         f"{sig.get('hallucination_rate', '–')}/{n} |")
     if result.get("context_probes"):
         lines += ["", "## Where did the answer come from?", "",
                   "Questions whose retrieved passages hold the answer, re-asked with no context, with another "
@@ -263,6 +276,14 @@ def print_terminal(result: dict) -> None:
         t.add_row(k.replace("_", " "), *(_fmt(sys_[s].get(k)) for s in sys_))
     t.add_row("latency p50 ms", *(_fmt(sys_[s]["latency_ms"].get("total", {}).get("p50"), 0) for s in sys_))
     con.print(t)
+    if result.get("seeds"):
+        sd = Table(title="over training seeds: mean ± sd [min, max]")
+        for c in ("system", "contains", "hallucination rate"):
+            sd.add_column(c, justify="left" if c == "system" else "right")
+        for s, v in result["seeds"].items():
+            sd.add_row(s, *(f"{v[k]['mean']:.3f} ± {v[k]['sd']:.3f} [{v[k]['min']:.3f}, {v[k]['max']:.3f}]"
+                            if k in v else "–" for k in ("contains", "hallucination_rate")))
+        con.print(sd)
     m = Table(title="decision matrix (measured here)")
     m.add_column("factor")
     for s in sys_:

@@ -43,6 +43,7 @@ def result(tmp_path_factory):
 
     rows = [{"messages": closed_book_messages(q["question"], format_answer(q["answer"], (q["sources"] or [None])[0]))}
             for q in GOLDEN if q["split"] == "train"]
+    Dataset.from_list(rows).save_to_disk(str(root / "ft" / "data"))  # where `--seeds` finds the training data
     train(TrainConfig(output_dir=str(root / "ft" / "m"), **few), Dataset.from_list(rows))
     cfg = CompareConfig(docs=str(docs), index_dir=index, finetuned=str(root / "ft" / "m"),
                         raft=str(root / "raft" / "m"), latency_sample=1, bootstrap=200, out=str(root / "report"))
@@ -110,3 +111,40 @@ def test_folder_without_golden_uses_held_out_synthetic_questions(tmp_path):
     res = compare(cfg, progress=False)
     assert "held-out synthetic questions, no golden file" in res["settings"]["questions"]
     assert res["settings"]["n"] == 1 and set(res["systems"]) == {"base", "rag"}
+
+
+def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(result):
+    from dataclasses import replace
+
+    from hybrid.compare import over_seeds, questions
+    from hybrid.seeds import seed_adapter
+    from rag.pipeline import RagConfig, RagPipeline
+
+    res, cfg = result
+    cfg = replace(cfg, seeds=2)
+    qs, _, _ = questions(cfg)
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
+    base.update_index(progress=False)
+    rankeds = [base.ranked(q["question"]) for q in qs]
+    first = {s: res["per_question"][s] for s in ("finetuned", "rag", "hybrid")}
+    spread = over_seeds(cfg, base, qs, rankeds, first)
+    assert set(spread) == {"finetuned", "hybrid"}  # rag has no training to repeat
+    for v in spread.values():
+        c = v["contains"]
+        assert v["n"] == 2 and len(c["per_seed"]) == 2 and c["min"] <= c["mean"] <= c["max"]
+        assert set(v["significant_vs_ref"]) == {"contains", "hallucination_rate"}
+    from pathlib import Path
+
+    for root in (cfg.finetuned, cfg.raft):
+        out = Path(root) / "seeds" / "1"
+        assert json.loads((out / "config.json").read_text())["seed"] == 1
+        weights = "adapter/adapter_model.safetensors"
+        assert (out / weights).read_bytes() != (Path(root) / weights).read_bytes()  # another draw of LoRA's A
+        before = (out / "metrics.json").stat().st_mtime
+        assert seed_adapter(root, 1) == out and (out / "metrics.json").stat().st_mtime == before
+    from hybrid import report
+
+    md = report.markdown(res | {"seeds": spread})
+    assert "## Over 2 training seeds" in md and "| hybrid | " in md.split("## Over 2 training seeds")[1]
+    with pytest.raises(ValueError, match="--seeds"):
+        CompareConfig(docs=cfg.docs, seeds=0)

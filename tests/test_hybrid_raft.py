@@ -64,3 +64,29 @@ def test_prompt_is_rags_and_test_questions_never_appear(raft):
     assert not {q["question"] for q in GOLDEN if q["split"] == "test"} & asked
     refusal = [r for r in rows if r["answer"] is None]
     assert len(refusal) == 1 and refusal[0]["target"] == IDK
+
+
+def test_re_uses_finetune_questions_only_when_built_the_same_way(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from datasets import Dataset
+
+    from finetune.data import DataConfig
+    from hybrid.raft import finetune_questions
+    from rag.pipeline import artefacts
+    from tests.conftest import write_corpus
+
+    monkeypatch.chdir(tmp_path)  # artefacts live under ./.openbook
+    docs = write_corpus(tmp_path / "docs")
+    built = DataConfig(docs=str(docs), paraphrases=3, synthetic_chunks=0)
+    rows = [{"fact": f, "original": i == 0, "question": f"{f} wording {i}", "answer": "x", "source": "a.md",
+             "kind": "golden", "messages": []} for f in ("f1", "f2") for i in range(4)]
+    src = artefacts("finetune", docs) / "data"
+    Dataset.from_list(rows).save_to_disk(str(src))
+    (src / "build.json").write_text(json.dumps({"config": asdict(built), "stats": {}}))
+
+    got, stats = finetune_questions(DataConfig(docs=str(docs), paraphrases=1, synthetic_chunks=0))
+    assert sorted(r["question"] for r in got) == ["f1 wording 0", "f1 wording 1", "f2 wording 0", "f2 wording 1"]
+    assert stats["rows"] == 4
+    assert finetune_questions(DataConfig(docs=str(docs), paraphrases=4, synthetic_chunks=0)) is None  # too few
+    assert finetune_questions(DataConfig(docs=str(docs), paraphrases=1, synthetic_chunks=0, seed=1)) is None
