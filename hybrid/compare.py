@@ -6,9 +6,11 @@ ranking per question (same index, re-ranker and calibrated abstention threshold)
 generator. Scores are RAG's (``rag.metrics``), computed the same way for every system; each carries a 95%
 bootstrap interval over questions, and differences from RAG a paired interval.
 
-Also measured: where answers come from (``context_probes``: no context, unrelated context, and a
+Also measured: where answers come from (``hybrid/probes.py``: no context, unrelated context, and a
 *counterfactual* context whose answer value was edited — does the answer follow the passage or the weights?),
-tokens and latency per query, and set-up cost (a fresh index build vs data + training time, artefact sizes).
+tokens and latency per query, set-up cost (a fresh index build vs data + training time, artefact sizes),
+forgetting (general probes), the spread over training seeds (``hybrid/seeds.py``) and, with ``--freshness``,
+what happens after the documents change (``hybrid/freshness.py``).
 Latency comes from the first ``latency_sample`` questions answered one at a time; the rest are batched
 (faster on a CPU, but batch time is throughput, not latency). Left out on purpose: LLM judges (none offline).
 """
@@ -17,17 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
-from finetune.evaluate import load_jsonl, report_path
+from finetune.evaluate import report_path
 from finetune.train import adapter_dir
+from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M
 from rag.bm25 import tokenize
@@ -156,55 +156,6 @@ def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[d
     return rows, pipe
 
 
-def _counterfactual(answer: str, others: list[str], rng: random.Random) -> str | None:
-    """A different value of the same kind: numbers shifted (45 days → 52 days), else another question's answer."""
-    if re.search(r"\d", answer):
-        return re.sub(r"\d+", lambda m: str(int(m.group()) + rng.choice((3, 7, 11))), answer, count=1)
-    pool = [o for o in others if M.normalize(o) != M.normalize(answer) and not re.search(r"\d", o)]
-    return rng.choice(pool) if pool else None
-
-
-def context_probes(cfg: CompareConfig, pipes: dict, qs: list[dict], rankeds: list) -> dict:
-    """Per retrieval system: accuracy with retrieved / no / unrelated context, and whether a counterfactual
-    passage (answer value edited) is followed. Only questions whose retrieved passages hold the answer."""
-    rng = random.Random(cfg.seed)
-    picked = []
-    for q, r in zip(qs, rankeds, strict=True):
-        hits = r[0][: next(iter(pipes.values())).cfg.k]
-        # the answer's exact wording must be in a passage, or the counterfactual edit would miss it
-        if q["answer"] is None or not any(re.search(re.escape(q["answer"]), h.text, re.I) for h in hits):
-            continue
-        fake = _counterfactual(q["answer"], [x["answer"] for x in qs if x["answer"]], rng)
-        if fake:
-            picked.append((q, hits, fake))
-    if not picked:
-        return {}
-    picked = rng.sample(picked, min(cfg.probes, len(picked)))
-    variants = {"none": lambda i, q, hits, fake: [],
-                "unrelated": lambda i, q, hits, fake: [h for h in picked[(i + 1) % len(picked)][1]
-                                                       if not M.contains(h.text, [q["answer"]])],
-                "counterfactual": lambda i, q, hits, fake: [
-                    (h.label, re.sub(re.escape(q["answer"]), lambda _: fake, h.text, flags=re.I)) for h in hits]}
-    out = {}
-    for system, pipe in pipes.items():
-        res = {"n": len(picked)}
-        for name, make in variants.items():
-            convs = []
-            for i, (q, hits, fake) in enumerate(picked):
-                ctx = make(i, q, hits, fake)
-                sources = [c if isinstance(c, tuple) else (c.label, c.text) for c in ctx]
-                convs.append(pipe.generator.prompt(q["question"], sources))
-            replies = [g.text for g in pipe.generator.chat_batch(convs, batch_size=8, desc=f"{system} {name}")]
-            says_true = [bool(M.contains(t, [q["answer"]])) for t, (q, _, _) in zip(replies, picked, strict=True)]
-            res[f"{name}_contains"] = round(sum(says_true) / len(picked), 4)
-            if name == "counterfactual":
-                says_fake = [bool(M.contains(t, [f])) for t, (_, _, f) in zip(replies, picked, strict=True)]
-                res["follows_context"] = round(sum(says_fake) / len(picked), 4)
-                res["follows_weights"] = res.pop("counterfactual_contains")
-        out[system] = res
-    return out
-
-
 def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
     """Means with 95% bootstrap intervals, abstention, tokens and latency for one system's rows."""
     ans = [r for r in rows if r["answerable"]]
@@ -311,8 +262,10 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     if cfg.seeds > 1:
         result["seeds"] = over_seeds(cfg, base, qs, rankeds, per_system)
     if cfg.probes > 0 and pipes:
-        result["context_probes"] = context_probes(cfg, pipes, qs, rankeds)
+        result["context_probes"] = context_probes(pipes, qs, rankeds, cfg.probes, cfg.seed)
     if with_freshness:
+        from hybrid.freshness import freshness  # not at the top: it builds on this module's runners
+
         result["freshness"] = freshness(cfg, base, progress)
     result["per_question"] = {s: rows for s, rows in per_system.items()}
     return result
@@ -339,75 +292,41 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
 
 
 def forgetting(cfg: CompareConfig, systems) -> dict:
-    """General-probe accuracy change (tuned − base) from ``make finetune``'s report; 0 for the untouched base
-    model by construction; absent where not measured (the RAFT adapter is not probed yet)."""
+    """General-probe accuracy change (tuned − base): the closed-book adapter's from ``make finetune``'s report,
+    the RAFT adapter's measured here (``raft_probe_change``); 0 for the untouched base model by construction."""
     report = report_path(cfg.docs)
     out = {s: 0.0 for s in ("base", "rag") if s in systems}
+    base_acc = None
     if report.exists():
         r = json.loads(report.read_text())
         if r.get("tuned", {}).get("probes"):
-            drop = round(r["tuned"]["probes"]["accuracy"] - r["base"]["probes"]["accuracy"], 4)
+            base_acc = r["base"]["probes"]["accuracy"]
+            drop = round(r["tuned"]["probes"]["accuracy"] - base_acc, 4)
             out |= {s: drop for s in ("finetuned", "finetuned+rag") if s in systems}
+    if "hybrid" in systems:
+        out["hybrid"] = raft_probe_change(cfg, base_acc)
     return out
 
 
-def apply_edits(src: str | Path, dest: str | Path, edits: list[dict]) -> list[str]:
-    """Copy the corpus at ``src`` to ``dest`` and apply ``edits`` (``find`` must occur once); the edited paths."""
-    shutil.copytree(src, dest, dirs_exist_ok=True)
-    changed = []
-    for e in edits:
-        p = Path(dest) / e["path"]
-        text = p.read_text(encoding="utf-8")
-        if text.count(e["find"]) != 1:
-            raise ValueError(f"edit {e['id']}: '{e['find']}' occurs {text.count(e['find'])} times in {e['path']}, "
-                             "not once; fix data/demo/changes/edits.jsonl")
-        p.write_text(text.replace(e["find"], e["replace"]), encoding="utf-8")
-        changed.append(e["path"])
-    return changed
+def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | None:
+    """The RAFT adapter's general-probe accuracy minus the base model's (the same probes ``finetune eval`` asks),
+    cached in ``<raft>/probes.json`` for as long as the adapter's metrics.json is unchanged."""
+    from finetune.evaluate import EvalConfig, evaluate_model
 
+    root = Path(cfg.raft)
+    if not (root / "metrics.json").exists() or not Path(EvalConfig.probes).exists():
+        return None
+    stamp, cache = (root / "metrics.json").read_text(), root / "probes.json"
+    if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
+        return json.loads(cache.read_text())["change"]
+    ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
-def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> dict:
-    """Apply ``<docs>/changes/edits.jsonl`` to a copy, re-index it incrementally, and re-ask the changed facts.
+    def accuracy(adapter: str | None) -> float:
+        gen = Generator(cfg.model, ecfg.max_new_tokens, adapter=adapter)
+        return evaluate_model(gen, ecfg, {}, progress=False)["probes"]["accuracy"]
 
-    Retrieval systems answer from the updated index; closed-book systems still have the weights trained on the
-    old text. Reported per system: share of answers with the new value (fresh), with the old one (stale), and
-    the time to update (re-index seconds vs the training run's seconds).
-    """
-    changes = Path(cfg.docs) / "changes"
-    if not (changes / "edits.jsonl").exists():
-        raise FileNotFoundError(f"no {changes / 'edits.jsonl'}: the freshness demo needs a change set there "
-                                "(format: data/CHANGES.md)")
-    edits = load_jsonl(changes / "edits.jsonl")
-    qs = load_golden(changes / "golden.jsonl", cfg.docs)
-    train_s = {kind: json.loads((Path(root) / "metrics.json").read_text()).get("seconds")
-               for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft))
-               if (Path(root) / "metrics.json").exists()}
-    out = {"edits": len(edits), "questions": len(qs), "systems": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        docs, index_dir = Path(tmp) / Path(cfg.docs).name, Path(tmp) / "index"
-        apply_edits(cfg.docs, docs, edits)
-        shutil.copytree(base.cfg.index_dir, index_dir)  # the live index, so the update is incremental
-        t0 = time.perf_counter()
-        index, stats = update_index(docs, index_dir, base.cfg.chunk_config(), base.cfg.embedder, base.cfg.faiss,
-                                    False)
-        out["reindex_s"], out["reembedded_chunks"] = round(time.perf_counter() - t0, 2), stats.embedded_chunks
-        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}),
-                            index=index)
-        rankeds = [fresh.ranked(q["question"]) for q in qs]
-        k = fresh.cfg.k
-        out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r[0][:k])
-                                         for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
-        for s in cfg.system_list:
-            if s in CLOSED_BOOK:
-                texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
-            else:
-                pipe = with_generator(fresh, cfg, s)
-                texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
-            new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
-            old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]
-            # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
-            how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
-            update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
-            out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
-                                 "update_s": update, "update": how, "answers": texts}
-    return out
+    base = accuracy(None) if base_acc is None else base_acc
+    tuned = accuracy(str(adapter_dir(root)))
+    change = round(tuned - base, 4)
+    cache.write_text(json.dumps({"stamp": stamp, "base": base, "tuned": tuned, "change": change}))
+    return change

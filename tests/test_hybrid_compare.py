@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from hybrid.compare import SYSTEMS, CompareConfig, apply_edits, compare
+from hybrid.compare import SYSTEMS, CompareConfig, compare
+from hybrid.freshness import apply_edits
 from tests.test_hybrid_raft import GOLDEN
 
 EDITS = [{"id": "e-01", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days",
@@ -65,6 +66,7 @@ def test_every_system_has_finite_scores(result):
     assert min(r["prompt_tokens"] for r in rows["rag"]) > max(r["prompt_tokens"] for r in rows["base"])
     assert res["systems"]["base"]["faithfulness"] is None
     assert set(res["differences"]) == set(SYSTEMS) - {"rag"}
+    assert -1 <= res["forgetting"]["hybrid"] <= 1  # the RAFT adapter's general probes, measured by compare
 
 
 def test_report_files_hold_every_system(result):

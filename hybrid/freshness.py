@@ -1,0 +1,87 @@
+"""Freshness: apply a change set to a copy of the corpus, re-index incrementally, re-ask the changed facts.
+
+``<docs>/changes/edits.jsonl`` holds exact find/replace edits (format: ``data/CHANGES.md``) and
+``<docs>/changes/golden.jsonl`` golden-format questions about the changed facts, each with its ``old_answer``.
+Retrieval systems answer from the updated index; closed-book systems still carry weights trained on the old
+text. Reported per system: the share of answers with the new value (fresh) and with the old one (stale), and the
+time an update takes (re-index seconds vs the training run's seconds). The live corpus and index are never
+touched: both are copied to a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune.evaluate import load_jsonl
+from hybrid.compare import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_book, with_generator
+from rag import metrics as M
+from rag.evaluate import load_golden
+from rag.index import update_index
+from rag.pipeline import RagConfig, RagPipeline
+
+
+def apply_edits(src: str | Path, dest: str | Path, edits: list[dict]) -> list[str]:
+    """Copy the corpus at ``src`` to ``dest`` and apply ``edits`` (``find`` must occur once); the edited paths."""
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    changed = []
+    for e in edits:
+        p = Path(dest) / e["path"]
+        text = p.read_text(encoding="utf-8")
+        if text.count(e["find"]) != 1:
+            raise ValueError(f"edit {e['id']}: '{e['find']}' occurs {text.count(e['find'])} times in {e['path']}, "
+                             "not once; fix data/demo/changes/edits.jsonl")
+        p.write_text(text.replace(e["find"], e["replace"]), encoding="utf-8")
+        changed.append(e["path"])
+    return changed
+
+
+def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> dict:
+    """Apply ``<docs>/changes/edits.jsonl`` to a copy, re-index it incrementally, and re-ask the changed facts.
+
+    Retrieval systems answer from the updated index; closed-book systems still have the weights trained on the
+    old text. Reported per system: share of answers with the new value (fresh), with the old one (stale), and
+    the time to update (re-index seconds vs the training run's seconds).
+    """
+    changes = Path(cfg.docs) / "changes"
+    if not (changes / "edits.jsonl").exists():
+        raise FileNotFoundError(f"no {changes / 'edits.jsonl'}: the freshness demo needs a change set there "
+                                "(format: data/CHANGES.md)")
+    edits = load_jsonl(changes / "edits.jsonl")
+    qs = load_golden(changes / "golden.jsonl", cfg.docs)
+    train_s = {kind: json.loads((Path(root) / "metrics.json").read_text()).get("seconds")
+               for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft))
+               if (Path(root) / "metrics.json").exists()}
+    out = {"edits": len(edits), "questions": len(qs), "systems": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        docs, index_dir = Path(tmp) / Path(cfg.docs).name, Path(tmp) / "index"
+        apply_edits(cfg.docs, docs, edits)
+        shutil.copytree(base.cfg.index_dir, index_dir)  # the live index, so the update is incremental
+        t0 = time.perf_counter()
+        index, stats = update_index(docs, index_dir, base.cfg.chunk_config(), base.cfg.embedder, base.cfg.faiss,
+                                    False)
+        out["reindex_s"], out["reembedded_chunks"] = round(time.perf_counter() - t0, 2), stats.embedded_chunks
+        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}),
+                            index=index)
+        rankeds = [fresh.ranked(q["question"]) for q in qs]
+        k = fresh.cfg.k
+        out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r[0][:k])
+                                         for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
+        for s in cfg.system_list:
+            if s in CLOSED_BOOK:
+                texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
+            else:
+                pipe = with_generator(fresh, cfg, s)
+                texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
+            new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
+            old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]
+            # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
+            how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
+            update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
+            out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
+                                 "update_s": update, "update": how, "answers": texts}
+    return out
