@@ -6,12 +6,16 @@ in more than half the documents, so in a small folder a matching chunk would ran
 The tokenizer is where BM25 quality is won or lost:
 scikit-learn's English stop-word list and the Snowball English stemmer, plus one extra token that joins a
 letters-digits code ("TW-300" → "tw", "300", "tw300") so model numbers match however they are written.
-Left out on purpose: persisting rank-bm25's internals; it rebuilds from stored tokens in well under a second
+Backends: ``rank-bm25`` (the default) or ``bm25s`` (Lù 2024, sparse-matrix scoring, much faster per query on
+large indexes; ``bench/`` measures both). Both score with Lucene's idf and give the same ranking; bm25s leaves out
+the constant factor (k1 + 1), which we put back, so scores and calibrated thresholds match too.
+Left out on purpose: persisting the backends' internals; they rebuild from stored tokens in well under a second
 per 10k chunks. For millions of chunks, put the same ``search`` interface on a search engine instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from functools import lru_cache
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+BACKENDS = ("rank-bm25", "bm25s")
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*")
 _CODE = re.compile(r"\b([a-z]{1,4})[-\s]?(\d{2,5})\b")
 
@@ -73,14 +78,33 @@ def _lucene_bm25(corpus: list[list[str]], k1: float, b: float):
     return LuceneIdfBM25(corpus, k1=k1, b=b)
 
 
+class _Bm25s:
+    """bm25s with method 'lucene' behind rank-bm25's ``get_scores``; scores × (k1 + 1) equal rank-bm25's."""
+
+    def __init__(self, corpus: list[list[str]], k1: float, b: float):
+        import bm25s
+
+        self._scale = k1 + 1
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+        self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+        self._bm25.index(corpus, show_progress=False)
+
+    def get_scores(self, query: list[str]) -> np.ndarray:
+        return self._bm25.get_scores(query) * self._scale
+
+
 class BM25:
     """BM25 over a fixed list of chunk ids; ``search`` returns ``[(chunk_id, score)]`` best first."""
 
-    def __init__(self, ids: list[str], tokens: list[list[str]], k1: float = 1.5, b: float = 0.75):
-        self.ids = ids
+    def __init__(self, ids: list[str], tokens: list[list[str]], k1: float = 1.5, b: float = 0.75,
+                 backend: str = "rank-bm25"):
+        if backend not in BACKENDS:
+            raise ValueError(f"BM25 backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+        self.ids, self.backend = ids, backend
         # rank-bm25 divides by zero on an empty corpus and mis-scores empty documents; a placeholder token
         # that no query produces keeps both cases well defined.
-        self._bm25 = _lucene_bm25([t or ["\x00"] for t in tokens] or [["\x00"]], k1, b)
+        corpus = [t or ["\x00"] for t in tokens] or [["\x00"]]
+        self._bm25 = _lucene_bm25(corpus, k1, b) if backend == "rank-bm25" else _Bm25s(corpus, k1, b)
 
     def scores(self, query: str) -> np.ndarray:
         q = tokenize(query)

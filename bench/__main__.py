@@ -1,0 +1,122 @@
+"""``python -m bench``: run the benchmark sections, each in its own process, and write JSON + RESULTS.md.
+
+    python -m bench                       # every section at full size (≤ 45 min on 2 free cores)
+    python -m bench --smoke               # every section at tiny sizes (plumbing check, ≤ 2 min)
+    python -m bench --sections scale,backends
+    python -m bench --beir ~/beir/scifact # also retrieval quality on a BEIR-format folder
+    python -m bench --report bench/results/2026-01-01-host.json   # re-render RESULTS.md from a JSON
+
+Full runs write ``bench/results/<date>-<host>.json`` and render ``bench/RESULTS.md`` from it; smoke runs write
+``…-smoke.json`` / ``…-smoke.md`` beside it and leave RESULTS.md alone (tiny sizes are not results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.measure import cores, host, isolated, run_section
+from bench.report import render
+
+# section name -> (module, what it measures); run in this order
+SECTIONS = {
+    "quality": ("bench.quality", "fitz-gov retrieval quality per mode, contextual header on/off"),
+    "governance": ("bench.governance", "fitz-gov governance suite (tier 0 + tier 1 sample), FitzGovEvaluator"),
+    "scale": ("bench.scale", "index build rates, disk, RSS, query latency, incremental update at 1k/10k/100k"),
+    "backends": ("bench.backends", "rank-bm25 vs bm25s; FAISS exact vs HNSW vs IVF"),
+    "generation": ("bench.generation", "generator prefill/decode tokens/s vs the bandwidth bound, variants"),
+    "training": ("bench.training", "LoRA training tokens/s, s/step, FLOP ratio"),
+}
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("bench")
+
+
+def run_all(sections: list[str], smoke: bool, beir: str | None) -> dict:
+    out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": smoke, "host": host(),
+           "sections": {}}
+    # smoke checks plumbing on 1 thread: on a busy 2-core machine, 2 torch threads stall each other badly
+    common = {"smoke": True, "threads": 1} if smoke else {}
+    jobs = [(name, SECTIONS[name][0], common) for name in sections]
+    if beir:
+        jobs.append(("beir", "bench.quality", {**common, "beir": beir}))
+    for name, module, kwargs in jobs:
+        log.info("section %s: %s", name, SECTIONS.get(name, ("", "retrieval quality on " + str(beir)))[1])
+        t0 = time.perf_counter()
+        try:
+            res, rss = isolated(run_section, module, **kwargs)
+            res["peak_rss_mb"] = rss
+        except Exception as e:  # noqa: BLE001 -- one failing section must not lose the others' results
+            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            log.error("section %s failed: %s", name, res["error"])
+        res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        out["sections"][name] = res
+        log.info("section %s done in %.0f s", name, res["wall_seconds"])
+    out["host"]["load_avg_after"] = host()["load_avg_1_5_15"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="sections:\n" + "\n".join(f"  {k:11s} {v[1]}" for k, v in SECTIONS.items()))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks every section runs (≤ 2 min)")
+    p.add_argument("--beir", help="also measure retrieval quality on this BEIR-format folder "
+                   "(corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset (default: all)")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
+    p.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="where full runs render the tables")
+    p.add_argument("--report", help="only render --markdown from this results JSON")
+    p.add_argument("--budget-minutes", type=float, default=45,
+                   help="optional extras (the opt-in larger model's governance run) are skipped when they would "
+                        "push the run past this")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.report:
+        try:
+            res = json.loads(Path(a.report).read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --report {a.report}: {e}", file=sys.stderr)
+            return 2
+        Path(a.markdown).write_text(render(res, source=a.report))
+        print(f"wrote {a.markdown}")
+        return 0
+    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"error: --sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if a.beir:
+        from bench.quality import BeirError, load_beir
+
+        try:
+            load_beir(a.beir)  # fail in one line now, not after the other sections have run
+        except BeirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    log.info("bench: sections %s, smoke=%s, %d cores", ",".join(sections), a.smoke, cores())
+    t0 = time.perf_counter()
+    os.environ["OPENBOOK_BENCH_DEADLINE"] = str(time.time() + 60 * a.budget_minutes)  # read by the sections
+    res = run_all(sections, a.smoke, a.beir)
+    res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{res['host']['host'] or 'host'}" + ("-smoke" if a.smoke else "")
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    md = out_dir / f"{stem}.md" if a.smoke else Path(a.markdown)
+    md.write_text(render(res, source=str(json_path.relative_to(HERE.parent)
+                                         if json_path.is_relative_to(HERE.parent) else json_path)))
+    failed = [n for n, s in res["sections"].items() if "error" in s]
+    print(f"wrote {json_path} and {md} in {res['total_seconds']:.0f} s" + (f"; FAILED: {', '.join(failed)}"
+                                                                           if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
