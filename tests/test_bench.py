@@ -74,7 +74,7 @@ def test_bm25s_backend_gives_rank_bm25_scores():
     idf = lambda n: math.log(1 + (4 - n + 0.5) / (n + 0.5))  # noqa: E731
     assert b.scores("banana")[0] == pytest.approx(idf(1), rel=1e-5)
     assert b.scores("apple")[0] == pytest.approx(idf(2), rel=1e-5)
-    with pytest.raises(ValueError, match="rank-bm25, bm25s"):
+    with pytest.raises(ValueError, match="auto, rank-bm25 or bm25s"):
         BM25(ids, [[]] * 4, backend="lucene")
 
 

@@ -39,6 +39,28 @@ def test_bm25_ranking_worked_by_hand():
     assert bm.search("zebra", 3) == []  # no shared term, no result
 
 
+def test_bm25_top_k_equals_a_full_stable_sort_ties_included():
+    rng = np.random.default_rng(0)
+    words = ["apple", "banana", "cherry", "date", "elder"]
+    docs = [" ".join(rng.choice(words, size=3)) for _ in range(200)]  # many identical scores
+    bm = BM25([f"d{i}" for i in range(200)], [tokenize(d) for d in docs])
+    s = bm.scores("apple cherry")
+    full = [(f"d{i}", float(s[i])) for i in np.argsort(-s, kind="stable") if s[i] > 0]
+    for k in (1, 7, 50, 199, 200, 500):
+        assert bm.search("apple cherry", k) == full[:k], k
+    assert bm.backend == "rank-bm25"  # 'auto' below BM25S_FROM chunks
+
+
+def test_bm25_auto_backend_switches_to_bm25s_on_a_large_corpus_with_the_same_scores():
+    from rag.bm25 import BM25S_FROM
+
+    docs = [tokenize(f"item {i} costs {i % 97} euro in zone {i % 13}") for i in range(BM25S_FROM)]
+    ids = [str(i) for i in range(BM25S_FROM)]
+    big, ref = BM25(ids, docs), BM25(ids, docs, backend="rank-bm25")
+    assert big.backend == "bm25s"
+    assert np.allclose(big.scores("costs 42 euro zone 7"), ref.scores("costs 42 euro zone 7"), atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_finds_the_answering_document_first(tiny_pipeline, mode):
     for q, doc in QUESTIONS.items():
