@@ -148,8 +148,8 @@ def finetune_questions(dcfg: DataConfig) -> tuple[list[dict], dict] | None:
         log.info("not re-using %s (built with other settings: %s)", src, [k for k, v in same.items() if not v])
         return None
     rows = cut_paraphrases(load_from_disk(str(src)).to_list(), dcfg.paraphrases)
-    log.info("re-using %d of the %s questions in %s (%d wordings per fact at most)", len(rows), built.get(
-        "paraphrases"), src, dcfg.paraphrases + 1)
+    log.info("re-using %d questions from %s (built with %s re-wordings each; %d wordings per fact kept)",
+             len(rows), src, built.get("paraphrases"), dcfg.paraphrases + 1)
     return rows, {"reused": str(src), "rows": len(rows)}
 
 
