@@ -46,7 +46,6 @@ from hybrid.compare import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConf
 from hybrid.freshness import freshness
 from rag import metrics as M
 from rag.evaluate import load_golden
-from rag.fuse import rrf
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
 from rag.pipeline import Hit, RagConfig, RagPipeline, option
@@ -198,19 +197,10 @@ class Demo:
                     emit("error", {"system": s, "message": f"{type(e).__name__}: {e}"})
 
     def inspect(self, question: str, show: int = 10) -> dict:
-        """Each retrieval stage's best-first list, as ``RagPipeline.ranked`` builds it, and what the generator got."""
-        from rag.rerank import rerank
-
-        c, ix = self.rag.cfg, self.rag.index
-        n = max(c.k * c.fetch_factor, c.rerank_n)
+        """Each retrieval stage's best-first list (``RagPipeline.ranked``'s trace) and what the generator got."""
+        c, ix, lists = self.rag.cfg, self.rag.index, {}
         with self.lock:
-            bm25, dense = ix.search_bm25(question, n), ix.search_dense(question, n)
-            fused = rrf([bm25, dense], c.rrf_k)
-            scored = rerank(self.rag.reranker, question, [(cid, ix.chunks[cid].index_text)
-                                                          for cid, _ in fused[: c.rerank_n]])
-            final = scored if c.rerank_fusion == "replace" else rrf([bm25, dense, scored], c.rrf_k)
-            hits, timings, signals = self.rag.ranked(question)
-        lists = {"bm25": bm25, "dense": dense, "fused": fused, "rerank": scored, "final": final}
+            hits, timings, signals = self.rag.ranked(question, trace=lists)
         ranks = {name: {cid: i for i, (cid, _) in enumerate(lst, 1)} for name, lst in lists.items()}
         chosen = {h.chunk_id for h in hits}
 

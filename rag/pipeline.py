@@ -168,9 +168,11 @@ class RagPipeline:
         c = self.cfg
         return f"{c.mode}|{c.reranker if 'rerank' in c.mode else c.embedder}|{c.chunker}|{c.contextual}|{c.confidence}"
 
-    def ranked(self, query: str, mode: str | None = None, k: int | None = None
+    def ranked(self, query: str, mode: str | None = None, k: int | None = None, trace: dict | None = None
                ) -> tuple[list[Hit], dict, dict[str, float]]:
-        """Best-first distinct passages, seconds spent per stage, and the abstention signals (``SIGNALS``)."""
+        """Best-first distinct passages, seconds spent per stage, and the abstention signals (``SIGNALS``).
+        ``trace``: a dict that receives each stage's best-first ``[(chunk_id, score)]`` list (bm25, dense, fused,
+        rerank, final) for inspection."""
         c, mode, k = self.cfg, mode or self.cfg.mode, k or self.cfg.k
         n = max(c.k * c.fetch_factor, c.rerank_n)  # the configured k: a longer cut sees the same candidates
         t0 = time.perf_counter()
@@ -186,6 +188,9 @@ class RagPipeline:
             signals["dense"] = lists[-1][0][1]
         fused = lists[0] if len(lists) == 1 else rrf(lists, c.rrf_k)
         timings = {"retrieve": time.perf_counter() - t0}
+        if trace is not None:
+            names = [name for name, used in (("bm25", mode != "dense"), ("dense", mode != "bm25")) if used]
+            trace |= dict(zip(names, lists, strict=True)) | {"fused": fused}
         ce: dict[str, float] = {}
         if mode == "hybrid+rerank":
             from rag.rerank import rerank
@@ -197,6 +202,10 @@ class RagPipeline:
             # as a third RRF list the re-ranker gained +0.017 nDCG@10 on the fitz-gov test split (rag/train_reranker.py)
             fused = scored if c.rerank_fusion == "replace" else rrf([*lists, scored], c.rrf_k)
             timings["rerank"] = time.perf_counter() - t1
+            if trace is not None:
+                trace["rerank"] = scored
+        if trace is not None:
+            trace["final"] = fused
         hits, seen = [], set()
         for cid, score in fused:
             chunk = self.index.chunks[cid]

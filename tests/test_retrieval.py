@@ -68,6 +68,11 @@ def test_every_mode_finds_the_answering_document_first(tiny_pipeline, mode):
         assert hits[0].doc_id == doc, (mode, q, [h.doc_id for h in hits])
         assert len({h.chunk_id for h in hits}) == len(hits)  # de-duplicated
         assert ("rerank" in timings) == (mode == "hybrid+rerank")
+        trace: dict = {}
+        assert tiny_pipeline.ranked(q, mode=mode, k=3, trace=trace)[0] == hits  # tracing changes nothing
+        stages = {"bm25": ["bm25"], "dense": ["dense"], "hybrid": ["bm25", "dense"]}.get(mode, ["bm25", "dense",
+                                                                                               "rerank"])
+        assert set(trace) == {*stages, "fused", "final"} and trace["final"][0][0] == hits[0].chunk_id
 
 
 def test_dense_finds_paraphrase_that_bm25_misses(tiny_pipeline):
