@@ -56,7 +56,8 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
     train_s = {kind: json.loads((Path(root) / "metrics.json").read_text()).get("seconds")
                for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft))
                if (Path(root) / "metrics.json").exists()}
-    out = {"edits": len(edits), "questions": len(qs), "systems": {}}
+    out = {"edits": len(edits), "questions": len(qs), "systems": {},
+           "asked": [{"question": q["question"], "old": q["old_answer"], "new": q["answer"]} for q in qs]}
     with tempfile.TemporaryDirectory() as tmp:
         docs, index_dir = Path(tmp) / Path(cfg.docs).name, Path(tmp) / "index"
         apply_edits(cfg.docs, docs, edits)
@@ -83,5 +84,6 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
             how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
             update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
             out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
-                                 "update_s": update, "update": how, "answers": texts}
+                                 "update_s": update, "update": how, "answers": texts, "is_fresh": new,
+                                 "is_stale": old}
     return out

@@ -44,7 +44,6 @@ from finetune.data import closed_book_messages, parse_answer
 from finetune.evaluate import load_jsonl
 from hybrid.compare import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
 from hybrid.freshness import freshness
-from rag import metrics as M
 from rag.evaluate import load_golden
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
@@ -225,11 +224,9 @@ class Demo:
         """``hybrid.freshness.freshness`` for RAG: the edits applied to a copy, re-indexed, the changed facts asked."""
         with self.lock:
             out = freshness(self.cfg.compare_config(systems="rag"), self.rag, progress=False)
-        qs = load_golden(Path(self.cfg.docs) / "changes" / "golden.jsonl")
-        answers = out["systems"]["rag"]["answers"]
-        out["items"] = [{"question": q["question"], "old": q["old_answer"], "new": q["answer"], "answer": a,
-                         "fresh": bool(M.contains(a, [q["answer"], *q.get("aliases", [])])),
-                         "stale": bool(M.contains(a, [q["old_answer"]]))} for q, a in zip(qs, answers, strict=True)]
+        rag = out["systems"]["rag"]
+        out["items"] = [q | {"answer": a, "fresh": f, "stale": st} for q, a, f, st in
+                        zip(out["asked"], rag["answers"], rag["is_fresh"], rag["is_stale"], strict=True)]
         return out
 
 
