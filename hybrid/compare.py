@@ -317,8 +317,9 @@ def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | Non
     if not (root / "metrics.json").exists() or not Path(EvalConfig.probes).exists():
         return None
     stamp, cache = (root / "metrics.json").read_text(), root / "probes.json"
-    if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
-        return json.loads(cache.read_text())["change"]
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("stamp") == stamp:
+        return cached["change"]
     ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
     def accuracy(adapter: str | None) -> float:

@@ -27,8 +27,7 @@ SPREAD = ("contains", "f1", "citation_accuracy", "hallucination_rate", "faithful
           "abstain_precision", "abstain_recall")
 
 
-def _stamp(root: Path, data: Path) -> dict:
-    cfg = json.loads((root / "config.json").read_text())
+def _stamp(cfg: dict, data: Path) -> dict:
     state = json.loads((data / "state.json").read_text()) if (data / "state.json").exists() else {}
     return {"data": state.get("_fingerprint"), "config": {k: v for k, v in cfg.items()
                                                           if k not in ("output_dir", "seed", "device")}}
@@ -43,14 +42,14 @@ def seed_adapter(root: str | Path, seed: int) -> Path:
     if not (root / "config.json").exists() or not data.is_dir():
         raise FileNotFoundError(f"--seeds: {root} has no config.json or {data} no saved dataset to re-train on; "
                                 "train it with `make finetune` / `make hybrid` first")
-    stamp = _stamp(root, data)
+    base = json.loads((root / "config.json").read_text())
+    stamp = _stamp(base, data)
     try:
         if json.loads((out / "seed_of.json").read_text()) == stamp and (out / "metrics.json").exists():
             adapter_dir(out)
             return out
     except (FileNotFoundError, json.JSONDecodeError):
         pass
-    base = json.loads((root / "config.json").read_text())
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in base.items() if k in known} | {"output_dir": str(out),
                                                                         "seed": base["seed"] + seed})
