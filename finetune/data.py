@@ -174,7 +174,8 @@ def reword(gen: Generator, questions: list[str], n: int, seed: int) -> list[list
         return [[] for _ in questions]
     convs = [[*REWORD_DEMO, {"role": "user", "content": REWORD_ASK.format(q=gen.sanitize(q))}] for q in questions]
     draws = n + 2  # headroom for duplicates and malformed replies
-    gens = gen.chat_batch(convs, max_new_tokens=40, batch_size=8, samples=draws, seed=seed, desc="re-wording")
+    gens = gen.chat_batch(convs, max_new_tokens=40, batch_size=16, samples=draws, seed=seed, desc="re-wording",
+                          stop=("\n",))  # only the first line is kept
     out = []
     for i, q in enumerate(questions):
         seen, keep = {normalize(q)}, []

@@ -161,20 +161,23 @@ class Generator:
         return Generation(text, n_prompt, int(out.shape[0]), time.perf_counter() - t0)
 
     def chat_batch(self, conversations: list[list[dict]], max_new_tokens: int | None = None,
-                   batch_size: int = 16, samples: int = 0, seed: int = 0, desc: str = "") -> list[Generation]:
+                   batch_size: int = 16, samples: int = 0, seed: int = 0, desc: str = "",
+                   stop: tuple[str, ...] = ()) -> list[Generation]:
         """Answers for many conversations, left-padded into batches (several times faster on a CPU).
 
         Greedy by default; ``samples=n`` draws n sampled replies per conversation instead (temperature 0.9,
         top-p 0.95), returned conversation by conversation. Padding can change the last bits of the logits, so
-        a rare greedy answer may differ from ``chat``'s. ``desc`` shows a progress bar with that label.
+        a rare greedy answer may differ from ``chat``'s. ``stop``: strings that end a reply early (e.g. "\n"
+        when only the first line is used). ``desc`` shows a progress bar with that label.
         """
         import torch
 
         tok, out = self.tokenizer, []
         side, tok.padding_side = tok.padding_side, "left"  # the new tokens must line up at the right edge
-        pad = self.pad_id
-        sampling = dict(do_sample=True, temperature=0.9, top_p=0.95, num_return_sequences=samples) if samples \
-            else GREEDY
+        pad, n = self.pad_id, max(samples, 1)
+        options = dict(do_sample=True, temperature=0.9, top_p=0.95) if samples else dict(GREEDY)
+        if stop:
+            options |= dict(stop_strings=list(stop), tokenizer=tok)
         torch.manual_seed(seed)
         rendered = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
         # similar lengths share a batch, so little compute goes to padding; results return in input order
@@ -185,23 +188,41 @@ class Generator:
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    ids = self.model.generate(**enc, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                              pad_token_id=pad, **sampling)
+                    ids = self.model.generate(**self._shared_prefill(enc, n),
+                                              max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                              pad_token_id=pad, **options)
                 secs = (time.perf_counter() - t0) / len(ids)
                 n_prompt = enc["input_ids"].shape[1]
-                masks = enc["attention_mask"].repeat_interleave(max(samples, 1), dim=0)
+                masks = enc["attention_mask"].repeat_interleave(n, dim=0)
                 for row, mask in zip(ids[:, n_prompt:], masks, strict=True):
-                    stop = ((row == pad) | (row == tok.eos_token_id)).nonzero()
-                    n_new = int(stop[0, 0]) + 1 if len(stop) else len(row)
+                    stop_at = ((row == pad) | (row == tok.eos_token_id)).nonzero()
+                    n_new = int(stop_at[0, 0]) + 1 if len(stop_at) else len(row)
                     text = tok.decode(row[:n_new], skip_special_tokens=True).strip()
                     out.append(Generation(text, int(mask.sum()), n_new, secs))
         finally:
             tok.padding_side = side
-        n = max(samples, 1)
         restored: list[Generation] = [None] * len(out)  # type: ignore[list-item]
         for pos, j in enumerate(order):
             restored[j * n:(j + 1) * n] = out[pos * n:(pos + 1) * n]
         return restored
+
+    def _shared_prefill(self, enc, n: int) -> dict:
+        """generate() inputs for ``n`` replies per prompt. For n > 1 each prompt is read once and its KV cache
+        repeated n times; ``num_return_sequences`` would read it n times (a third of the time of 6 short sampled
+        re-wordings went there). Same tokens as the plain path, greedy or with the same seed."""
+        if n == 1:
+            return dict(enc)
+        from transformers import DynamicCache
+
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt's first token
+        # all but the last token: generate() needs one uncached token to start from
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        return dict(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                    past_key_values=cache)
 
     def answer(self, question: str, sources: list[tuple[str, str]], on_token=None) -> Generation:
         return self.chat(self.prompt(question, sources), on_token=on_token)

@@ -50,3 +50,29 @@ def test_batched_generation_matches_one_by_one(generator):
     sampled = generator.chat_batch(convs, batch_size=2, samples=3, seed=1)
     assert len(sampled) == 6
     assert [g.text for g in sampled] == [g.text for g in generator.chat_batch(convs, batch_size=2, samples=3, seed=1)]
+
+
+def test_sampled_replies_read_each_prompt_once_and_match_plain_generate(generator):
+    """chat_batch prefills a prompt once and repeats its KV cache for n samples; the tokens must be the ones
+    generate(num_return_sequences=n) gives with the same seed, which reads the prompt n times."""
+    import torch
+
+    convs = [[{"role": "user", "content": "Reword this question: how long is the warranty on a lid?"}],
+             [{"role": "user", "content": "Name two colours."}]]
+    ours = [g.text for g in generator.chat_batch(convs, batch_size=2, samples=3, seed=7)]
+    tok = generator.tokenizer
+    # the same length-sorted, left-padded batch chat_batch forms
+    texts = sorted((tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs), key=len)
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = side
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        ids = generator.model.generate(**enc, max_new_tokens=12, pad_token_id=generator.pad_id, do_sample=True,
+                                       temperature=0.9, top_p=0.95, num_return_sequences=3)
+    plain = [tok.decode(r, skip_special_tokens=True).strip() for r in ids[:, enc["input_ids"].shape[1]:]]
+    by_conv = {t: plain[i * 3:(i + 1) * 3] for i, t in enumerate(texts)}
+    rendered = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    assert ours == [x for t in rendered for x in by_conv[t]]
+    stopped = generator.chat_batch(convs, batch_size=2, samples=2, seed=7, stop=("\n",))
+    assert all("\n" not in g.text for g in stopped)
