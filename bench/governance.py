@@ -86,7 +86,7 @@ def evaluate(cases: list, responses: list[str], modes: list) -> dict:
 
 
 def gate(calib: list) -> dict:
-    """The re-ranker gate's threshold, calibrated on ``calib`` (cases never scored)."""
+    """The re-ranker gate's threshold, calibrated on ``calib`` (cases not scored, where there are any)."""
     from fitz_gov import AnswerMode
 
     threshold, f1 = calibrate(ce_confidence(calib), np.array([c.expected_mode == AnswerMode.ABSTAIN for c in calib]))
@@ -129,10 +129,13 @@ def run(smoke: bool = False, threads: int = 2, per_category: int = 30, seed: int
     tiers = {"tier0": stratified(tier0, 1, seed)[:2] if smoke else tier0,
              "tier1": stratified(tier1, 1, seed)[:2] if smoke else stratified(tier1, per_category, seed)}
     scored = {c.id for c in tiers["tier1"]}
-    rule = gate(stratified(tier1, 1 if smoke else 40, seed + 1, exclude=scored)[: 4 if smoke else None])
+    calib = stratified(tier1, 1 if smoke else 40, seed + 1, exclude=scored)[: 4 if smoke else None]
+    rule = gate(calib or tier0)  # every tier 1 case scored: calibrate on tier 0 (in-sample for its rows)
+    rule["calibrated_on"] = "tier 1 cases outside the scored sample" if calib else "tier 0 (all tier 1 is scored)"
+    how = "smoke" if smoke else "all" if len(tiers["tier1"]) == len(tier1) else f"{per_category} per category"
     out = {"threads": threads, "tier1_population": len(tier1),
            "sample": f"tier 0: {len(tiers['tier0'])} of {len(tier0)}; tier 1: stratified {len(tiers['tier1'])} of "
-                     f"{len(tier1)} ({'smoke' if smoke else f'{per_category} per category'}, seed {seed}); "
+                     f"{len(tier1)} ({how}, seed {seed}); "
                      f"max new tokens {16 if smoke else 48}",
            "note": "openbook has no 'disputed' mode: dispute cases always fail. Mode = abstain when the answer "
                    "says the sources lack it (rag.generate.is_abstention) or, in the gated row, when the best "

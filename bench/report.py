@@ -87,9 +87,9 @@ def governance(s: dict) -> str:
                              *[r["per_category"].get(c, {}).get("accuracy") for c in cats],
                              "/".join(str(r["modes_chosen"][k]) for k in ("trustworthy", "abstain", "disputed"))])
         g = m["gate"]
-        out += (f"- **{model}**: gate threshold {g['threshold']} (calibrated on {g['calibration_cases']} other tier-1 "
-                f"cases, F1 {g['calibration_f1']}); generation {m['tier1']['new_tokens_per_second']} new tok/s "
-                f"batched\n")
+        out += (f"- **{model}**: gate threshold {g['threshold']} (calibrated on {g['calibration_cases']} "
+                f"{g.get('calibrated_on', 'other tier-1 cases')}, F1 {g['calibration_f1']}); "
+                f"generation {m['tier1']['new_tokens_per_second']} new tok/s batched\n")
     return out + "\n" + table(["model", "tier", "abstention logic", "accuracy", *cats, "trust/abstain/dispute"], rows)
 
 

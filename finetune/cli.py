@@ -135,7 +135,8 @@ def cmd_sweep(args) -> int:
     rows, base = [], None
     for n in counts:
         train = Dataset.from_list(cut_paraphrases(full, n))
-        tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}"), epochs=args.epochs)
+        tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}"), epochs=args.epochs,
+                             max_steps=args.steps)
         m = T.train(tcfg, train).metrics
         ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out, probes="",
                           general_text="")
@@ -144,6 +145,7 @@ def cmd_sweep(args) -> int:
         tuned = evaluate_model(Generator(args.model, ecfg.max_new_tokens, adapter=str(T.adapter_dir(
             tcfg.output_dir))), ecfg, sets)
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
+                     "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
                      **{f"{k}_contains": v["contains"] for k, v in tuned["qa"].items()},
                      **{f"base_{k}_contains": v["contains"] for k, v in base["qa"].items()}})
         log.info("sweep %s", rows[-1])
@@ -153,7 +155,8 @@ def cmd_sweep(args) -> int:
         line = ax.plot(counts, [r[key] for r in rows], marker="o", label=key.removesuffix("_contains"))[0]
         ax.axhline(rows[0][f"base_{key}"], ls=":", color=line.get_color())  # the untuned model on the same set
     ax.set(xlabel="paraphrases per question", ylabel="closed-book 'contains' accuracy",
-           title=f"{args.model}, {args.epochs:g} epochs (dotted: base model)")
+           title=f"{args.model}, " + (f"{args.steps} steps each" if args.steps > 0 else f"{args.epochs:g} epochs")
+           + " (dotted: base model)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(root / "sweep.png", dpi=120)
@@ -191,6 +194,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
     sp.add_argument("--paraphrases", default="0,2,4,8", help="comma-separated counts (default: 0,2,4,8)")
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs, help="epochs per run (same for all)")
+    sp.add_argument("--steps", type=int, default=-1, help="optimiser steps per run instead of --epochs: the same "
+                    "number of updates for every count, so fewer wordings means more repetitions of each (the "
+                    "comparison the 'facts need many phrasings' finding makes)")
     sp.add_argument("--synthetic-chunks", type=int, default=0, help="chunks to write synthetic QA from")
     return p
 

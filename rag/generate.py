@@ -11,6 +11,7 @@ Left out on purpose: sampling, batching across users, and speculative decoding.
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 import time
@@ -218,11 +219,13 @@ class Generator:
         cache = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt's first token
         # all but the last token: generate() needs one uncached token to start from
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+        name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
         self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                   past_key_values=cache, use_cache=True)
+                   use_cache=True, **{name: cache})
         cache.batch_repeat_interleave(n)
-        return dict(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                    past_key_values=cache)
+        return {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0), name: cache}
 
     def answer(self, question: str, sources: list[tuple[str, str]], on_token=None) -> Generation:
         return self.chat(self.prompt(question, sources), on_token=on_token)
