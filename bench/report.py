@@ -62,6 +62,14 @@ def quality(s: dict) -> str:
                          _ci(m, "ndcg@10 vs hybrid")])
     out = f"Dataset: **{s['dataset']}**; {s['note']}\n\n"
     out += table(["variant", "mode", "nDCG@10", "R@10", "R@100", "MRR", "ΔnDCG@10 vs hybrid [95% CI]"], rows)
+    for variant, v in s["variants"].items():
+        m = v["systems"].get("hybrid+rerank", {})
+        if "ndcg@10 vs bm25" in m:
+            wins = all(m[f"ndcg@10 vs {x}"][1] > 0 for x in ("bm25", "dense"))
+            out += (f"\n\n{variant}: hybrid+rerank vs bm25 {_ci(m, 'ndcg@10 vs bm25')}, vs dense "
+                    f"{_ci(m, 'ndcg@10 vs dense')} (ΔnDCG@10, 95% paired bootstrap): **"
+                    + ("beats both, each interval above zero" if wins else "does not beat both beyond the interval")
+                    + "**")
     extra = [(k, v) for k, v in s["variants"].items() if "chunks" in v]
     out += "\n\n" + "; ".join(f"{k}: {v['chunks']} chunks, {v['queries']} queries" + (
         f", re-rank p50 {v['rerank_seconds_per_query_p50']} s/query" if "rerank_seconds_per_query_p50" in v else "")
