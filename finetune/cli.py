@@ -118,6 +118,9 @@ def cmd_run(args) -> int:
     return 0
 
 
+SWEPT = ("contains", "f1", "hallucination_rate")  # per question set, in sweep.json; the plot shows contains
+
+
 def cmd_sweep(args) -> int:
     """Closed-book accuracy against paraphrase count: one data build at the largest count, cut to nested sets
     (``cut_paraphrases``), one training run and eval per count; the base model is evaluated once."""
@@ -146,8 +149,8 @@ def cmd_sweep(args) -> int:
             tcfg.output_dir))), ecfg, sets)
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
                      "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
-                     **{f"{k}_contains": v["contains"] for k, v in tuned["qa"].items()},
-                     **{f"base_{k}_contains": v["contains"] for k, v in base["qa"].items()}})
+                     **{f"{k}_{m}": v[m] for k, v in tuned["qa"].items() for m in SWEPT},
+                     **{f"base_{k}_{m}": v[m] for k, v in base["qa"].items() for m in SWEPT}})
         log.info("sweep %s", rows[-1])
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
