@@ -6,7 +6,8 @@ the system prompt says so, and any chat-control token inside a document ("<|im_s
 neutralised before it reaches the tokenizer, so a document cannot open a new turn. Abstention has two
 triggers: the retriever's best re-ranker score is below a calibrated threshold (decided in pipeline.py, before
 any generation), or the model itself says the sources do not hold the answer (``is_abstention``).
-Left out on purpose: sampling, batching across users, and speculative decoding.
+Left out on purpose: sampled answers (sampling only draws re-wordings for fine-tuning data), batching across
+users, and speculative decoding.
 """
 
 from __future__ import annotations
@@ -218,10 +219,10 @@ class Generator:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         cache = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt's first token
-        # all but the last token: generate() needs one uncached token to start from
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40)
         name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+        # all but the last token: generate() needs one uncached token to start from
         self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                    use_cache=True, **{name: cache})
         cache.batch_repeat_interleave(n)
