@@ -43,9 +43,8 @@ def run_all(sections: list[str], smoke: bool, beir: str | None, tier1_per_catego
     # smoke checks plumbing on 1 thread: on a busy 2-core machine, 2 torch threads stall each other badly
     common = {"smoke": True, "threads": 1} if smoke else {}
     jobs = [(name, SECTIONS[name][0], common) for name in sections]
-    if tier1_per_category is not None:  # 0 = every tier 1 case
-        jobs = [(n, m, {**kw, "per_category": tier1_per_category or 10**9} if n == "governance" else kw)
-                for n, m, kw in jobs]
+    if tier1_per_category is not None:
+        jobs = [(n, m, {**kw, "per_category": tier1_per_category} if n == "governance" else kw) for n, m, kw in jobs]
     if beir:
         jobs.append(("beir", "bench.quality", {**common, "beir": beir}))
     for name, module, kwargs in jobs:

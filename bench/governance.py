@@ -120,19 +120,21 @@ def run_model(model: str, tiers: dict[str, list], rule: dict, batch_size: int, m
 
 
 def run(smoke: bool = False, threads: int = 2, per_category: int = 30, seed: int = 0) -> dict:
-    """Tier 0 (all 60; 2 in smoke) and ``per_category`` tier 1 cases per category; the larger model if installed."""
+    """Tier 0 (all 60; 2 in smoke) and ``per_category`` tier 1 cases per category (0: all of tier 1); the larger
+    model if installed."""
     from fitz_gov import Tier, load_tier
 
     t0 = time.perf_counter()
     set_threads(threads)
     tier0, tier1 = load_tier(Tier.SANITY), load_tier(Tier.CORE)
     tiers = {"tier0": stratified(tier0, 1, seed)[:2] if smoke else tier0,
-             "tier1": stratified(tier1, 1, seed)[:2] if smoke else stratified(tier1, per_category, seed)}
+             "tier1": stratified(tier1, 1, seed)[:2] if smoke else tier1 if per_category == 0
+             else stratified(tier1, per_category, seed)}
     scored = {c.id for c in tiers["tier1"]}
     calib = stratified(tier1, 1 if smoke else 40, seed + 1, exclude=scored)[: 4 if smoke else None]
     rule = gate(calib or tier0)  # every tier 1 case scored: calibrate on tier 0 (in-sample for its rows)
     rule["calibrated_on"] = "tier 1 cases outside the scored sample" if calib else "tier 0 (all tier 1 is scored)"
-    how = "smoke" if smoke else "all" if len(tiers["tier1"]) == len(tier1) else f"{per_category} per category"
+    how = "smoke" if smoke else "all" if per_category == 0 else f"{per_category} per category"
     out = {"threads": threads, "tier1_population": len(tier1),
            "sample": f"tier 0: {len(tiers['tier0'])} of {len(tier0)}; tier 1: stratified {len(tiers['tier1'])} of "
                      f"{len(tier1)} ({how}, seed {seed}); "

@@ -149,8 +149,8 @@ def cmd_sweep(args) -> int:
             tcfg.output_dir))), ecfg, sets)
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
                      "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
-                     **{f"{k}_{m}": v[m] for k, v in tuned["qa"].items() for m in SWEPT},
-                     **{f"base_{k}_{m}": v[m] for k, v in base["qa"].items() for m in SWEPT}})
+                     **{f"{k}_{metric}": v[metric] for k, v in tuned["qa"].items() for metric in SWEPT},
+                     **{f"base_{k}_{metric}": v[metric] for k, v in base["qa"].items() for metric in SWEPT}})
         log.info("sweep %s", rows[-1])
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
