@@ -76,3 +76,16 @@ def test_sampled_replies_read_each_prompt_once_and_match_plain_generate(generato
     assert ours == [x for t in rendered for x in by_conv[t]]
     stopped = generator.chat_batch(convs, batch_size=2, samples=2, seed=7, stop=("\n",))
     assert all("\n" not in g.text for g in stopped)
+
+
+def test_stop_strings_end_a_reply_at_the_same_place_streamed_plain_and_batched(generator):
+    msgs = [{"role": "user", "content": "List three fruits, one per line."}]
+    free = generator.chat(msgs, max_new_tokens=24)
+    assert "\n" in free.text  # else this prompt no longer tests anything
+    first_line = free.text.split("\n")[0].strip()
+    pieces: list[str] = []
+    streamed = generator.chat(msgs, max_new_tokens=24, stop=("\n",), on_token=pieces.append)
+    plain = generator.chat(msgs, max_new_tokens=24, stop=("\n",))
+    batched = generator.chat_batch([msgs], max_new_tokens=24, stop=("\n",))[0]
+    assert streamed.text == plain.text == batched.text == first_line
+    assert "".join(pieces).strip() == first_line and plain.new_tokens < free.new_tokens
