@@ -159,8 +159,15 @@ class Generator:
 
             worker = threading.Thread(target=run)
             worker.start()
+            # whitespace waits for the next visible text, so what streams is the stripped reply: the blank line a
+            # stop string ends on never reaches the terminal
+            held, started = "", False
             for piece in streamer:
-                on_token(piece)
+                held += piece if started else piece.lstrip()
+                if held.strip():
+                    visible = held.rstrip()
+                    on_token(visible)
+                    held, started = held[len(visible):], True
             worker.join()
             out = result["ids"]
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
