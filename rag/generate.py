@@ -244,3 +244,9 @@ class Generator:
 
     def answer(self, question: str, sources: list[tuple[str, str]], on_token=None) -> Generation:
         return self.chat(self.prompt(question, sources), on_token=on_token, stop=ANSWER_STOP)
+
+    def answer_batch(self, asks: list[tuple[str, list[tuple[str, str]]]], batch_size: int = 8,
+                     desc: str = "") -> list[Generation]:
+        """``answer`` for many ``(question, sources)`` pairs, in padded batches (see ``chat_batch``)."""
+        return self.chat_batch([self.prompt(q, sources) for q, sources in asks], batch_size=batch_size, desc=desc,
+                               stop=ANSWER_STOP)

@@ -19,7 +19,7 @@ from pathlib import Path
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.dense import KINDS
 from rag.fuse import rrf
-from rag.generate import ANSWER_STOP, IDK, Generator, citations, is_abstention
+from rag.generate import IDK, Generator, citations, is_abstention
 from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER, GENERATORS
 
@@ -265,9 +265,8 @@ class RagPipeline:
         rule = self.threshold()
         gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
         todo = [i for i, g in enumerate(gated) if g[3] is None]
-        gens = self.generator.chat_batch([self.generator.prompt(questions[i], [(h.label, h.text) for h in
-                                                                             gated[i][0]]) for i in todo],
-                                         batch_size=batch_size, desc=desc, stop=ANSWER_STOP)
+        gens = self.generator.answer_batch([(questions[i], [(h.label, h.text) for h in gated[i][0]]) for i in todo],
+                                           batch_size=batch_size, desc=desc)
         out = [g[3] for g in gated]
         for i, gen in zip(todo, gens, strict=True):
             hits, timings, confidence, _ = gated[i]
