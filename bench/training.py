@@ -60,7 +60,7 @@ def train_once(rows: list[list[dict]], steps: int, threads: int) -> dict:
     from datasets import Dataset
 
     from finetune.train import TrainConfig, tokenize_example, train
-    from rag.generate import Generator  # noqa: F401  (imports torch/transformers before the clock starts)
+    from rag.backend_hf import TransformersGenerator  # noqa: F401  (imports torch/transformers before the clock starts)
     from rag.models import generator_path
 
     clock = StepClock()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from finetune import train as T
 from finetune.data import DataConfig, build
-from finetune.evaluate import EvalConfig, evaluate_model, question_sets, report_path, split_by_base
+from finetune.evaluate import EvalConfig, evaluate_model, model_to_score, question_sets, report_path, split_by_base
 from rag.cli import add_config_flags, config_from, run_command, write_report
 from rag.pipeline import artefacts
 
@@ -27,15 +27,13 @@ QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "
 
 def compare(cfg: EvalConfig, progress: bool = True) -> dict:
     """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
-    from rag.generate import Generator
-
     sets = question_sets(cfg)
     base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
     result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
-              "base": evaluate_model(Generator(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
+              "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
     if cfg.adapter:
         adapter = str(T.adapter_dir(cfg.adapter))
-        result["tuned"] = evaluate_model(Generator(cfg.model, cfg.max_new_tokens, adapter=adapter), cfg, sets,
+        result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,
                                          progress)
         result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
         base_p, tuned_p = result["base"].get("probes", {}), result["tuned"].get("probes", {})
@@ -128,7 +126,6 @@ def cmd_sweep(args) -> int:
     from matplotlib.figure import Figure
 
     from finetune.data import cut_paraphrases
-    from rag.generate import Generator
 
     counts = sorted({int(x) for x in args.paraphrases.split(",")})
     root = artefacts("finetune", args.docs) / "sweep"
@@ -144,9 +141,9 @@ def cmd_sweep(args) -> int:
         ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out, probes="",
                           general_text="")
         sets = question_sets(ecfg)
-        base = base or evaluate_model(Generator(args.model, ecfg.max_new_tokens), ecfg, sets)
-        tuned = evaluate_model(Generator(args.model, ecfg.max_new_tokens, adapter=str(T.adapter_dir(
-            tcfg.output_dir))), ecfg, sets)
+        base = base or evaluate_model(model_to_score(args.model, ecfg.max_new_tokens), ecfg, sets)
+        tuned = evaluate_model(model_to_score(args.model, ecfg.max_new_tokens, str(T.adapter_dir(tcfg.output_dir))),
+                               ecfg, sets)
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
                      "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
                      **{f"{k}_{metric}": v[metric] for k, v in tuned["qa"].items() for metric in SWEPT},
@@ -177,7 +174,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("data", help="build the training set (golden train + synthetic QA + paraphrases)")
     add_config_flags(sp, DataConfig)
     for name, h in (("train", "LoRA-train on a dataset (see `python -m finetune train --help`)"),
-                    ("merge", "merge an adapter into its base model (see `python -m finetune merge --help`)")):
+                    ("merge", "merge an adapter into its base model (see `python -m finetune merge --help`)"),
+                    ("export", "write the tuned model as one GGUF file for llama.cpp-based tools (`export --help`)")):
         sub.add_parser(name, help=h, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     sp = sub.add_parser("eval", help="closed-book base vs tuned: QA, hallucination, format, probes, perplexity")
     add_config_flags(sp, EvalConfig)
@@ -212,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train"], ["merge"]):  # own parsers: argparse's REMAINDER drops leading --flags
+    if argv[:1] in (["train"], ["merge"], ["export"]):  # own parsers: argparse's REMAINDER drops leading --flags
+        if argv[0] == "export":
+            from finetune import export
+
+            return export.main(argv[1:])
         return (T.main if argv[0] == "train" else T.merge_main)(argv[1:])
     args = parser().parse_args(argv)
     return run_command(COMMANDS[args.command], args, (T.DataError,))

@@ -227,7 +227,7 @@ def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = Non
     t0 = time.perf_counter()
     rng = random.Random(cfg.seed)
     if pipe is None:
-        pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
+        pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend="transformers"))
         pipe.update_index(progress=progress)
     gen = pipe.generator
     train, test = [], []

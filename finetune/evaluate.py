@@ -26,7 +26,7 @@ from pathlib import Path
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
 from rag.evaluate import golden_for, load_golden
-from rag.generate import Generator, is_abstention
+from rag.generate import Generator, is_abstention, load_generator
 from rag.pipeline import folder_name, option
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,12 @@ def probe_passes(reply: str, probe: dict) -> bool:
     if probe.get("check") == "regex":
         return re.search(probe["answer"], reply.strip(), re.I | re.M) is not None
     return bool(M.contains(reply, [probe["answer"], *probe.get("aliases", [])]))
+
+
+def model_to_score(model: str, max_new_tokens: int, adapter: str | None = None) -> Generator:
+    """The base or tuned model as fine-tuning scores it: on transformers, where the peft adapter and the
+    perplexity check (which reads the torch model's loss) run as trained."""
+    return load_generator(model, max_new_tokens, adapter=adapter, backend="transformers")
 
 
 def perplexity(gen: Generator, text: str, window: int = 256) -> float:

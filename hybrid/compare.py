@@ -25,14 +25,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
-from finetune.evaluate import report_path
+from finetune.evaluate import model_to_score, report_path
 from finetune.train import adapter_dir
 from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M
 from rag.bm25 import tokenize
 from rag.evaluate import calibrate, golden_for, load_golden
-from rag.generate import IDK, Generator, is_abstention
+from rag.generate import IDK, is_abstention
 from rag.index import update_index
 from rag.pipeline import RagConfig, RagPipeline, artefacts, folder_name, option
 
@@ -122,7 +122,7 @@ def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list
 
 
 def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dict]:
-    gen = Generator(cfg.model, RagConfig.max_new_tokens, adapter=cfg.adapter(system))  # RAG's answer budget
+    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system))  # RAG's answer budget
     convs = [closed_book_messages(q["question"]) for q in qs]
     n = min(cfg.latency_sample, len(qs))
     gens = [gen.chat(c) for c in convs[:n]] + gen.chat_batch(convs[n:], batch_size=8, desc=system)
@@ -236,7 +236,8 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
                 raise  # the user asked for this system by name
             log.warning("leaving out %s", e)
     cfg.systems = ",".join(systems)
-    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
+    # transformers for every arm, so the adapters' arms and the plain ones differ only by the adapter
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend="transformers"))
     base.update_index(progress=progress)
     calibration = calibrate(base, golden, progress) if golden else None
     t0 = time.perf_counter()
@@ -323,7 +324,7 @@ def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | Non
     ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
     def accuracy(adapter: str | None) -> float:
-        gen = Generator(cfg.model, ecfg.max_new_tokens, adapter=adapter)
+        gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter)
         return evaluate_model(gen, ecfg, {}, progress=False)["probes"]["accuracy"]
 
     base = accuracy(None) if base_acc is None else base_acc

@@ -174,7 +174,8 @@ class Demo:
             out = {"text": a.text, "abstained": a.abstained, "reason": a.reason,
                    "sources": [hit_json(h) for h in a.sources], "cited": [a.sources.index(h) + 1 for h in a.cited],
                    "explicit_citation": a.explicit_citation, "confidence": a.confidence, "timings": a.timings,
-                   "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "threshold": pipe.threshold()}
+                   "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "rule": pipe.rule(),
+                   "signals": a.signals}
         return out | {"system": system, "seconds": time.perf_counter() - t0,
                       "first_token_s": first[0] if first else None}
 
@@ -209,7 +210,7 @@ class Demo:
                     "chosen": cid in chosen, "ranks": {k: ranks[k].get(cid) for k in ("bm25", "dense", "rerank")}}
 
         return {"mode": c.mode, "k": c.k, "rrf_k": c.rrf_k, "rerank_n": c.rerank_n, "fusion": c.rerank_fusion,
-                "timings": timings, "signals": signals, "threshold": self.rag.threshold(),
+                "timings": timings, "signals": signals, "rule": self.rag.rule(),
                 "lists": {name: [row(cid, s) for cid, s in lst[:show]] for name, lst in lists.items()},
                 "generator": [hit_json(h) for h in hits]}
 

@@ -16,13 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from rag.evaluate import GoldenError, evaluate, golden_for, load_golden
+from rag.generate import BackendUnavailable
 from rag.index import IndexMissing
 from rag.ingest import IngestError
 from rag.models import ModelNotFound
 from rag.pipeline import Answer, RagConfig, RagPipeline
 
 log = logging.getLogger("rag")
-USER_ERRORS = (IngestError, IndexMissing, ModelNotFound, GoldenError, FileNotFoundError)
+USER_ERRORS = (IngestError, IndexMissing, ModelNotFound, BackendUnavailable, GoldenError, FileNotFoundError)
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls=RagConfig) -> None:
@@ -60,8 +61,10 @@ def _print_answer(a: Answer, streamed: bool) -> None:
     else:
         print()
     if a.abstained:
-        why = "retrieval confidence below threshold" if a.reason == "low-confidence" else "the model abstained"
-        print(f"  (abstained: {why}; confidence {a.confidence:.3f})" if a.confidence is not None else "")
+        signals = ", ".join(f"{k} {v:.3f}" for k, v in a.signals.items())
+        why = ("the passages did not pass the abstention rule, so nothing was generated" if a.reason == "low-confidence"
+               else "the model said the passages do not hold the answer")
+        print(f"  (abstained: {why}; signals: {signals or 'none'})")
         return
     for h in a.cited:
         n = a.sources.index(h) + 1

@@ -6,8 +6,9 @@ sources are paths relative to the documents folder. Procedure: (1) calibrate the
 on the ``train`` split from retrieval alone (no generation), choosing the pair with the best F1 for
 "unanswerable"; (2) on the evaluated split, score retrieval for every mode and generate answers with the
 configured mode; (3) label every answerable miss as a *retrieval miss* (no expected source among the passages
-retrieved), an *abstention miss* (the confidence threshold withheld an answer whose source was retrieved) or a
-*generation miss*. The output shape is documented in README and read by hybrid/.
+retrieved), a *gate miss* (the abstention rule withheld an answer whose source was retrieved) or a
+*generation miss*; and report each abstention signal's ROC AUC on the evaluated split. The output shape is
+documented in README and read by hybrid/.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag import metrics as M
-from rag.pipeline import MODES, SIGNALS, RagPipeline
+from rag.pipeline import MODES, SIGNALS, RagPipeline, format_rule
 
 log = logging.getLogger(__name__)
-MISSES = ("retrieval", "abstention", "generation")
+MISSES = ("retrieval", "gate", "generation")
 TYPES = ("lookup", "table", "multi-hop", "exception", "paraphrase", "unanswerable")
 
 
@@ -77,54 +78,88 @@ def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[di
 
 
 def miss_kind(a, found_expected: set) -> str:
-    """Why an answerable question was missed: its source was not retrieved, the confidence threshold stopped
-    the answer although the source was there, or the generator got it wrong from the right passages."""
+    """Why an answerable question was missed: its source was not retrieved, the abstention rule stopped the
+    answer although the source was there, or the generator got it wrong from the right passages."""
     if not found_expected:
         return "retrieval"
-    return "abstention" if a.reason == "low-confidence" else "generation"
+    return "gate" if a.reason == "low-confidence" else "generation"
+
+
+def _cuts(values: list[float]) -> list[float]:
+    """Candidate thresholds: midway between neighbouring observed values, and past both ends."""
+    v = sorted(set(values))
+    return [v[0] - 1e-6, *((a + b) / 2 for a, b in zip(v, v[1:], strict=False)), v[-1] + 1e-6]
+
+
+def _f1(abstained: list[bool], unanswerable: list[bool]) -> float:
+    m = M.abstention(abstained, unanswerable)
+    p, r = m["abstain_precision"] or 0.0, m["abstain_recall"] or 0.0
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02) -> tuple[float, list] | None:
+    """The abstention rule with the best F1 for "unanswerable": one signal below a threshold, or one retrieval
+    signal or the reader's judgement below theirs (a pair must beat the best single signal by ``min_gain``, so
+    a second threshold is not fitted to noise). ``runs``: (signals, unanswerable) per train question."""
+    names = [n for n in SIGNALS if all(n in s for s, _ in runs)]
+    truth = [u for _, u in runs]
+    best: tuple[float, list] | None = None
+    for n in names:
+        for t in _cuts([s[n] for s, _ in runs]):
+            f1 = _f1([s[n] < t for s, _ in runs], truth)
+            if best is None or f1 > best[0]:
+                best = (f1, [(n, t)])
+    if "judge" in names and best is not None:
+        single = best[0]
+        for n in (x for x in names if x != "judge"):
+            for t in _cuts([s[n] for s, _ in runs]):
+                for tj in _cuts([s["judge"] for s, _ in runs]):
+                    f1 = _f1([s[n] < t or s["judge"] < tj for s, _ in runs], truth)
+                    if f1 >= single + min_gain and f1 > best[0]:
+                        best = (f1, [(n, t), ("judge", tj)])
+    return best
 
 
 def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> dict | None:
-    """Pick the signal and threshold with the best abstention F1 on the train split; saved beside the index.
+    """Pick the abstention rule with the best F1 on the train split (``choose_rule``); saved beside the index.
 
-    Each signal the mode produces (or only ``--confidence`` when set) is tried: which one separates answerable
-    from unanswerable questions depends on the corpus (on the demo train split, ROC AUC: best BM25 score 0.80,
-    best cosine 0.64, best re-ranker score 0.62).
+    The signals: the retrieval scores the mode produces and the reader's yes/no judgement (one prompt per train
+    question, sharing nothing with retrieval). Which separates answerable from unanswerable questions depends on
+    the corpus and the reader; every signal's ROC AUC on the train split is saved with the choice.
     """
     train = [q for q in golden if q["split"] == "train"]
     if not any(q["answer"] is None for q in train) or all(q["answer"] is None for q in train):
-        log.info("no train split with both answerable and unanswerable questions: no calibrated threshold")
+        log.info("no train split with both answerable and unanswerable questions: no calibrated abstention")
         return None
     # the same index version and train questions give the same signals: re-use the saved choice
     stamp = hashlib.sha256(json.dumps([pipe.index.path.name, [(q["question"], q["answer"]) for q in train]])
                            .encode()).hexdigest()[:16]
     cal_path = Path(pipe.cfg.index_dir) / "calibration.json"
     table = json.loads(cal_path.read_text()) if cal_path.exists() else {}
-    if table.get(pipe._calibration_key(), {}).get("stamp") == stamp:
-        log.info("abstention calibration unchanged since the last run (same index and train questions)")
-        return table[pipe._calibration_key()]
-    runs = [(pipe.ranked(q["question"])[2], q["answer"] is None)
-            for q in tqdm(train, desc="calibrate", disable=not progress, leave=False)]
-    names = SIGNALS if pipe.cfg.confidence == "auto" else (pipe.cfg.confidence,)
-    best = (0.0, None, None)  # (f1, signal, threshold)
-    for name in names:
-        scored = [(s[name], u) for s, u in runs if name in s]
-        if len(scored) < len(runs) or not scored:
-            continue  # this mode does not produce the signal
-        for t in sorted({c for c, _ in scored}) + [max(c for c, _ in scored) + 1e-6]:
-            m = M.abstention([c < t for c, _ in scored], [u for _, u in scored])
-            p, r = m["abstain_precision"] or 0.0, m["abstain_recall"] or 0.0
-            f1 = 2 * p * r / (p + r) if p + r else 0.0
-            if f1 > best[0]:
-                best = (f1, name, t)
-    if best[1] is None:
+    key = pipe.calibration_key()
+    if table.get(key, {}).get("stamp") == stamp and "rule" in table[key]:
+        log.info("abstention calibration unchanged since the last run (same index, reader and train questions)")
+        return table[key]
+    runs = []
+    for q in tqdm(train, desc="calibrate abstention", disable=not progress, leave=False):
+        hits, _, signals = pipe.ranked(q["question"])
+        hits = hits[:pipe.cfg.k]
+        if hits:
+            signals = signals | {"judge": pipe.generator.judge(q["question"], [(h.label, h.text) for h in hits])}
+        runs.append((signals, q["answer"] is None))
+    best = choose_rule(runs)
+    if best is None:
         return None
-    entry = {"signal": best[1], "threshold": round(best[2], 6), "train_f1": round(best[0], 4), "n": len(runs),
-             "stamp": stamp}
-    table[pipe._calibration_key()] = entry
+    auc = {n: M.separation_auc([s[n] for s, _ in runs], [u for _, u in runs])
+           for n in SIGNALS if all(n in s for s, _ in runs)}
+    entry = {"rule": [(n, round(t, 6)) for n, t in best[1]], "train_f1": round(best[0], 4), "n": len(runs),
+             "train_auc": auc, "stamp": stamp}
+    table[key] = entry
     tmp = cal_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1))
     tmp.replace(cal_path)
+    log.info("abstention rule %s (train F1 %.3f; ROC AUC on train: %s)", format_rule(entry["rule"]), best[0],
+             ", ".join(f"{n} {v:.2f}" for n, v in auc.items() if v is not None))
     return entry
 
 
@@ -134,8 +169,9 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
     qs = [q for q in golden if split == "all" or q["split"] == split]
     if not qs:
         raise GoldenError(f"no questions with split '{split}'; use --split all|train|test")
-    calibration = calibrate(pipe, golden, progress) if answers else None
-    per_q, retrieval, lat = [], {m: [] for m in modes}, {"retrieve": [], "rerank": [], "generate": []}
+    calibration = calibrate(pipe, golden, progress) if answers and pipe.cfg.abstain == "calibrated" else None
+    stages = ("retrieve", "rerank", "judge", "generate", "total")
+    per_q, retrieval, lat = [], {m: [] for m in modes}, {s: [] for s in stages}
     for q in tqdm(qs, desc=f"eval ({len(qs)} questions)", disable=not progress):
         expected = set(q["sources"])
         row = {k: q[k] for k in ("id", "question", "type", "split")} | {"expected_answer": q["answer"],
@@ -150,12 +186,16 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
         if answers:
             # the top k of the mode's top 10 are exactly what answer() would retrieve: do not re-rank twice
             a = pipe.answer(q["question"], ranked=ranked.get(pipe.cfg.mode))
+            a.timings["total"] = sum(a.timings.values())
+            signals = dict(a.signals)
+            if "judge" not in signals and a.sources:  # not asked (gated earlier, or no rule uses it): for its AUC
+                signals["judge"] = pipe.generator.judge(q["question"], [(h.label, h.text) for h in a.sources])
             refs = [q["answer"], *q["aliases"]] if q["answer"] is not None else []
             seen = {h.doc_id for h in a.sources}
             row |= {"answer": a.text, "abstained": a.abstained, "abstain_reason": a.reason,
                     "confidence": a.confidence, "cited": [h.doc_id for h in a.cited],
                     "explicit_citation": a.explicit_citation, "prompt_tokens": a.prompt_tokens,
-                    "new_tokens": a.new_tokens, "latency_s": a.timings}
+                    "new_tokens": a.new_tokens, "latency_s": a.timings, "signals": signals}
             if refs:
                 hit = not a.abstained and M.contains(a.text, refs)
                 row |= {"contains": float(hit), "exact": M.exact_match(a.text, refs), "f1": M.token_f1(a.text, refs),
@@ -178,5 +218,8 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
                              **{k: None if v is None else round(v, 4) for k, v in abst.items()},
                              **{f"{k}_misses": sum(r["miss"] == k for r in ans) for k in MISSES}}
         result["latency_ms"] = {s: M.percentiles(v) for s, v in lat.items() if v}
+        result["signal_auc"] = {n: M.separation_auc([r["signals"][n] for r in per_q],
+                                                    [r["expected_answer"] is None for r in per_q])
+                                for n in SIGNALS if all(n in r.get("signals", {}) for r in per_q)}
     result["per_question"] = per_q
     return result

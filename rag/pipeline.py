@@ -5,8 +5,9 @@ results, reciprocal rank fusion merges them, the cross-encoder scores the fused 
 joins the BM25 and dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
 With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
 generating, the pipeline abstains when a confidence signal (the best re-ranker, BM25 or cosine score) is below a
-threshold; signal and threshold are calibrated on a golden train split (rag/evaluate.py). The generator can
-still abstain by itself.
+threshold. The signals are the retrieval scores and the reader's own judgement of whether the passages state the
+answer (``Generator.judge``, computed only when the rule uses it); the rule (one or two signals, each with a
+threshold) is calibrated on a golden train split (rag/evaluate.py). The generator can still abstain by itself.
 """
 
 from __future__ import annotations
@@ -16,15 +17,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.dense import KINDS
 from rag.fuse import rrf
-from rag.generate import IDK, Generator, citations, is_abstention
+from rag.generate import BACKENDS, IDK, Generator, citations, is_abstention, load_generator
 from rag.index import Index, UpdateStats, update_index
-from rag.models import DEFAULT_EMBEDDER, DEFAULT_GENERATOR, DEFAULT_RERANKER, GENERATORS
+from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS
 
 MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
-SIGNALS = ("rerank", "bm25", "dense")  # best cross-encoder score, best BM25 score, best cosine similarity
+# best cross-encoder score, best BM25 score, best cosine similarity; the reader's yes/no log-odds
+RETRIEVAL_SIGNALS = ("rerank", "bm25", "dense")
+SIGNALS = (*RETRIEVAL_SIGNALS, "judge")
+Rule = list[tuple[str, float]]  # abstain when any signal is below its threshold
+
+
+def parse_rule(text: str) -> Rule:
+    """An abstention rule from its flag form.
+
+    >>> parse_rule("judge<0.5, bm25<4")
+    [('judge', 0.5), ('bm25', 4.0)]
+    """
+    rule = []
+    for part in text.split(","):
+        name, _, value = part.strip().partition("<")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = float("nan")
+        if name.strip() not in SIGNALS or threshold != threshold or abs(threshold) == float("inf"):
+            raise ValueError(f"--abstain '{text}': write SIGNAL<NUMBER[,SIGNAL<NUMBER] with signals from "
+                             f"{', '.join(SIGNALS)}, or 'calibrated' or 'none'")
+        rule.append((name.strip(), threshold))
+    return rule
+
+
+def format_rule(rule: Rule | None) -> str:
+    return ",".join(f"{name}<{t:g}" for name, t in rule) if rule else "none"
 
 
 def folder_name(docs: str | Path) -> str:
@@ -63,27 +93,31 @@ class RagConfig:
     reranker: str = option(DEFAULT_RERANKER, "cross-encoder: the trained default, a path or a hub id")
     rerank_fusion: str = option("rrf", "'replace' the fused order by the re-ranker's, or 'rrf': fuse the re-ranker's "
                             "order with the BM25 and dense lists")
-    model: str = option(DEFAULT_GENERATOR, "generator: smollm2-135m, qwen-0.5b, a path or a hub id")
+    model: str = option(DEFAULT_READER, f"generator: {', '.join(GENERATORS)}, a .gguf file, an HF folder or a hub id")
+    backend: str = option("auto", "generation runtime: 'auto' (llama.cpp for GGUF models on a CPU, else "
+                          "transformers), 'llamacpp' or 'transformers'")
     adapter: str = option("", "LoRA adapter folder for the generator, e.g. a RAFT adapter from `python -m hybrid "
                           "train` ('' = the plain model)")
     max_new_tokens: int = option(48, "generated tokens per answer at most")
-    abstain_threshold: float = option(-1.0, "abstain below this confidence (-1: calibrated value if any, else none)")
-    confidence: str = option("auto", "abstention signal: 'auto' (the one calibration chose; with an explicit "
-                             "threshold: rerank, bm25 or dense after the mode), or one of " + ", ".join(SIGNALS))
+    abstain: str = option("calibrated", "when to say I don't know without generating: 'calibrated' (the rule "
+                          "chosen on the golden train split, if any), 'none', or SIGNAL<THRESHOLD[,SIGNAL<THRESHOLD] "
+                          f"(any one below its threshold abstains; signals: {', '.join(SIGNALS)}), e.g. 'judge<0'")
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
-        if self.confidence not in ("auto", *SIGNALS):
-            raise ValueError(f"--confidence must be auto or one of {', '.join(SIGNALS)}, not '{self.confidence}'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'")
+        if self.abstain not in ("calibrated", "none"):
+            parse_rule(self.abstain)  # names the flag when malformed
         if self.rerank_fusion not in ("replace", "rrf"):
             raise ValueError(f"--rerank-fusion must be 'replace' or 'rrf', not '{self.rerank_fusion}'")
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.model not in GENERATORS and not Path(self.model).exists() and "/" not in self.model:
+        if self.model not in GENERATORS and not Path(self.model).expanduser().exists() and "/" not in self.model:
             raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
-                             "a local folder nor a hub id")
+                             "a local .gguf file or folder, nor a hub id")
         local = Path(self.adapter).expanduser()
         if self.adapter and (local.exists() or self.adapter.startswith((".", "/", "~"))) \
                 and not (local / "adapter_config.json").exists():
@@ -121,8 +155,9 @@ class Answer:
     sources: list[Hit]  # the passages shown to the generator, numbered from 1
     cited: list[Hit]  # the sources the answer cites (or the top source when it cites none)
     explicit_citation: bool
-    confidence: float | None
+    confidence: float | None  # the value of the rule's first signal
     timings: dict = field(default_factory=dict)  # seconds per stage
+    signals: dict = field(default_factory=dict)  # every abstention signal computed for this question
     prompt_tokens: int = 0
     new_tokens: int = 0
 
@@ -143,7 +178,8 @@ class RagPipeline:
     @property
     def generator(self) -> Generator:
         if self._generator is None:
-            self._generator = Generator(self.cfg.model, self.cfg.max_new_tokens, adapter=self.cfg.adapter or None)
+            self._generator = load_generator(self.cfg.model, self.cfg.max_new_tokens, adapter=self.cfg.adapter or None,
+                                             backend=self.cfg.backend)
         return self._generator
 
     @property
@@ -154,19 +190,23 @@ class RagPipeline:
             self._reranker = load_reranker(self.cfg.reranker)
         return self._reranker
 
-    def threshold(self) -> tuple[str, float] | None:
-        """(signal, threshold) for abstention: the explicit flags, else the calibration saved beside the index."""
+    def rule(self) -> Rule | None:
+        """When to abstain before generating: the ``--abstain`` rule, else the calibration saved beside the index."""
         c = self.cfg
-        if c.abstain_threshold >= 0:
-            auto = "rerank" if c.mode == "hybrid+rerank" else "bm25" if c.mode == "bm25" else "dense"
-            return (auto if c.confidence == "auto" else c.confidence), c.abstain_threshold
+        if c.abstain == "none":
+            return None
+        if c.abstain != "calibrated":
+            return parse_rule(c.abstain)
         cal = Path(c.index_dir) / "calibration.json"
-        entry = json.loads(cal.read_text()).get(self._calibration_key()) if cal.exists() else None
-        return (entry["signal"], entry["threshold"]) if entry else None
+        entry = json.loads(cal.read_text()).get(self.calibration_key()) if cal.exists() else None
+        return [tuple(x) for x in entry["rule"]] if entry and "rule" in entry else None
 
-    def _calibration_key(self) -> str:
+    def calibration_key(self) -> str:
+        """What a calibrated rule depends on: retrieval settings, and the reader whose judgement it may use (an
+        adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
         c = self.cfg
-        return f"{c.mode}|{c.reranker if 'rerank' in c.mode else c.embedder}|{c.chunker}|{c.contextual}|{c.confidence}"
+        scorer = c.reranker if "rerank" in c.mode else c.embedder
+        return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}"
 
     def ranked(self, query: str, mode: str | None = None, k: int | None = None, trace: dict | None = None
                ) -> tuple[list[Hit], dict, dict[str, float]]:
@@ -221,54 +261,69 @@ class RagPipeline:
             signals["rerank"] = max(ce.values())
         return hits, timings, signals
 
-    def _gate(self, question: str, ranked: tuple, rule: tuple[str, float] | None
-              ) -> tuple[list[Hit], dict, float | None, Answer | None]:
-        """Passages, timings and confidence for a question; an abstaining Answer when confidence is below ``rule``
-        (``threshold()``'s (signal, threshold), read once per call of answer or answer_batch)."""
+    def _gate(self, question: str, ranked: tuple, rule: Rule | None
+              ) -> tuple[list[Hit], dict, dict, Answer | None]:
+        """Passages, timings and signals for a question; an abstaining Answer when a signal of ``rule`` (read once
+        per call of answer or answer_batch) is below its threshold. The reader's judgement is asked only when the
+        rule uses it, and only once the retrieval signals have passed."""
         hits, timings, signals = ranked
-        hits, timings = hits[: self.cfg.k], dict(timings)
-        confidence = signals.get(rule[0]) if rule else None
-        if not hits or (confidence is not None and confidence < rule[1]):
+        hits, timings, signals = hits[: self.cfg.k], dict(timings), dict(signals)
+        failed = not hits
+        for name, threshold in sorted(rule or [], key=lambda r: r[0] == "judge"):  # the costly signal last
+            if failed:
+                break
+            if name == "judge":
+                t0 = time.perf_counter()
+                signals["judge"] = self.generator.judge(question, [(h.label, h.text) for h in hits])
+                timings["judge"] = time.perf_counter() - t0
+            failed = name in signals and signals[name] < threshold
+        if failed:
             timings["generate"] = 0.0
-            return hits, timings, confidence, Answer(question, IDK, True, "low-confidence", hits, [], False,
-                                                     confidence, timings)
-        return hits, timings, confidence, None
+            first = signals.get(rule[0][0]) if rule else None
+            return hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False, first,
+                                                  timings, signals)
+        return hits, timings, signals, None
 
     @staticmethod
-    def _finish(question: str, hits: list[Hit], timings: dict, confidence: float | None, gen) -> Answer:
+    def _finish(question: str, hits: list[Hit], timings: dict, signals: dict, rule: Rule | None, gen) -> Answer:
         timings["generate"] = gen.seconds
         abstained = is_abstention(gen.text)
         cites = citations(gen.text, len(hits))
         cited = [] if abstained else [hits[i - 1] for i in cites] or hits[:1]
         return Answer(question, gen.text, abstained, "model" if abstained else "", hits, cited, bool(cites),
-                      confidence, timings, gen.prompt_tokens, gen.new_tokens)
+                      signals.get(rule[0][0]) if rule else None, timings, signals, gen.prompt_tokens, gen.new_tokens)
 
     def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
-        """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), then generate."""
-        hits, timings, confidence, early = self._gate(question, ranked or self.ranked(question), self.threshold())
+        """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), gate, then generate."""
+        rule = self.rule()
+        hits, timings, signals, early = self._gate(question, ranked or self.ranked(question), rule)
         if early:
             if on_token:
                 on_token(IDK)
             return early
         gen = self.generator.answer(question, [(h.label, h.text) for h in hits], on_token=on_token)
-        return self._finish(question, hits, timings, confidence, gen)
+        return self._finish(question, hits, timings, signals, rule, gen)
 
     def answer_batch(self, questions: list[str], rankeds: list[tuple], batch_size: int = 8,
                      desc: str = "") -> list[Answer]:
-        """``answer`` for many questions with their ``ranked()`` results, generating in padded batches.
+        """``answer`` for many questions with their ``ranked()`` results.
 
-        Faster, not by much, for RAG prompts on a 2-core CPU, where reading ~460 prompt tokens dominates: 81 demo
-        answers took 1.4 s each in batches of 8, against a p50 of 2.1-2.7 s one at a time. Each answer's generate
-        time is its batch's time divided by the batch size, which is throughput, not the latency one user would see
-        (use ``answer`` for that).
+        On transformers the answers generate in padded batches: faster, not by much, for RAG prompts on a 2-core
+        CPU, where reading ~460 prompt tokens dominates (81 demo answers took 1.4 s each in batches of 8, against
+        a p50 of 2.1-2.7 s one at a time); each answer's generate time is then its batch's time divided by the
+        batch size, which is throughput, not the latency one user would see. llama.cpp decodes one sequence at a
+        time and re-uses the judgement's cached prompt for the answer, so there questions go one by one.
         """
-        rule = self.threshold()
+        if self.generator.backend != "transformers":
+            return [self.answer(q, ranked=r) for q, r in tqdm(list(zip(questions, rankeds, strict=True)),
+                                                               desc=desc, disable=not desc)]
+        rule = self.rule()
         gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
         todo = [i for i, g in enumerate(gated) if g[3] is None]
         gens = self.generator.answer_batch([(questions[i], [(h.label, h.text) for h in gated[i][0]]) for i in todo],
                                            batch_size=batch_size, desc=desc)
         out = [g[3] for g in gated]
         for i, gen in zip(todo, gens, strict=True):
-            hits, timings, confidence, _ = gated[i]
-            out[i] = self._finish(questions[i], hits, timings, confidence, gen)
+            hits, timings, signals, _ = gated[i]
+            out[i] = self._finish(questions[i], hits, timings, signals, rule, gen)
         return out

@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", action="store_true",
                    help="only evaluate the trained (or --model) re-ranker on the fitz-gov test split")
     p.add_argument("--model", default=DEFAULT_RERANKER, help="re-ranker for --eval (path or hub id)")
+    p.add_argument("--no-eval", action="store_true", help="skip the fitz-gov evaluation after training (~8 min on "
+                   "2 cores; `make setup` skips it, `make bench` measures the re-ranker)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(evaluate(a.model, threads=a.threads)))
             return 0
         over = {k: v for k, v in (("max_steps", a.steps), ("loss", a.loss), ("threads", a.threads)) if v}
-        out = train(RerankerConfig(**over), force=a.force)
+        out = train(RerankerConfig(**over), force=a.force, evaluate_after=not a.no_eval)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

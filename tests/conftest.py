@@ -41,7 +41,8 @@ def tiny_pipeline(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     docs = write_corpus(root / "docs")
-    pipe = RagPipeline(RagConfig(docs=str(docs), index_dir=str(root / "index"), chunk_size=40, overlap=5))
+    pipe = RagPipeline(RagConfig(docs=str(docs), index_dir=str(root / "index"), chunk_size=40, overlap=5,
+                                 model="smollm2-135m"))  # the fast tests' model; test_cli runs the default reader
     pipe.update_index(progress=False)
     return pipe
 

@@ -41,13 +41,16 @@ def test_index_ask_eval_smoke(corpus, tmp_path, capsys):
     golden.write_text("\n".join(json.dumps(q) for q in GOLDEN) + "\n")
     assert main(["eval", *common, "--golden", str(golden), "--json", str(tmp_path / "out.json")]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
-    assert set(result) == {"settings", "retrieval", "answers", "latency_ms", "per_question"}
+    assert set(result) == {"settings", "retrieval", "answers", "latency_ms", "signal_auc", "per_question"}
     assert set(result["retrieval"]) == {"bm25", "dense", "hybrid", "hybrid+rerank"}
     assert result["retrieval"]["hybrid+rerank"]["recall@5"] == 1.0
     assert {"contains", "exact", "f1", "citation_accuracy", "abstain_precision", "abstain_recall"} <= set(
         result["answers"])
     assert [q["id"] for q in result["per_question"]] == ["t3", "t4"]
     assert result["settings"]["calibration"] is not None  # the train split had both kinds of question
+    # the default reader judges whether its passages state the answer: yes for the return window, no for the cup
+    judge = {r["id"]: r["signals"]["judge"] for r in result["per_question"]}
+    assert judge["t3"] > 0 > judge["t4"], judge
     assert all(v["p50"] >= 0 for v in result["latency_ms"].values())
 
 
@@ -57,7 +60,7 @@ def test_unanswerable_question_abstains(tiny_pipeline):
 
     from rag.pipeline import RagPipeline
 
-    pipe = RagPipeline(replace(tiny_pipeline.cfg, abstain_threshold=0.2), tiny_pipeline.index)
+    pipe = RagPipeline(replace(tiny_pipeline.cfg, abstain="rerank<0.2"), tiny_pipeline.index)
     pipe._reranker = tiny_pipeline.reranker
     a = pipe.answer("Who won the 1998 football world cup?")
     assert a.abstained and a.text == IDK and a.reason == "low-confidence" and a.cited == []

@@ -163,13 +163,13 @@ def test_page_in_headless_chromium(chromium, server, demo):
 
         # an abstention is shown as a refusal with its reason: a threshold no passage reaches (no generation)
         for pipe in demo.pipes.values():
-            pipe.cfg.abstain_threshold = 1e9
+            pipe.cfg.abstain = "rerank<2"  # probabilities never reach 2
         try:
             page.click("#ask-btn")
             expect(page.locator(".col[data-state=done]")).to_have_count(3, timeout=60_000)
         finally:
             for pipe in demo.pipes.values():
-                pipe.cfg.abstain_threshold = -1.0
+                pipe.cfg.abstain = "calibrated"
         expect(rag.locator(".idk")).to_have_text("I don't know")
         expect(rag).to_contain_text("below the threshold")
 

@@ -1,0 +1,70 @@
+"""Export a fine-tuned model as one GGUF file that any llama.cpp-based tool runs (llama.cpp, Ollama, LM Studio).
+
+Merges the LoRA adapter into its base model (``finetune.train.merge``: W₀ + (α/r)·BA, saved as a plain Hugging
+Face folder), converts that folder with llama.cpp's own ``convert_hf_to_gguf.py`` (the converter scripts
+``rag.gguf_lora`` keeps), and checks that llama.cpp loads the result before it replaces any earlier file. Q8_0 by
+default: a quarter of fp32 and, unlike a 4-bit re-quantisation, it keeps what a small LoRA changed. Left out on
+purpose: 4-bit output (llama.cpp's ``llama-quantize`` does it from this file) and uploading anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from finetune.train import adapter_dir, merge
+from rag.gguf_lora import AdapterError, converter_dir
+
+OUTTYPES = ("q8_0", "f16", "bf16", "f32")
+
+
+def export(adapter: str | Path, out: str | Path, outtype: str = "q8_0") -> str:
+    """Write ``out`` (a .gguf file): the adapter merged into its base, converted, and loaded once to check it."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"--outtype must be one of {', '.join(OUTTYPES)}, not '{outtype}'")
+    out = Path(out)
+    if out.suffix.lower() != ".gguf":
+        raise ValueError(f"--out {out}: name the file .gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    conv = converter_dir()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        merged = merge(adapter_dir(adapter), Path(tmp) / "merged")
+        staged = Path(tmp) / out.name
+        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(conv), str(conv / "gguf-py")])}
+        run = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), merged, "--outfile", str(staged),
+                              "--outtype", outtype], capture_output=True, text=True, env=env)
+        if run.returncode or not staged.exists():
+            last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise AdapterError(f"llama.cpp's converter failed on the merged model ({last[0][:200]})")
+        _check_loads(staged)
+        staged.replace(out)
+    return str(out)
+
+
+def _check_loads(path: Path) -> None:
+    """llama.cpp must load the file and decode a token (only when llama-cpp-python is installed)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return
+    llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
+    llm.create_completion("Hello", max_tokens=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune export", description="merge a LoRA adapter into its base "
+                                "model and write one GGUF file for llama.cpp, Ollama or LM Studio")
+    p.add_argument("--adapter", required=True, help="training output dir or adapter folder")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="weight type (default: q8_0)")
+    a = p.parse_args(argv)
+    try:
+        print(f"wrote {export(a.adapter, a.out, a.outtype)}")
+    except (AdapterError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
