@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from rag.evaluate import GoldenError, evaluate, golden_for, load_golden
+from rag.evaluate import GoldenError, calibrate, evaluate, golden_for, load_golden
 from rag.generate import BackendUnavailable
 from rag.index import IndexMissing
 from rag.ingest import IngestError
@@ -159,6 +159,9 @@ def cmd_demo(args) -> int:
     golden_file = _golden_path(args)
     golden = load_golden(golden_file, args.docs) if golden_file else []
     if golden:
+        # calibrate first, so the example answers already abstain as the evaluation will (cached for it)
+        if pipe.cfg.abstain == "calibrated":
+            calibrate(pipe, golden)
         test = [q for q in golden if q["split"] == "test"] or golden
         picks = [q for q in test if q["answer"] is not None][:2] + [q for q in test if q["answer"] is None][:1]
         questions = [q["question"] for q in picks]
