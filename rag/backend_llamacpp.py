@@ -107,9 +107,7 @@ class LlamaCppGenerator(Generator):
 
     def _generate(self, prompt: list[int], max_new: int, stop: tuple[str, ...], on_token, **sampling) -> Generation:
         t0 = time.perf_counter()
-        if len(prompt) + max_new > self.llm.n_ctx():
-            raise ValueError(f"the prompt has {len(prompt)} tokens and the context holds {self.llm.n_ctx()}; "
-                             "use a smaller --k or --chunk-size")
+        self._check_fits(prompt, max_new)
         import llama_cpp
 
         cut, ids, greedy = StreamCut(stop, on_token), [], not sampling
@@ -125,6 +123,11 @@ class LlamaCppGenerator(Generator):
             if cut.feed(text[len(cut.raw):]) or len(ids) >= max_new:
                 break
         return Generation(cut.text, len(prompt), len(ids), time.perf_counter() - t0)
+
+    def _check_fits(self, prompt: list[int], max_new: int) -> None:
+        if len(prompt) + max_new > self.llm.n_ctx():
+            raise ValueError(f"the prompt has {len(prompt)} tokens and the context holds {self.llm.n_ctx()}; "
+                             "use a smaller --k or --chunk-size")
 
     def chat(self, messages: list[dict], on_token: Callable[[str], None] | None = None,
              max_new_tokens: int | None = None, stop: tuple[str, ...] = ()) -> Generation:
@@ -148,6 +151,7 @@ class LlamaCppGenerator(Generator):
         import numpy as np
 
         prompt, llm = self.tokens(messages), self.llm
+        self._check_fits(prompt, 1)
         # re-read only what differs from the cached tokens (at least one token, for fresh logits of the last)
         keep = min(llm.longest_token_prefix(llm._input_ids.tolist(), prompt), len(prompt) - 1)
         llm._ctx.kv_cache_seq_rm(-1, keep, -1)
