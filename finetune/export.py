@@ -10,14 +10,12 @@ purpose: 4-bit output (llama.cpp's ``llama-quantize`` does it from this file) an
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from finetune.train import adapter_dir, merge
-from rag.gguf_lora import AdapterError, converter_dir
+from rag.gguf_lora import AdapterError, run_converter
 
 OUTTYPES = ("q8_0", "f16", "bf16", "f32")
 
@@ -30,16 +28,10 @@ def export(adapter: str | Path, out: str | Path, outtype: str = "q8_0") -> str:
     if out.suffix.lower() != ".gguf":
         raise ValueError(f"--out {out}: name the file .gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
-    conv = converter_dir()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         merged = merge(adapter_dir(adapter), Path(tmp) / "merged")
         staged = Path(tmp) / out.name
-        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(conv), str(conv / "gguf-py")])}
-        run = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), merged, "--outfile", str(staged),
-                              "--outtype", outtype], capture_output=True, text=True, env=env)
-        if run.returncode or not staged.exists():
-            last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise AdapterError(f"llama.cpp's converter failed on the merged model ({last[0][:200]})")
+        run_converter("convert_hf_to_gguf.py", merged, staged, ["--outtype", outtype], what="the merged model")
         _check_loads(staged)
         staged.replace(out)
     return str(out)

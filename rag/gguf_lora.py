@@ -63,6 +63,19 @@ def converter_dir() -> Path:
     return out
 
 
+def run_converter(script: str, source: str | Path, outfile: Path, args: list[str], what: str = "") -> None:
+    """Run one of llama.cpp's converter scripts (``convert_lora_to_gguf.py``, ``convert_hf_to_gguf.py``) on its
+    own packages, offline, writing ``outfile``; a failure becomes one ``AdapterError`` line naming ``what`` (default
+    ``source``) and the converter's last words."""
+    conv = converter_dir()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(conv), str(conv / "gguf-py")]), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(conv / script), str(source), "--outfile", str(outfile), *args],
+                         capture_output=True, text=True, env=env)
+    if run.returncode or not outfile.exists():
+        last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise AdapterError(f"llama.cpp's converter failed on {what or source} ({last[0][:200]})")
+
+
 def _stamp(adapter: Path) -> str:
     h = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -80,18 +93,13 @@ def gguf_adapter(adapter: str | Path, base: str) -> str:
     out = adapter / f"adapter-{_stamp(adapter)}.gguf"
     if out.exists():
         return str(out)
-    conv = converter_dir()
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(conv), str(conv / "gguf-py")]), "HF_HUB_OFFLINE": "1"}
     log.info("converting the LoRA adapter %s to GGUF for llama.cpp (once)", adapter)
-    run = subprocess.run([sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter), "--base",
-                          str(base_dir), "--outfile", str(tmp), "--outtype", "f32"], capture_output=True, text=True,
-                         env=env)
-    if run.returncode or not tmp.exists():
+    try:
+        run_converter("convert_lora_to_gguf.py", adapter, tmp, ["--base", str(base_dir), "--outtype", "f32"])
+        tmp.replace(out)
+    finally:
         tmp.unlink(missing_ok=True)
-        last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise AdapterError(f"llama.cpp's converter failed on {adapter} ({last[0][:200]})")
-    tmp.replace(out)
     return str(out)
 
 
