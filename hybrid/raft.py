@@ -34,7 +34,7 @@ from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.index import replace_dir
 from rag.metrics import normalize
-from rag.pipeline import RagConfig, RagPipeline, artefacts, option
+from rag.pipeline import RagConfig, RagPipeline, artefacts, option, sources
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")
@@ -115,7 +115,7 @@ def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_orac
             passages = distractors[: k - 1]
             passages.insert(rng.randrange(k), oracle)  # the oracle's position is random, never always [1]
             text = target(row["answer"], passages.index(oracle) + 1, quote(oracle.text, answers))
-    messages = pipe.generator.prompt(row["question"], [(h.label, h.text) for h in passages])
+    messages = pipe.generator.prompt(row["question"], sources(passages))
     return {"messages": [*messages, {"role": "assistant", "content": text}], "question": row["question"],
             "answer": row["answer"], "source": row["source"], "fact": row["fact"], "kind": row["kind"],
             "oracle": oracle is not None and oracle in passages, "target": text}

@@ -22,7 +22,6 @@ from rag.generate import (
     Generation,
     Generator,
     StreamCut,
-    log_softmax_at,
     pick_device,
     yes_no_logodds,
 )
@@ -55,6 +54,7 @@ class TransformersGenerator(Generator):
             self.model = PeftModel.from_pretrained(self.model, adapter).eval()
         self.control_tokens = sorted({t for t in self.tokenizer.all_special_tokens if len(t) > 1}, key=len,
                                      reverse=True)
+        self.yes_no_ids = {s: self.tokenizer.encode(s, add_special_tokens=False)[0] for s in (*YES, *NO)}
 
     @property
     def pad_id(self) -> int:
@@ -141,9 +141,7 @@ class TransformersGenerator(Generator):
                                                  return_dict=True).to(self.device)
         with torch.inference_mode():
             logits = self.model(**enc).logits[0, -1].float().cpu().numpy()
-        spellings = [*YES, *NO]
-        ids = [self.tokenizer.encode(s, add_special_tokens=False)[0] for s in spellings]
-        return yes_no_logodds(dict(zip(spellings, log_softmax_at(logits, ids), strict=True)))
+        return yes_no_logodds(logits, self.yes_no_ids)
 
     def _stop_options(self, stop: tuple[str, ...]) -> dict:
         """generate() options that end a reply at any of ``stop`` (none for an empty tuple)."""

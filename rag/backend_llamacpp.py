@@ -1,12 +1,13 @@
 """The llama.cpp backend of ``Generator``: GGUF models on a CPU at several times transformers' speed.
 
 Runs the packaged 4-bit GGUF files as they are through llama-cpp-python (built from source by ``make setup``):
-on 2 cores the 1.5B reader reads ~170 prompt tokens/s and decodes ~34 tokens/s, where transformers manages
-~22-48 and ~1.3. Prompts are rendered with the chat template stored in the GGUF file (the same Jinja template
+on this project's 2-core VM the 1.5B reader read 57 prompt tokens/s and decoded 9.9 tokens/s (built without AMX;
+../shared/MODELS.md measured ~170 and ~34 on a machine of this kind), where transformers manages ~22-48 and ~1.3.
+Prompts are rendered with the chat template stored in the GGUF file (the same Jinja template
 transformers uses), tokenized with special tokens parsed (document text was defused first, see
 ``Generator.sanitize``), and decoded greedily token by token, so stop strings, streaming and token counts behave
 as on transformers. llama.cpp keeps the KV cache of the previous prompt and re-reads only what differs, which
-makes the judgement before an answer nearly free: both share the system prompt, example, question and sources.
+makes the answer after the judgement nearly free: both share the system prompt, example, question and sources.
 Left out on purpose: batching several sequences (llama-cpp-python decodes one sequence; on a 2-core CPU prompt
 reading is compute-bound, so batching would gain little), GPU offload (transformers or a served model cover GPUs),
 and merging adapters into the weights (a peft adapter is converted to a GGUF LoRA, rag/gguf_lora.py, and applied at
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from rag.generate import NO, SAMPLING, YES, Generation, Generator, StreamCut, log_softmax_at, yes_no_logodds
+from rag.generate import NO, SAMPLING, YES, Generation, Generator, StreamCut, yes_no_logodds
 from rag.models import ModelNotFound, gguf_path
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class LlamaCppGenerator(Generator):
         special = LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED  # what tokenize(special=True) matches
         texts = {vocab.token_get_text(i) for i in range(self.llm.n_vocab()) if vocab.token_get_attr(i) & special}
         self.control_tokens = sorted((t for t in texts if len(t) > 1), key=len, reverse=True)
-        self._yes_no = {s: self.llm.tokenize(s.encode(), add_bos=False)[0] for s in (*YES, *NO)}
+        self.yes_no_ids = {s: self.llm.tokenize(s.encode(), add_bos=False)[0] for s in (*YES, *NO)}
 
     def tokens(self, messages: list[dict]) -> list[int]:
         """Prompt token ids: the GGUF's chat template, special tokens parsed (documents were defused before)."""
@@ -157,9 +158,7 @@ class LlamaCppGenerator(Generator):
         llm._ctx.kv_cache_seq_rm(-1, keep, -1)
         llm.n_tokens = keep
         llm.eval(prompt[keep:])
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-        lp = log_softmax_at(logits, list(self._yes_no.values()))
-        return yes_no_logodds(dict(zip(self._yes_no, lp, strict=True)))
+        return yes_no_logodds(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)), self.yes_no_ids)
 
 
 def self_check(model: str = "smollm2-135m") -> str:

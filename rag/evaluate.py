@@ -2,9 +2,9 @@
 
 The golden format is a public contract (README "Golden file"): one JSON object per line with ``id, question,
 answer, aliases, sources, type, split``; ``answer`` null and ``sources`` empty for unanswerable questions;
-sources are paths relative to the documents folder. Procedure: (1) calibrate the abstention signal and threshold
-on the ``train`` split from retrieval alone (no generation), choosing the pair with the best F1 for
-"unanswerable"; (2) on the evaluated split, score retrieval for every mode and generate answers with the
+sources are paths relative to the documents folder. Procedure: (1) calibrate the abstention rule on the ``train``
+split from the retrieval signals and the reader's judgement (no answers generated), choosing the one with the
+best F1 for "unanswerable"; (2) on the evaluated split, score retrieval for every mode and generate answers with the
 configured mode; (3) label every answerable miss as a *retrieval miss* (no expected source among the passages
 retrieved), a *gate miss* (the abstention rule withheld an answer whose source was retrieved) or a
 *generation miss*; and report each abstention signal's ROC AUC on the evaluated split. The output shape is
@@ -145,7 +145,7 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
         hits, _, signals = pipe.ranked(q["question"])
         hits = hits[:pipe.cfg.k]
         if hits:
-            signals = signals | {"judge": pipe.generator.judge(q["question"], [(h.label, h.text) for h in hits])}
+            signals = signals | {"judge": pipe.judge(q["question"], hits)}
         runs.append((signals, q["answer"] is None))
     best = choose_rule(runs)
     if best is None:
@@ -189,7 +189,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
             a.timings["total"] = sum(a.timings.values())
             signals = dict(a.signals)
             if "judge" not in signals and a.sources:  # not asked (gated earlier, or no rule uses it): for its AUC
-                signals["judge"] = pipe.generator.judge(q["question"], [(h.label, h.text) for h in a.sources])
+                signals["judge"] = pipe.judge(q["question"], a.sources)
             refs = [q["answer"], *q["aliases"]] if q["answer"] is not None else []
             seen = {h.doc_id for h in a.sources}
             row |= {"answer": a.text, "abstained": a.abstained, "abstain_reason": a.reason,

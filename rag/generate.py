@@ -41,9 +41,10 @@ DEMO = ("How long is the lid warranty?",
         [("lids.md › Warranty", "Every lid carries a 7-year warranty against cracks."),
          ("colours.md › Colours", "Lids come in green, grey and sand.")],
         "The lid warranty lasts 7 years [1].")
-# Appended to the grounded user turn, so the judgement re-uses the prompt's cached prefix (system, example,
-# question, sources) and costs only these tokens. The reader answers questions about attributes the sources
-# never give with confident inventions; asked this apart it separates them from answerable ones.
+# Appended to the grounded user turn, so the judgement and the answer share one prefix (system, example, question,
+# sources): llama.cpp reads the prompt once for the judgement and only a few tokens more for the answer. The
+# reader answers questions about attributes the sources never give with confident inventions; asked this apart it
+# separates them from answerable ones.
 JUDGE = "\n\nBefore answering: do the sources above state the answer to this exact question? Reply Yes or No."
 _IDK_PATTERNS = re.compile(
     r"\bI don'?t know\b|\bI do not know\b|\bnot (?:mentioned|stated|specified|provided|available|included|found)\b"
@@ -89,25 +90,16 @@ def citations(answer: str, n_sources: int) -> list[int]:
     return out
 
 
-def yes_no_logodds(logprob: dict[str, float]) -> float:
-    """log P(yes) − log P(no) for the first reply token, given the log-probability of each spelling in ``YES`` and
-    ``NO``; each side counts its best spelling (a model may put its mass on " Yes" or "yes": taking whichever
-    spelling was seen last under-counted it).
+def yes_no_logodds(logits, ids: dict[str, int]) -> float:
+    """log P(yes) − log P(no) for the first reply token, from that position's logits (a 1-d array) and the token id
+    of each spelling in ``YES`` and ``NO``; each side counts its best spelling (a model may put its mass on " Yes"
+    or "yes": taking whichever spelling was seen last under-counted it). The softmax's normaliser cancels.
 
-    >>> round(yes_no_logodds({"Yes": -3.0, " Yes": -0.5, "yes": -4.0, "YES": -9.0,
-    ...                       "No": -1.5, " No": -6.0, "no": -5.0, "NO": -9.0}), 2)
+    >>> round(yes_no_logodds([0.0, 2.5, -1.0, -6.0, 1.5, -3.0, -2.0, -6.0],
+    ...                      dict(zip(YES + NO, range(8)))), 2)
     1.0
     """
-    return max(logprob[s] for s in YES) - max(logprob[s] for s in NO)
-
-
-def log_softmax_at(logits, ids: list[int]) -> list[float]:
-    """log-probabilities of token ``ids`` under one position's logits (a 1-d array), computed stably."""
-    import numpy as np
-
-    x = np.asarray(logits, dtype=np.float64)
-    z = x.max() + np.log(np.exp(x - x.max()).sum())
-    return [float(x[i] - z) for i in ids]
+    return max(float(logits[ids[s]]) for s in YES) - max(float(logits[ids[s]]) for s in NO)
 
 
 class StreamCut:
@@ -214,6 +206,8 @@ class Generator:
         raise NotImplementedError
 
     def _yes_logodds(self, messages: list[dict]) -> float:
+        """``yes_no_logodds`` of the first reply token to ``messages`` (the ids of ``YES`` and ``NO`` are the
+        backend's ``yes_no_ids``)."""
         raise NotImplementedError
 
 
@@ -232,6 +226,8 @@ def load_generator(name: str, max_new_tokens: int = 64, device: str | None = Non
         from rag.backend_llamacpp import LlamaCppGenerator, why_not
 
         reason = why_not(name, device)
+        # a broken runtime or adapter is worth a warning; a model that is not GGUF, or a GPU, is just routing
+        broken = reason if reason and reason.startswith("llama-cpp-python") else None
         if reason is None:
             from rag.gguf_lora import AdapterError, WrongBase
 
@@ -240,11 +236,11 @@ def load_generator(name: str, max_new_tokens: int = 64, device: str | None = Non
             except WrongBase:
                 raise
             except AdapterError as e:
-                reason = str(e)
+                reason = broken = str(e)
         if backend == "llamacpp":
             raise BackendUnavailable(f"the llama.cpp backend cannot run '{name}': {reason}")
-        if reason.startswith(("llama-cpp-python", "llama.cpp", "could not")) or adapter:
-            log.warning("%s; falling back to transformers (slower on a CPU)", reason)
+        if broken:
+            log.warning("%s; falling back to transformers (slower on a CPU)", broken)
     from rag.backend_hf import TransformersGenerator
 
     return TransformersGenerator(name, max_new_tokens, device=device, adapter=adapter)

@@ -28,8 +28,7 @@ from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENER
 
 MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
 # best cross-encoder score, best BM25 score, best cosine similarity; the reader's yes/no log-odds
-RETRIEVAL_SIGNALS = ("rerank", "bm25", "dense")
-SIGNALS = (*RETRIEVAL_SIGNALS, "judge")
+SIGNALS = ("rerank", "bm25", "dense", "judge")
 Rule = list[tuple[str, float]]  # abstain when any signal is below its threshold
 
 
@@ -146,6 +145,11 @@ class Hit:
         return f"{self.doc_id} › {self.section}" if self.section else self.doc_id
 
 
+def sources(hits: list[Hit]) -> list[tuple[str, str]]:
+    """The ``(label, text)`` pairs the generator numbers as sources."""
+    return [(h.label, h.text) for h in hits]
+
+
 @dataclass
 class Answer:
     question: str
@@ -207,6 +211,10 @@ class RagPipeline:
         c = self.cfg
         scorer = c.reranker if "rerank" in c.mode else c.embedder
         return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}"
+
+    def judge(self, question: str, hits: list[Hit]) -> float:
+        """The reader's log-odds that these passages state the answer (the ``judge`` abstention signal)."""
+        return self.generator.judge(question, sources(hits))
 
     def ranked(self, query: str, mode: str | None = None, k: int | None = None, trace: dict | None = None
                ) -> tuple[list[Hit], dict, dict[str, float]]:
@@ -274,7 +282,7 @@ class RagPipeline:
                 break
             if name == "judge":
                 t0 = time.perf_counter()
-                signals["judge"] = self.generator.judge(question, [(h.label, h.text) for h in hits])
+                signals["judge"] = self.judge(question, hits)
                 timings["judge"] = time.perf_counter() - t0
             failed = name in signals and signals[name] < threshold
         if failed:
@@ -301,7 +309,7 @@ class RagPipeline:
             if on_token:
                 on_token(IDK)
             return early
-        gen = self.generator.answer(question, [(h.label, h.text) for h in hits], on_token=on_token)
+        gen = self.generator.answer(question, sources(hits), on_token=on_token)
         return self._finish(question, hits, timings, signals, rule, gen)
 
     def answer_batch(self, questions: list[str], rankeds: list[tuple], batch_size: int = 8,
@@ -320,7 +328,7 @@ class RagPipeline:
         rule = self.rule()
         gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
         todo = [i for i, g in enumerate(gated) if g[3] is None]
-        gens = self.generator.answer_batch([(questions[i], [(h.label, h.text) for h in gated[i][0]]) for i in todo],
+        gens = self.generator.answer_batch([(questions[i], sources(gated[i][0])) for i in todo],
                                            batch_size=batch_size, desc=desc)
         out = [g[3] for g in gated]
         for i, gen in zip(todo, gens, strict=True):
