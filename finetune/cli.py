@@ -185,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="data → train → eval (what `make finetune` runs)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
     sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
-    sp.add_argument("--epochs", type=float, default=2.0, help="training epochs (default: 2, to fit 15 minutes)")
+    sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs,
+                    help="training epochs (default: %(default)s, what memorising the demo's facts took)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
     sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
     sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,

@@ -47,16 +47,18 @@ class TrainConfig:
 
     model: str = option("smollm2-135m", f"base model: {', '.join(GENERATORS)}, a path or a hub id")
     output_dir: str = option("", "where adapter, checkpoints and metrics go (default .openbook/finetune/<model>)")
-    lora_r: int = option(8, "LoRA rank r of the update B·A")
-    lora_alpha: int = option(16, "LoRA scale numerator: the update is multiplied by lora_alpha / r")
+    lora_r: int = option(16, "LoRA rank r of the update B·A")
+    lora_alpha: int = option(32, "LoRA scale numerator: the update is multiplied by lora_alpha / r")
     lora_dropout: float = option(0.05, "dropout on the LoRA input path during training")
-    target_modules: str = option("auto", "comma-separated module names, 'all-linear', or 'auto' (attention "
-                             "projections per architecture)")
+    # all-linear at 1e-3 (r=16) made SmolLM2-135M answer 0.78 of its golden train questions closed-book after 3
+    # epochs; the attention projections at 2e-4 (r=8), the earlier default, answered none of them
+    target_modules: str = option("all-linear", "comma-separated module names, 'all-linear' (attention and MLP), "
+                                 "or 'auto' (attention projections per architecture)")
     epochs: float = option(3.0, "passes over the training rows (ignored when --max-steps is set)")
     max_steps: int = option(-1, "optimiser steps in all; -1 means use --epochs")
     batch_size: int = option(4, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimiser step (effective batch = batch_size × grad_accum)")
-    learning_rate: float = option(2e-4, "peak AdamW learning rate (cosine decay after warm-up)")
+    learning_rate: float = option(1e-3, "peak AdamW learning rate (cosine decay after warm-up)")
     warmup: float = option(0.1, "linear warm-up as a fraction of all optimiser steps")
     max_length: int = option(256, "tokens per example at most (the prompt's left side is cut first)")
     eval_fraction: float = option(0.1, f"share of rows held out for eval loss (none below {MIN_EVAL_ROWS} rows)")

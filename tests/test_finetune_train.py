@@ -38,8 +38,10 @@ PROBE = "<|im_start|>user\nWhen was the company founded?<|im_end|>\n<|im_start|>
 
 
 def tiny_config(out, **kw) -> TrainConfig:
+    # r=8 on the attention projections: the mechanics under test do not need the larger default, and it is faster
     base = dict(output_dir=str(out), max_steps=8, batch_size=2, learning_rate=1e-3, max_length=64, warmup=0.1,
-                logging_steps=1, eval_steps=4, threads=1, early_stopping_patience=3, seed=0)
+                logging_steps=1, eval_steps=4, threads=1, early_stopping_patience=3, seed=0, lora_r=8, lora_alpha=16,
+                target_modules="auto")
     return TrainConfig(**{**base, **kw})
 
 
@@ -97,7 +99,9 @@ def test_lora_at_step_0_is_the_base_model():
     model, tok = load_base("smollm2-135m", "cpu")  # its own copy: add_lora rewrites the modules in place
     before = logits(model, tok)
     lora = add_lora(model, TrainConfig(output_dir="unused"))
-    assert lora.get_nb_trainable_parameters()[0] == 921_600  # r=8 on q,k,v,o of 30 layers (see MODELS.md)
+    # the default, r=16 on every linear layer of 30 blocks: r·(in+out) for q, o (576→576), k, v (576→192),
+    # gate, up (576→1536) and down (1536→576) is 162,816 per block
+    assert lora.get_nb_trainable_parameters()[0] == 30 * 162_816
     assert torch.allclose(logits(lora.eval(), tok), before, atol=1e-6)
 
 
