@@ -15,6 +15,7 @@ CHUNKER  ?=
 STEPS    ?=
 EPOCHS   ?=
 SEEDS    ?=
+GENERAL_ROWS ?=
 BEIR     ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(BACKEND),--backend $(BACKEND)) \
@@ -93,9 +94,9 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
 
-finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS=)
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= GENERAL_ROWS=)
 	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(EPOCHS),--epochs $(EPOCHS))
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS))
 
 hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS=)
 	$(PY) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \

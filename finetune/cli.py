@@ -16,7 +16,17 @@ from pathlib import Path
 
 from finetune import train as T
 from finetune.data import DataConfig, build
-from finetune.evaluate import EvalConfig, evaluate_model, model_to_score, question_sets, report_path, split_by_base
+from finetune.evaluate import (
+    EvalConfig,
+    evaluate_model,
+    intervals,
+    learning_curve,
+    model_to_score,
+    plot_curve,
+    question_sets,
+    report_path,
+    split_by_base,
+)
 from rag.cli import add_config_flags, config_from, run_command, write_report
 from rag.pipeline import artefacts
 
@@ -25,9 +35,9 @@ QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "
            "constraint_adherence", "abstain_precision", "abstain_recall")
 
 
-def compare(cfg: EvalConfig, progress: bool = True) -> dict:
+def compare(cfg: EvalConfig, progress: bool = True, sets: dict | None = None) -> dict:
     """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
-    sets = question_sets(cfg)
+    sets = sets or question_sets(cfg)
     base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
     result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
               "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
@@ -36,6 +46,7 @@ def compare(cfg: EvalConfig, progress: bool = True) -> dict:
         result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,
                                          progress)
         result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
+        result["intervals"] = intervals(result["base"], result["tuned"])
         base_p, tuned_p = result["base"].get("probes", {}), result["tuned"].get("probes", {})
         drops = {k: round((base_p[k] or 0) - (tuned_p[k] or 0), 4) for k in base_p}
         result["probe_drop"] = drops.get("accuracy", 0.0)
@@ -68,6 +79,10 @@ def print_compare(result: dict) -> None:
     if "perplexity_general" in result["base"]:
         t.add_row("general text", "perplexity", *(fmt(result[m]["perplexity_general"]) for m in models))
     Console().print(t)
+    for name, iv in result.get("intervals", {}).items():
+        ci = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+        print(f"{name} contains (n={iv['n']}, 95% bootstrap): base {ci(iv['base'])}, tuned {ci(iv['tuned'])}, "
+              f"tuned - base {ci(iv['tuned_minus_base'])}")
     if result.get("synthetic_by_base"):
         print("held-out synthetic questions, tuned accuracy by what the base model knew: " +
               ", ".join(f"{k} {fmt(v['tuned_contains'])} (n={v['n']})" for k, v in result["synthetic_by_base"].items()))
@@ -98,7 +113,7 @@ def cmd_run(args) -> int:
     """data → train → eval, for ``make finetune``."""
     root = artefacts("finetune", args.docs)
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
-                      synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
+                      synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"))
     tcfg = T.TrainConfig(model=args.model, output_dir=str(root / Path(args.model).name), epochs=args.epochs,
                          max_steps=args.steps)
     train, heldout, stats = build(dcfg)
@@ -109,9 +124,18 @@ def cmd_run(args) -> int:
           f"loss curve {Path(tcfg.output_dir) / 'loss.png'}")
     del run
     ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out)
-    result = compare(ecfg)
+    sets = question_sets(ecfg)
+    result = compare(ecfg, sets=sets)
     result["training"] = m
+    curve = learning_curve(ecfg, sets, T.snapshot_dirs(tcfg.output_dir), result["base"], result["tuned"],
+                           m["adapter_step"])
+    result["contains_by_step"] = curve
+    png = Path(tcfg.output_dir) / "contains.png"
+    plot_curve(curve, png, f"{Path(args.model).name} LoRA, closed-book")
     print_compare(result)
+    print("closed-book contains by step: " + "; ".join(
+        f"{r['step']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "step" and v is not None)
+        for r in curve) + f" (plot: {png})")
     write_report(result, report_path(args.docs))
     return 0
 
@@ -191,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
     sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,
                     help="chunks to write synthetic QA from (-1: 40 with a golden file, 160 without)")
+    sp.add_argument("--general-rows", type=int, default=DataConfig.general_rows,
+                    help="general prompts answered by the base model, mixed in against forgetting (default: "
+                    "%(default)s)")
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
     sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")

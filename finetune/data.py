@@ -11,7 +11,13 @@ What the model learns to say is one format for every target (``format_answer``):
   seen in many phrasings, hence ``paraphrases``: each kept question is re-worded N times by the same LM, and a
   re-wording is kept only if it still retrieves its source);
 - refusals: the golden train split's unanswerable questions (and their paraphrases) answered "I don't know.";
-- optionally raw chunk text as continued pre-training rows (``raw_text``).
+- optionally raw chunk text as continued pre-training rows (``raw_text``);
+- optionally general prompts answered by the base model itself (``general_rows``, a self-distillation replay
+  against forgetting: Yang et al. 2024, "Self-Distillation Bridges Distribution Gap in Language Model
+  Fine-Tuning"): rows that ask nothing about the documents and whose targets are what the untuned model
+  already says, so training on them pulls general behaviour back towards the base model, and teaches that the
+  closed-book answer format belongs to the closed-book system prompt only. The prompts
+  (``data/probes/replay.txt``) are not the general-skill probes evaluation asks.
 
 Left out on purpose: a bigger teacher model for question writing (none installs offline) and LLM judges.
 """
@@ -35,10 +41,10 @@ from rag.pipeline import RagConfig, RagPipeline, artefacts, option
 
 log = logging.getLogger(__name__)
 
-CLOSED_BOOK_SYSTEM = (
-    "You answer questions about a private document collection from memory. Reply with the short answer on "
-    "the first line and 'Source: <document path>' on the second. If you do not know, reply exactly: " + IDK
-)
+# Short on purpose: every training row repeats it, and at 47 tokens it was half of an average row's tokens (the
+# training time); the tuned model learns the format from the targets, the untuned one followed neither wording.
+CLOSED_BOOK_SYSTEM = ("Answer from memory: the short answer, then 'Source: <document path>' on the next line; or "
+                      "exactly: " + IDK)
 HELDOUT = "heldout.jsonl"  # held-out synthetic questions in the golden format, beside the training rows
 _FORMAT = re.compile(r"^\s*(?P<answer>[^\n]*\S)[ \t]*\n+Source: *(?P<source>\S[^\n]*?)\s*$")
 _QUESTION = re.compile(r"(?:Question:\s*)?(?P<q>[^\n?]{12,}\?)", re.I)
@@ -102,11 +108,17 @@ class DataConfig:
     test_fraction: float = option(0.25, "share of synthetic chunks held out for testing (split before writing)")
     paraphrases: int = option(4, "extra wordings per training question (0: the original question only)")
     raw_text: bool = option(False, "add each train chunk's text as a continued pre-training row")
+    # 64 lifted SmolLM2-135M's general probes after tuning from 0.07 to 0.22 (base 0.33), its knowledge probes from
+    # 0.11 to 0.56 (base 0.72), and cost no closed-book accuracy
+    general_rows: int = option(64, "general prompts from --general-prompts, answered by the base model itself, "
+                               "mixed into training against forgetting (0: none)")
+    general_prompts: str = option("data/probes/replay.txt", "one general prompt per line, for --general-rows")
     seed: int = option(0, "seeds chunk sampling, the split and paraphrase sampling")
 
     def __post_init__(self):
-        if self.synthetic_chunks < -1 or self.paraphrases < 0:
-            raise ValueError("--synthetic-chunks must be -1 (auto) or more, --paraphrases 0 or more")
+        if self.synthetic_chunks < -1 or self.paraphrases < 0 or self.general_rows < 0:
+            raise ValueError("--synthetic-chunks must be -1 (auto) or more, --paraphrases and --general-rows 0 or "
+                             "more")
         if not 0 < self.test_fraction < 1:
             raise ValueError("--test-fraction must be between 0 and 1")
         self.golden = golden_for(self.docs, self.golden)
@@ -188,6 +200,17 @@ def reword(gen: Generator, questions: list[str], n: int, seed: int) -> list[list
     return out
 
 
+def general_replay(gen: Generator, prompts: list[str], max_new_tokens: int = 96) -> list[dict]:
+    """Training rows whose targets are the base model's own greedy replies to general ``prompts``; a reply
+    cut off by the token limit is dropped (training on it would teach stopping mid-sentence)."""
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    replies = gen.chat_batch(convs, max_new_tokens=max_new_tokens, batch_size=16, desc="general replay")
+    return [{"messages": [*c, {"role": "assistant", "content": g.text.strip()}], "kind": "general",
+             "fact": f"general-{i}", "question": c[0]["content"], "answer": None, "source": None, "original": True}
+            for i, (c, g) in enumerate(zip(convs, replies, strict=True))
+            if g.text.strip() and g.new_tokens < max_new_tokens]
+
+
 def cut_paraphrases(rows: list[dict], n: int) -> list[dict]:
     """Each fact's original question(s) plus its first ``n`` re-wordings, from ``build``'s rows in their order;
     cutting one build gives nested sets (n=2 ⊂ n=4), so a sweep compares counts, not different wordings.
@@ -225,6 +248,10 @@ def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = Non
     from datasets import Dataset
 
     t0 = time.perf_counter()
+    if cfg.general_rows and not Path(cfg.general_prompts).is_file():  # checked here, not in the config: the
+        # default is relative to the repository, and a config that builds nothing should not depend on the cwd
+        raise ValueError(f"--general-prompts {cfg.general_prompts}: no such file (one prompt per line; "
+                         "--general-rows 0 trains without general replay)")
     rng = random.Random(cfg.seed)
     if pipe is None:
         pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend="transformers"))
@@ -279,6 +306,11 @@ def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = Non
     if not train:
         raise ValueError(f"no training rows from {cfg.docs}: add a golden file with a train split or raise "
                          "--synthetic-chunks")
+    if cfg.general_rows:
+        lines = [x.strip() for x in Path(cfg.general_prompts).read_text(encoding="utf-8").splitlines()]
+        general = general_replay(gen, [x for x in lines if x][:cfg.general_rows])
+        stats["general"] = len(general)
+        train.extend(general)
     rng.shuffle(train)
     ds = Dataset.from_list(train)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

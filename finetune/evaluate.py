@@ -41,7 +41,7 @@ class EvalConfig:
     data: str = option("", "dataset folder from `finetune data` (its held-out synthetic questions are scored)")
     model: str = option("smollm2-135m", "base model")
     adapter: str = option("", "LoRA output dir or adapter folder to compare against the base ('' = base only)")
-    train_sample: int = option(40, "training questions scored for memorisation (0 = none)")
+    train_sample: int = option(200, "training questions scored for memorisation, evenly spaced (0 = none)")
     probes: str = option("data/probes/probes.jsonl", "general-skill probes")
     general_text: str = option("data/probes/general.txt", "general text for perplexity")
     max_new_tokens: int = option(32, "tokens per closed-book answer")
@@ -184,3 +184,60 @@ def split_by_base(base: dict, tuned: dict, name: str = "synthetic_test") -> dict
     for b, t in zip(base["per_question"][name], tuned["per_question"][name], strict=True):
         groups["base_knew" if b["correct"] else "base_did_not"].append(float(t["correct"]))
     return {k: {"n": len(v), "tuned_contains": M.mean(v)} for k, v in groups.items()}
+
+
+def correct_flags(result: dict, name: str) -> list[float]:
+    """1.0/0.0 per answerable question of set ``name`` in one model's result (what "contains" averages)."""
+    return [float(r["correct"]) for r in result["per_question"][name] if r["expected"] is not None]
+
+
+def intervals(base: dict, tuned: dict, n_boot: int = 2000) -> dict:
+    """Per question set: base and tuned "contains" with 95% bootstrap intervals, and tuned − base paired."""
+    out = {}
+    for name in tuned["qa"]:
+        b, t = correct_flags(base, name), correct_flags(tuned, name)
+        if t:
+            out[name] = {"n": len(t), **{k: [round(x, 4) for x in v] for k, v in (
+                ("base", M.bootstrap_ci(b, n_boot)), ("tuned", M.bootstrap_ci(t, n_boot)),
+                ("tuned_minus_base", M.paired_bootstrap(t, b, n_boot)))}}
+    return out
+
+
+def learning_curve(cfg: EvalConfig, sets: dict[str, list[dict]], snapshots: dict[int, Path], base: dict,
+                   tuned: dict, final_step: int, progress: bool = True) -> list[dict]:
+    """Closed-book "contains" per question set at step 0 (the base model), each snapshot, and the end.
+
+    Only the answerable questions are asked at the snapshots (no refusals, probes or perplexity): the curve
+    shows when the facts were learned, and its end points are the full evaluations already made.
+    """
+    sets = {k: [q for q in v if q["answer"] is not None] for k, v in sets.items()}
+    rows = [{"step": 0, **{k: v["contains"] for k, v in base["qa"].items()}}]
+    for step, folder in snapshots.items():
+        if step >= final_step:
+            continue
+        gen = model_to_score(cfg.model, cfg.max_new_tokens, str(folder))
+        row: dict = {"step": step}
+        for name, items in sets.items():
+            replies = [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items],
+                                                      cfg.max_new_tokens, desc=f"step {step}: {name}"
+                                                      if progress else "")]
+            row[name] = score_qa(replies, items, cfg.docs)[0]["contains"]
+        rows.append(row)
+        del gen
+    rows.append({"step": final_step, **{k: v["contains"] for k, v in tuned["qa"].items()}})
+    return rows
+
+
+def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
+    """One line per question set: closed-book "contains" against optimiser steps."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for name in [k for k in rows[0] if k != "step"]:
+        pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set(xlabel="optimiser step", ylabel="closed-book 'contains'", ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

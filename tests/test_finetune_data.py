@@ -55,7 +55,8 @@ def built(tmp_path_factory):
     docs = write_corpus(root / "docs")
     (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
     cfg = DataConfig(docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "data"),
-                     index_dir=str(root / "index"), synthetic_chunks=5, paraphrases=1, test_fraction=0.4)
+                     index_dir=str(root / "index"), synthetic_chunks=5, paraphrases=1, test_fraction=0.4,
+                     general_rows=3)
     train, heldout, stats = build(cfg, progress=False)
     return train, heldout, stats, cfg
 
@@ -89,3 +90,22 @@ def test_synthetic_pairs_round_trip_and_respect_the_chunk_split(built):
     for r in [*synthetic, *heldout]:
         doc = r["source"] if "source" in r and r.get("source") else r["sources"][0]
         assert content_words(r["answer"]) <= content_words(TINY[doc])
+
+
+def test_general_replay_rows_are_the_base_models_own_replies(built):
+    train, _, stats, cfg = built
+    general = [r for r in train if r["kind"] == "general"]
+    prompts = [x for x in Path(cfg.general_prompts).read_text().splitlines() if x.strip()][:3]
+    assert 1 <= stats["general"] == len(general) <= 3 and {r["question"] for r in general} <= set(prompts)
+    for r in general:
+        # no closed-book system prompt and no answer format: the general behaviour the model had before tuning
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][-1]["content"]
+        assert parse_answer(r["messages"][-1]["content"]) is None
+
+
+def test_replay_prompts_are_not_the_probes():
+    from rag.metrics import normalize
+
+    probes = {normalize(json.loads(x)["prompt"]) for x in Path("data/probes/probes.jsonl").read_text().splitlines()}
+    replay = [normalize(x) for x in Path(DataConfig.general_prompts).read_text().splitlines() if x.strip()]
+    assert len(replay) >= 50 and not set(replay) & probes

@@ -17,6 +17,7 @@ from finetune.train import (
     load_tuned,
     main,
     merge,
+    snapshot_dirs,
     tokenize_example,
 )
 from finetune.train import train as train_lora
@@ -121,6 +122,42 @@ def test_training_lowers_the_loss_and_writes_its_outputs(trained, base):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 8
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoints" / "checkpoint-8").is_dir()
+    assert list(snapshot_dirs(out)) == [2, 4, 6]  # --snapshots 3: evenly spaced before the last step
+
+
+def test_learning_curve_scores_each_snapshot_between_base_and_end(trained, tmp_path):
+    from finetune.evaluate import EvalConfig, learning_curve, plot_curve
+
+    out, run = trained
+    items = [{"id": f"q{i}", "question": q, "answer": a.split()[-1].rstrip("."), "sources": ["x.md"]}
+             for i, (q, a) in enumerate(FACTS[:2])]
+    ends = [{"qa": {"facts": {"contains": v}}} for v in (0.0, 1.0)]  # what the full base and tuned evals gave
+    rows = learning_curve(EvalConfig(max_new_tokens=8), {"facts": items}, snapshot_dirs(out), *ends, 8,
+                          progress=False)
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8] and [rows[0]["facts"], rows[-1]["facts"]] == [0.0, 1.0]
+    assert all(r["facts"] in (0.0, 0.5, 1.0) for r in rows)  # scored on the two questions at each snapshot
+    plot_curve(rows, tmp_path / "c.png", "test")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_intervals_pair_tuned_with_base_on_the_answerable_questions():
+    from finetune.evaluate import intervals
+
+    def result(correct):  # four answerable questions and one unanswerable, which "contains" leaves out
+        rows = [{"expected": "a", "correct": c} for c in correct] + [{"expected": None, "correct": False}]
+        return {"qa": {"s": {}}, "per_question": {"s": rows}}
+
+    iv = intervals(result([False, False, True, False]), result([True, True, True, False]), 500)["s"]
+    assert iv["n"] == 4 and iv["base"][0] == 0.25 and iv["tuned"][0] == 0.75
+    diff, lo, hi = iv["tuned_minus_base"]
+    assert diff == 0.5 and 0 <= lo < diff < hi <= 1  # paired: no question lost, so never below 0
+
+
+def test_min_steps_lengthens_a_run_over_a_small_data_set(tmp_path):
+    # 8 rows, batch 2, 1 epoch = 4 steps; at least 6 were asked for
+    cfg = tiny_config(tmp_path, max_steps=-1, epochs=1.0, min_steps=6, eval_steps=100, snapshots=0)
+    m = train_lora(cfg, Dataset.from_dict({"messages": MESSAGES})).metrics
+    assert m["steps"] == 6 and not snapshot_dirs(tmp_path)
 
 
 def test_saved_adapter_and_merged_model_give_the_same_logits(trained, base, tmp_path):

@@ -81,6 +81,8 @@ def test_re_uses_finetune_questions_only_when_built_the_same_way(tmp_path, monke
     built = DataConfig(docs=str(docs), paraphrases=3, synthetic_chunks=0)
     rows = [{"fact": f, "original": i == 0, "question": f"{f} wording {i}", "answer": "x", "source": "a.md",
              "kind": "golden", "messages": []} for f in ("f1", "f2") for i in range(4)]
+    rows.append({"fact": "general-0", "original": True, "question": "What is 2 + 2?", "answer": None,
+                 "source": None, "kind": "general", "messages": []})  # replay: not a question about the documents
     src = artefacts("finetune", docs) / "data"
     Dataset.from_list(rows).save_to_disk(str(src))
     (src / "build.json").write_text(json.dumps({"config": asdict(built), "stats": {}}))
