@@ -149,6 +149,12 @@ def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
     return {k: v for k, v in sets.items() if v}
 
 
+def closed_book_replies(gen: Generator, items: list[dict], max_new_tokens: int, desc: str = "") -> list[str]:
+    """The model's closed-book reply to each golden-format item's question."""
+    return [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items], max_new_tokens,
+                                           desc=desc)]
+
+
 def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]], progress: bool = True) -> dict:
     """Every score for one model (base or tuned)."""
     from tqdm import tqdm
@@ -156,8 +162,7 @@ def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]],
     out: dict = {"qa": {}, "per_question": {}}
     for name, items in tqdm(sets.items(), desc=f"closed-book ({'tuned' if cfg.adapter else 'base'})",
                             disable=not progress):
-        replies = [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items],
-                                                  cfg.max_new_tokens, desc=name if progress else "")]
+        replies = closed_book_replies(gen, items, cfg.max_new_tokens, name if progress else "")
         out["qa"][name], out["per_question"][name] = score_qa(replies, items, cfg.docs)
     if cfg.probes and Path(cfg.probes).exists():
         probes = load_jsonl(cfg.probes)
@@ -218,9 +223,7 @@ def learning_curve(cfg: EvalConfig, sets: dict[str, list[dict]], snapshots: dict
         gen = model_to_score(cfg.model, cfg.max_new_tokens, str(folder))
         row: dict = {"step": step}
         for name, items in sets.items():
-            replies = [g.text for g in gen.chat_batch([closed_book_messages(q["question"]) for q in items],
-                                                      cfg.max_new_tokens, desc=f"step {step}: {name}"
-                                                      if progress else "")]
+            replies = closed_book_replies(gen, items, cfg.max_new_tokens, f"step {step}: {name}" if progress else "")
             row[name] = score_qa(replies, items, cfg.docs)[0]["contains"]
         rows.append(row)
         del gen
