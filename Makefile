@@ -94,13 +94,13 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
 
-finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= GENERAL_ROWS=)
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= GENERAL_ROWS= RESUME=1)
 	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS))
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS)) $(if $(RESUME),--resume)
 
-hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS=)
+hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS= RESUME=1)
 	$(PY) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(EPOCHS),--epochs $(EPOCHS))
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RESUME),--resume)
 
 hybrid-eval: ## evaluate the RAFT generator inside the RAG pipeline on DOCS/golden.jsonl
 	$(PY) -m hybrid eval $(FLAGS) --json .openbook/reports/hybrid-eval.json

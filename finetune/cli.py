@@ -15,9 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune import train as T
-from finetune.data import DataConfig, build
+from finetune.data import DataConfig, build, load_built
 from finetune.evaluate import (
     EvalConfig,
+    correct_flags,
     evaluate_model,
     intervals,
     learning_curve,
@@ -116,9 +117,13 @@ def cmd_run(args) -> int:
                       synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"))
     tcfg = T.TrainConfig(model=args.model, output_dir=str(root / Path(args.model).name), epochs=args.epochs,
                          max_steps=args.steps)
-    train, heldout, stats = build(dcfg)
-    print(f"dataset: {len(train)} training rows, {len(heldout)} held-out questions; {stats}")
-    run = T.train(tcfg, train)
+    built = load_built(dcfg) if args.resume else None
+    if args.resume and built is None:
+        log.warning("--resume: no saved data built with these settings in %s; building it", dcfg.out)
+    train, heldout, stats = built or build(dcfg)
+    print(f"dataset: {len(train)} training rows, {len(heldout)} held-out questions; {stats}"
+          + (" (saved, re-used)" if built else ""))
+    run = T.train(tcfg, train, resume=args.resume)
     m = run.metrics
     print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; "
           f"loss curve {Path(tcfg.output_dir) / 'loss.png'}")
@@ -143,6 +148,29 @@ def cmd_run(args) -> int:
 SWEPT = ("contains", "f1", "hallucination_rate")  # per question set, in sweep.json; the plot shows contains
 
 
+def versus(tuned: dict, other: dict) -> dict:
+    """Per answerable question set: tuned − other "contains", paired over the same questions, 95% interval."""
+    from rag.metrics import paired_bootstrap
+
+    out = {}
+    for name in tuned["qa"]:
+        a, b = correct_flags(tuned, name), correct_flags(other, name)
+        if a and len(a) == len(b):
+            out[name] = [round(x, 4) for x in paired_bootstrap(a, b)]
+    return out
+
+
+def sweep_lines(rows: list[dict]) -> list[str]:
+    """One line per paraphrase count: each set's tuned "contains" [95% CI], and the difference from the fewest."""
+    def ci(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    return [f"{r['paraphrases']} re-wordings, {r['train_rows']} rows, {r['steps']} steps: " + "; ".join(
+        f"{k} {ci(v['tuned'])}" + (f", minus {rows[0]['paraphrases']} re-wordings {ci(r['minus_fewest'][k])}"
+                                   if i and k in r["minus_fewest"] else "")
+        for k, v in r["intervals"].items()) for i, r in enumerate(rows)]
+
+
 def cmd_sweep(args) -> int:
     """Closed-book accuracy against paraphrase count: one data build at the largest count, cut to nested sets
     (``cut_paraphrases``), one training run and eval per count; the base model is evaluated once."""
@@ -156,7 +184,7 @@ def cmd_sweep(args) -> int:
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=counts[-1],
                       synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
     full = build(dcfg)[0].to_list()
-    rows, base = [], None
+    rows, base, first = [], None, None
     for n in counts:
         train = Dataset.from_list(cut_paraphrases(full, n))
         tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}"), epochs=args.epochs,
@@ -168,15 +196,23 @@ def cmd_sweep(args) -> int:
         base = base or evaluate_model(model_to_score(args.model, ecfg.max_new_tokens), ecfg, sets)
         tuned = evaluate_model(model_to_score(args.model, ecfg.max_new_tokens, str(T.adapter_dir(tcfg.output_dir))),
                                ecfg, sets)
+        first = first or tuned
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
                      "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
                      **{f"{k}_{metric}": v[metric] for k, v in tuned["qa"].items() for metric in SWEPT},
-                     **{f"base_{k}_{metric}": v[metric] for k, v in base["qa"].items() for metric in SWEPT}})
+                     **{f"base_{k}_{metric}": v[metric] for k, v in base["qa"].items() for metric in SWEPT},
+                     "intervals": intervals(base, tuned), "minus_fewest": versus(tuned, first)})
         log.info("sweep %s", rows[-1])
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     for key in [k for k in rows[0] if k.endswith("_contains") and not k.startswith("base_")]:
-        line = ax.plot(counts, [r[key] for r in rows], marker="o", label=key.removesuffix("_contains"))[0]
+        name = key.removesuffix("_contains")
+        cis = [r["intervals"].get(name, {}).get("tuned") for r in rows]
+        if all(cis):  # error bars: the 95% bootstrap interval over that set's questions
+            err = [[c[0] - c[1] for c in cis], [c[2] - c[0] for c in cis]]
+            line = ax.errorbar(counts, [c[0] for c in cis], yerr=err, marker="o", capsize=3, label=name).lines[0]
+        else:
+            line = ax.plot(counts, [r[key] for r in rows], marker="o", label=name)[0]
         ax.axhline(rows[0][f"base_{key}"], ls=":", color=line.get_color())  # the untuned model on the same set
     ax.set(xlabel="paraphrases per question", ylabel="closed-book 'contains' accuracy",
            title=f"{args.model}, " + (f"{args.steps} steps each" if args.steps > 0 else f"{args.epochs:g} epochs")
@@ -185,8 +221,8 @@ def cmd_sweep(args) -> int:
     fig.tight_layout()
     fig.savefig(root / "sweep.png", dpi=120)
     (root / "sweep.json").write_text(json.dumps(rows, indent=1))
-    for r in rows:
-        print(r)
+    for line in sweep_lines(rows):
+        print(line)
     print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")
     return 0
 
@@ -218,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--general-rows", type=int, default=DataConfig.general_rows,
                     help="general prompts answered by the base model, mixed in against forgetting (default: "
                     "%(default)s)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted run: re-use its saved data "
+                    "(when built with the same settings) and train on from the last checkpoint")
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
     sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")

@@ -324,3 +324,23 @@ def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = Non
              cfg.out)
     return ds, test, stats
 
+
+def load_built(cfg: DataConfig):
+    """The saved ``build(cfg)`` result in ``cfg.out`` when it was built with exactly ``cfg``, else None.
+
+    For resuming an interrupted ``finetune run``: the data step re-generates questions with the LM (minutes),
+    and training can only resume on the very rows it started with. Documents edited since are not noticed.
+    """
+    import json
+
+    from datasets import load_from_disk
+
+    meta = Path(cfg.out) / "build.json"
+    if not meta.is_file():
+        return None
+    saved = json.loads(meta.read_text())
+    if saved["config"] != json.loads(json.dumps(asdict(cfg))):
+        return None
+    heldout = [json.loads(x) for x in (Path(cfg.out) / HELDOUT).read_text(encoding="utf-8").splitlines() if x]
+    return load_from_disk(cfg.out), heldout, saved["stats"]
+

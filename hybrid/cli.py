@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
     print(f"RAFT dataset: {len(ds)} rows; {stats}")
     tcfg = T.TrainConfig(model=rcfg.model, output_dir=str(default_adapter(rcfg.docs, rcfg.model).parent),
                          epochs=args.epochs, max_steps=args.steps, max_length=args.max_length, **RAFT_LORA)
-    m = T.train(tcfg, ds).metrics
+    m = T.train(tcfg, ds, resume=args.resume).metrics
     print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; adapter "
           f"{default_adapter(rcfg.docs, rcfg.model)}; loss curve {Path(tcfg.output_dir) / 'loss.png'}")
     return 0
@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_flags(sp, RaftConfig)
     sp.add_argument("--epochs", type=float, default=1.0, help="training epochs (default: 1)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted training from its last "
+                    "checkpoint (the RAFT rows are rebuilt: same settings, same rows)")
     sp.add_argument("--max-length", type=int, default=1024, help="tokens per example (default: 1024; prompts "
                     "hold k passages)")
     sp = sub.add_parser("compare", help="base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side (`make "

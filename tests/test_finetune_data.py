@@ -15,6 +15,7 @@ from finetune.data import (
     content_words,
     format_answer,
     held_out,
+    load_built,
     parse_answer,
 )
 from rag.evaluate import load_golden
@@ -90,6 +91,16 @@ def test_synthetic_pairs_round_trip_and_respect_the_chunk_split(built):
     for r in [*synthetic, *heldout]:
         doc = r["source"] if "source" in r and r.get("source") else r["sources"][0]
         assert content_words(r["answer"]) <= content_words(TINY[doc])
+
+
+def test_a_resumed_run_reuses_data_built_with_the_same_settings_only(built):
+    from dataclasses import replace
+
+    train, heldout, stats, cfg = built
+    again = load_built(cfg)
+    assert again is not None and again[0].to_list() == train.to_list() and again[1:] == (heldout, stats)
+    assert load_built(replace(cfg, paraphrases=2)) is None  # other settings: the rows would differ
+    assert load_built(replace(cfg, out=cfg.out + "-none")) is None
 
 
 def test_general_replay_rows_are_the_base_models_own_replies(built):
