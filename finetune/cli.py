@@ -28,8 +28,7 @@ from finetune.evaluate import (
     report_path,
     split_by_base,
 )
-from rag.cli import add_config_flags, config_from, run_command, write_report
-from rag.pipeline import artefacts
+from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging, write_report
 
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
@@ -272,9 +271,7 @@ COMMANDS = {"data": cmd_data, "eval": cmd_eval, "run": cmd_run, "sweep": cmd_swe
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["train"], ["merge"], ["export"]):  # own parsers: argparse's REMAINDER drops leading --flags
         if argv[0] == "export":
@@ -283,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
             return export.main(argv[1:])
         return (T.main if argv[0] == "train" else T.merge_main)(argv[1:])
     args = parser().parse_args(argv)
-    return run_command(COMMANDS[args.command], args, (T.DataError,))
+    return run_command(COMMANDS[args.command], args)

@@ -32,12 +32,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rag.atomic import replace_dir
 from rag.bm25 import tokenize
+from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, Generator
-from rag.index import replace_dir
 from rag.metrics import normalize
-from rag.pipeline import RagConfig, RagPipeline, artefacts, option
+from rag.pipeline import RagConfig, RagPipeline
 
 log = logging.getLogger(__name__)
 

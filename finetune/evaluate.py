@@ -25,9 +25,9 @@ from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
+from rag.config import folder_name, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention, load_generator
-from rag.pipeline import folder_name, option
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rag.cli import add_config_flags, config_from, run_command
-from rag.generate import pick_device
-from rag.index import replace_dir
-from rag.models import GENERATORS, generator_path
-from rag.pipeline import option
+from rag.atomic import replace_dir
+from rag.config import UserError, add_config_flags, config_from, option, run_command, setup_logging
+from rag.models import GENERATORS, generator_path, pick_device
 
 log = logging.getLogger(__name__)
 # Attention projections per architecture; other model types get peft's own per-architecture table.
@@ -39,7 +37,7 @@ MIN_EVAL_ROWS = 10  # below this a held-out slice is too noisy to stop on; train
 
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training data is missing or has the wrong shape."""
 
 
@@ -417,8 +415,8 @@ def load_data(path: str):
 
 
 def _run(fn, argv_parser: argparse.ArgumentParser, argv) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    return run_command(lambda a: fn(a) or 0, argv_parser.parse_args(argv), (DataError,))
+    setup_logging()
+    return run_command(lambda a: fn(a) or 0, argv_parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ the RAFT adapter for that folder, so retrieval, re-ranking, abstention and metri
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from hybrid.compare import CompareConfig, compare
 from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
 from hybrid.ui import UiConfig, serve
 from rag import cli as rag_cli
-from rag.cli import add_config_flags, config_from, run_command
-from rag.pipeline import artefacts
+from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
 
@@ -95,9 +93,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in RAG_VERBS:  # rag's parser: argparse's REMAINDER drops leading --flags
         rest = argv[1:]
@@ -108,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             rest += ["--adapter", str(default_adapter(docs, model))]
         return rag_cli.main([argv[0], *rest])
     args = parser().parse_args(argv)
-    return run_command(COMMANDS[args.command], args, (T.DataError, FileNotFoundError))
+    return run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M
 from rag.bm25 import tokenize
+from rag.config import artefacts, folder_name, option
 from rag.evaluate import calibrate, golden_for, load_golden
 from rag.generate import IDK, is_abstention
 from rag.index import update_index
-from rag.pipeline import RagConfig, RagPipeline, artefacts, folder_name, option
+from rag.pipeline import RagConfig, RagPipeline
 
 log = logging.getLogger(__name__)
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.data import DataConfig, build, cut_paraphrases
+from rag.atomic import replace_dir
+from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
-from rag.index import replace_dir
 from rag.metrics import normalize
-from rag.pipeline import RagConfig, RagPipeline, artefacts, option, sources
+from rag.pipeline import RagConfig, RagPipeline, sources
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")

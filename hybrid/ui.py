@@ -44,10 +44,11 @@ from finetune.data import closed_book_messages, parse_answer
 from finetune.evaluate import load_jsonl
 from hybrid.compare import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
 from hybrid.freshness import freshness
+from rag.config import option
 from rag.evaluate import load_golden
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
-from rag.pipeline import Hit, RagConfig, RagPipeline, option
+from rag.pipeline import Hit, RagConfig, RagPipeline
 
 log = logging.getLogger(__name__)
 LOCAL = ("127.0.0.1", "localhost", "::1")

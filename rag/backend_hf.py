@@ -22,10 +22,9 @@ from rag.generate import (
     Generation,
     Generator,
     StreamCut,
-    pick_device,
     yes_no_logodds,
 )
-from rag.models import generator_path
+from rag.models import generator_path, pick_device
 
 GREEDY = dict(do_sample=False)  # reproducible answers; no repetition penalty, which would punish copying a source
 

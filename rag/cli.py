@@ -8,38 +8,16 @@ folder, a missing model, a bad golden file) print one ``error:`` line and exit 2
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from rag.config import add_config_flags, config_from, run_command, setup_logging, write_report
 from rag.evaluate import GoldenError, calibrate, evaluate, golden_for, load_golden
-from rag.generate import BackendUnavailable
-from rag.index import IndexMissing
-from rag.ingest import IngestError
-from rag.models import ModelNotFound
 from rag.pipeline import Answer, RagConfig, RagPipeline
 
 log = logging.getLogger("rag")
-USER_ERRORS = (IngestError, IndexMissing, ModelNotFound, BackendUnavailable, GoldenError, FileNotFoundError)
-
-
-def add_config_flags(p: argparse.ArgumentParser, cls=RagConfig) -> None:
-    """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata."""
-    for f in fields(cls):
-        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")
-
-
-def config_from(args, cls=RagConfig):
-    """The config dataclass built from parsed flags (its ``__post_init__`` validates them)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def _config(args) -> RagConfig:
@@ -132,13 +110,6 @@ def print_eval(result: dict) -> None:
                                              for k, v in result["latency_ms"].items()))
 
 
-def write_report(result: dict, path: str | Path) -> None:
-    """Save a result as JSON (creating its folder) and say where."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    print(f"wrote {path}")
-
-
 def cmd_eval(args) -> int:
     golden_file = _golden_path(args)
     if golden_file is None:
@@ -196,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "train-reranker":
             sp.add_argument("rest", nargs=argparse.REMAINDER)
             continue
-        add_config_flags(sp)
+        add_config_flags(sp, RagConfig)
         if name == "ask":
             sp.add_argument("question", nargs="+", help="one or more questions")
         if name in ("eval", "demo"):
@@ -208,24 +179,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_command(fn, args, extra: tuple = ()) -> int:
-    """Run one CLI verb; user mistakes (``USER_ERRORS`` + ``extra``) become one ``error:`` line and exit 2."""
-    try:
-        return fn(args)
-    except (*USER_ERRORS, *extra) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # config validation names the flag
-        if "--" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     # transformers reads this when first imported; importing it here just to call disable_progress_bar() would
     # add ~1.2 s to every cold command (HF_HUB_DISABLE_PROGRESS_BARS=0 brings the bars back)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

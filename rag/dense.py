@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import embedder_path
+from rag.atomic import replace_dir
+from rag.models import embedder_path, pick_device
 
 log = logging.getLogger(__name__)
 KINDS = ("exact", "hnsw")
@@ -28,8 +29,6 @@ def load_embedder(name: str):
     """A cached SentenceTransformer for a registry name, local path or hub id (on the best device)."""
     if name not in _LOADED:
         from sentence_transformers import SentenceTransformer
-
-        from rag.generate import pick_device
 
         _LOADED[name] = SentenceTransformer(embedder_path(name), device=pick_device())
     return _LOADED[name]
@@ -103,8 +102,6 @@ def export_onnx(name: str) -> Path | None:
         _LOADED[("onnx-failed", name)] = True  # one try per process, not one per bulk embed
         return None
     _LOADED.pop(("onnx", str(tmp)), None)
-    from rag.index import replace_dir  # rag.index imports this module
-
     replace_dir(tmp, out)
     log.info("exported %s to ONNX at %s", name, out)
     return out

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag import metrics as M
+from rag.config import UserError
 from rag.pipeline import MODES, SIGNALS, RagPipeline, format_rule
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ MISSES = ("retrieval", "gate", "generation")
 TYPES = ("lookup", "table", "multi-hop", "exception", "paraphrase", "unanswerable")
 
 
-class GoldenError(ValueError):
+class GoldenError(UserError, ValueError):
     """A malformed golden file; the message names the file and line."""
 
 

@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rag.config import UserError
+
 log = logging.getLogger(__name__)
 
 IDK = "I don't know."
@@ -56,19 +58,8 @@ _CITE = re.compile(r"\[(\d{1,2})\]")
 YES, NO = ("Yes", " Yes", "yes", "YES"), ("No", " No", "no", "NO")  # first-token spellings of the judgement
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """The requested generation backend cannot run this model here; the message says what to do."""
-
-
-def pick_device() -> str:
-    """cuda › mps › cpu."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def is_abstention(answer: str) -> bool:

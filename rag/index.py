@@ -28,6 +28,7 @@ import numpy as np
 
 from rag.bm25 import BM25, tokenize
 from rag.chunk import Chunk, ChunkConfig, chunk_document
+from rag.config import UserError
 from rag.dense import DenseIndex, embed
 from rag.ingest import Document, load_folder
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-class IndexMissing(RuntimeError):
+class IndexMissing(UserError, RuntimeError):
     """No usable index at a path; the message says what to run."""
 
 
@@ -91,19 +92,6 @@ class Index:
         ids = [c.id for c in chunks if c.indexed]
         return cls(path, manifest, chunks, tokens, vectors, DenseIndex.load(path / "faiss.index", ids,
                                                                              manifest["faiss"]))
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a fully written folder ``tmp`` to ``dest``, keeping the old ``dest`` until the new one is in place.
-
-    Used for artefacts that are one folder (models, datasets); the index itself swaps a ``CURRENT`` pointer.
-    """
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:

@@ -34,6 +34,8 @@ from bs4.element import PreformattedString, Tag
 from pypdf import PageObject, PdfReader
 from tqdm import tqdm
 
+from rag.config import UserError
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf")
@@ -61,7 +63,7 @@ class Document:
     mtime: float
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """A one-line, user-facing error (names the path and what to do)."""
 
 

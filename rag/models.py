@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag.config import UserError
+
 log = logging.getLogger(__name__)
 
 # Offline by default: a missing local model must fail fast with our message, not hang on a hub request.
@@ -34,7 +36,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPENBOOK_CACHE", Path.home() / ".cache" / "openbook"))
 
 
-class ModelNotFound(RuntimeError):
+def pick_device() -> str:
+    """The device models run on: cuda › mps › cpu (a GPU is used when present, never required)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class ModelNotFound(UserError, RuntimeError):
     """A model could not be resolved; the message says exactly what to run."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag.chunk import STRATEGIES, ChunkConfig
+from rag.config import artefacts, option
 from rag.dense import KINDS
 from rag.fuse import rrf
 from rag.generate import BACKENDS, IDK, Generator, citations, is_abstention, load_generator
@@ -54,21 +55,6 @@ def parse_rule(text: str) -> Rule:
 
 def format_rule(rule: Rule | None) -> str:
     return ",".join(f"{name}<{t:g}" for name, t in rule) if rule else "none"
-
-
-def folder_name(docs: str | Path) -> str:
-    """The name artefacts of a docs folder go under (``root`` for ``/``)."""
-    return Path(docs).resolve().name or "root"
-
-
-def artefacts(kind: str, docs: str | Path) -> Path:
-    """Where runtime artefacts of one kind for a docs folder go: ``.openbook/<kind>/<folder name>``."""
-    return Path(".openbook") / kind / folder_name(docs)
-
-
-def option(default, help: str):
-    """A dataclass field with its help text, which the CLI turns into ``--flag`` help."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

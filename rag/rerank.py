@@ -9,7 +9,7 @@ train-reranker`` builds (rag/train_reranker.py); any CrossEncoder path or hub id
 
 from __future__ import annotations
 
-from rag.models import reranker_path
+from rag.models import pick_device, reranker_path
 
 _LOADED: dict[str, object] = {}
 
@@ -18,8 +18,6 @@ def load_reranker(name: str, max_length: int = 256):
     """A cached CrossEncoder for the default name, a local path or a hub id."""
     if name not in _LOADED:
         from sentence_transformers import CrossEncoder
-
-        from rag.generate import pick_device
 
         _LOADED[name] = CrossEncoder(reranker_path(name), max_length=max_length, device=pick_device())
     return _LOADED[name]

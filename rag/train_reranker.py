@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rag.atomic import replace_dir
 from rag.bm25 import BM25, tokenize
 from rag.fuse import rrf
-from rag.index import replace_dir
 from rag.metrics import paired_bootstrap
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
 

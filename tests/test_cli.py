@@ -100,3 +100,24 @@ def test_pass_through_verbs_keep_their_flags(capsys):
     with pytest.raises(SystemExit) as e:
         hybrid_main(["ask", "--help"])
     assert e.value.code == 0 and "--adapter" in capsys.readouterr().out
+
+
+def test_openbook_command_lists_every_verb_and_dispatches(capsys):
+    import tomllib
+    from pathlib import Path
+
+    from hybrid.console import PACKAGES, verbs
+    from hybrid.console import main as openbook
+
+    scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["openbook"] == "hybrid.console:main"  # what `pip install -e .` installs
+    assert openbook(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for package in PACKAGES:
+        names = [v for v, _ in verbs(package)]
+        assert names and all(f"{package} {v} " in listing for v in names)
+    assert {"ask", "run", "compare", "ui"} <= {v for p in PACKAGES for v, _ in verbs(p)}
+    assert openbook(["nonsense", "ask"]) == 2 and "unknown package 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the package's own parser answers, as `python -m rag index --help` does
+        openbook(["rag", "index", "--help"])
+    assert e.value.code == 0 and "--docs" in capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_re_uses_finetune_questions_only_when_built_the_same_way(tmp_path, monke
 
     from finetune.data import DataConfig
     from hybrid.raft import finetune_questions
-    from rag.pipeline import artefacts
+    from rag.config import artefacts
     from tests.conftest import write_corpus
 
     monkeypatch.chdir(tmp_path)  # artefacts live under ./.openbook

@@ -1,0 +1,85 @@
+"""Plumbing every package's command line shares: config fields with help, one ``--flag`` per field, where a
+folder's artefacts go, one-line user errors, report writing and logging set-up.
+
+The configs themselves live beside the code they configure (``RagConfig`` in ``rag/pipeline.py``,
+``TrainConfig`` in ``finetune/train.py`` …); this module imports nothing from openbook, so any module may use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import field, fields
+from pathlib import Path
+
+# Libraries whose INFO lines drown openbook's own (model loading, HTTP, FAISS CPU probing).
+NOISY = ("sentence_transformers", "transformers", "httpx", "faiss", "peft")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a wrong folder, a missing model, a bad golden file); its message says how.
+
+    ``run_command`` prints it as one ``error:`` line and exits 2 instead of a traceback.
+    """
+
+
+def option(default, help: str):
+    """A dataclass field with its help text, which the CLI turns into ``--flag`` help."""
+    return field(default=default, metadata={"help": help})
+
+
+def folder_name(docs: str | Path) -> str:
+    """The name artefacts of a docs folder go under (``root`` for ``/``)."""
+    return Path(docs).resolve().name or "root"
+
+
+def artefacts(kind: str, docs: str | Path) -> Path:
+    """Where runtime artefacts of one kind for a docs folder go: ``.openbook/<kind>/<folder name>``."""
+    return Path(".openbook") / kind / folder_name(docs)
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata."""
+    for f in fields(cls):
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")
+
+
+def config_from(args, cls):
+    """The config dataclass built from parsed flags (its ``__post_init__`` validates them)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def run_command(fn, args, extra: tuple = ()) -> int:
+    """Run one CLI verb; user mistakes (``UserError``, a missing file, ``extra``) become one ``error:`` line and
+    exit 2, as does a config ``ValueError`` that names its flag."""
+    try:
+        return fn(args)
+    except (UserError, FileNotFoundError, *extra) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if "--" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    """Save a result as JSON (creating its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(f"wrote {path}")
+
+
+def setup_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
+    """INFO for openbook, errors only for the libraries in ``NOISY``."""
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)
