@@ -35,7 +35,7 @@ from rag.config import artefacts, folder_name, option
 from rag.evaluate import calibrate, golden_for, load_golden
 from rag.generate import IDK, is_abstention
 from rag.index import update_index
-from rag.pipeline import RagConfig, RagPipeline
+from rag.pipeline import RagConfig, RagPipeline, Ranking
 
 log = logging.getLogger(__name__)
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
@@ -142,7 +142,7 @@ def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPip
     return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": cfg.adapter(system) or ""}), index=base.index)
 
 
-def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list) -> tuple:
+def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:
     """Rows for a retrieval system, and its pipeline (kept for the context probes)."""
     pipe = with_generator(base, cfg, system)
     n = min(cfg.latency_sample, len(qs))
@@ -273,7 +273,7 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     return result
 
 
-def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: list, first: dict) -> dict:
+def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: list[Ranking], first: dict) -> dict:
     """``--seeds N``: the adapter systems again with adapters trained on seeds 1..N-1 (``hybrid.seeds``), all
     questions batched; per system the spread of each metric over the N seeds (``first`` holds seed 0's rows)."""
     trained = [s for s in first if ADAPTER[s]]

@@ -70,7 +70,7 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
                             index=index)
         rankeds = [fresh.ranked(q["question"]) for q in qs]
         k = fresh.cfg.k
-        out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r[0][:k])
+        out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r.hits[:k])
                                          for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
         for s in cfg.system_list:
             if s in CLOSED_BOOK:

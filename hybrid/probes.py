@@ -15,6 +15,7 @@ import random
 import re
 
 from rag import metrics as M
+from rag.pipeline import Ranking
 
 
 def _counterfactual(answer: str, others: list[str], rng: random.Random) -> str | None:
@@ -25,14 +26,14 @@ def _counterfactual(answer: str, others: list[str], rng: random.Random) -> str |
     return rng.choice(pool) if pool else None
 
 
-def context_probes(pipes: dict, qs: list[dict], rankeds: list, n: int, seed: int = 0) -> dict:
+def context_probes(pipes: dict, qs: list[dict], rankeds: list[Ranking], n: int, seed: int = 0) -> dict:
     """Per retrieval system: accuracy with retrieved / no / unrelated context, and whether a counterfactual
     passage (answer value edited) is followed. Only questions whose retrieved passages hold the answer; a seeded
     sample of ``n`` of them; ``pipes``: system name → ``RagPipeline`` (its generator is what is probed)."""
     rng = random.Random(seed)
     picked = []
     for q, r in zip(qs, rankeds, strict=True):
-        hits = r[0][: next(iter(pipes.values())).cfg.k]
+        hits = r.hits[: next(iter(pipes.values())).cfg.k]
         # the answer's exact wording must be in a passage, or the counterfactual edit would miss it
         if q["answer"] is None or not any(re.search(re.escape(q["answer"]), h.text, re.I) for h in hits):
             continue

@@ -185,7 +185,7 @@ class Demo:
             ranked = None
             if set(systems) & set(RETRIEVAL):  # one ranking shared by every retrieval system, as in compare
                 ranked = self.rag.ranked(question)
-                emit("ranked", {"timings": ranked[1], "signals": ranked[2]})
+                emit("ranked", {"timings": ranked.timings, "signals": ranked.signals})
             for s in systems:
                 if stopped.is_set():
                     log.info("page closed: %s not asked", ", ".join(systems[systems.index(s):]))

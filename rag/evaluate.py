@@ -180,7 +180,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
         row["retrieved"], ranked = {}, {}
         for m in modes:
             ranked[m] = pipe.ranked(q["question"], mode=m, k=10)
-            docs = [h.doc_id for h in ranked[m][0]]
+            docs = [h.doc_id for h in ranked[m].hits]
             row["retrieved"][m] = docs
             if expected:
                 retrieval[m].append(M.retrieval_scores(docs, expected))

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -136,6 +137,24 @@ def sources(hits: list[Hit]) -> list[tuple[str, str]]:
     return [(h.label, h.text) for h in hits]
 
 
+class Ranking(NamedTuple):
+    """What ``RagPipeline.ranked`` returns for one question."""
+
+    hits: list[Hit]  # best-first distinct passages (parents for hierarchical chunks)
+    timings: dict[str, float]  # seconds per stage: retrieve, rerank
+    signals: dict[str, float]  # abstention signals (``SIGNALS``) this mode computed
+
+
+class Gate(NamedTuple):
+    """A question after the abstention rule: its passages, timings and signals so far, and the abstaining
+    ``Answer`` when a signal was below its threshold (``early``; None when the question goes to the reader)."""
+
+    hits: list[Hit]
+    timings: dict[str, float]
+    signals: dict[str, float]
+    early: Answer | None
+
+
 @dataclass
 class Answer:
     question: str
@@ -203,7 +222,7 @@ class RagPipeline:
         return self.generator.judge(question, sources(hits))
 
     def ranked(self, query: str, mode: str | None = None, k: int | None = None, trace: dict | None = None
-               ) -> tuple[list[Hit], dict, dict[str, float]]:
+               ) -> Ranking:
         """Best-first distinct passages, seconds spent per stage, and the abstention signals (``SIGNALS``).
         ``trace``: a dict that receives each stage's best-first ``[(chunk_id, score)]`` list (bm25, dense, fused,
         rerank, final) for inspection."""
@@ -253,10 +272,9 @@ class RagPipeline:
                 break
         if ce:
             signals["rerank"] = max(ce.values())
-        return hits, timings, signals
+        return Ranking(hits, timings, signals)
 
-    def _gate(self, question: str, ranked: tuple, rule: Rule | None
-              ) -> tuple[list[Hit], dict, dict, Answer | None]:
+    def _gate(self, question: str, ranked: Ranking, rule: Rule | None) -> Gate:
         """Passages, timings and signals for a question; an abstaining Answer when a signal of ``rule`` (read once
         per call of answer or answer_batch) is below its threshold. The reader's judgement is asked only when the
         rule uses it, and only once the retrieval signals have passed."""
@@ -274,9 +292,9 @@ class RagPipeline:
         if failed:
             timings["generate"] = 0.0
             first = signals.get(rule[0][0]) if rule else None
-            return hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False, first,
-                                                  timings, signals)
-        return hits, timings, signals, None
+            return Gate(hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False,
+                                                       first, timings, signals))
+        return Gate(hits, timings, signals, None)
 
     @staticmethod
     def _finish(question: str, hits: list[Hit], timings: dict, signals: dict, rule: Rule | None, gen) -> Answer:
@@ -287,7 +305,7 @@ class RagPipeline:
         return Answer(question, gen.text, abstained, "model" if abstained else "", hits, cited, bool(cites),
                       signals.get(rule[0][0]) if rule else None, timings, signals, gen.prompt_tokens, gen.new_tokens)
 
-    def answer(self, question: str, on_token=None, ranked: tuple | None = None) -> Answer:
+    def answer(self, question: str, on_token=None, ranked: Ranking | None = None) -> Answer:
         """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), gate, then generate."""
         rule = self.rule()
         hits, timings, signals, early = self._gate(question, ranked or self.ranked(question), rule)
@@ -298,7 +316,7 @@ class RagPipeline:
         gen = self.generator.answer(question, sources(hits), on_token=on_token)
         return self._finish(question, hits, timings, signals, rule, gen)
 
-    def answer_batch(self, questions: list[str], rankeds: list[tuple], batch_size: int = 8,
+    def answer_batch(self, questions: list[str], rankeds: list[Ranking], batch_size: int = 8,
                      desc: str = "") -> list[Answer]:
         """``answer`` for many questions with their ``ranked()`` results.
 
@@ -313,11 +331,11 @@ class RagPipeline:
                                                                desc=desc, disable=not desc)]
         rule = self.rule()
         gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
-        todo = [i for i, g in enumerate(gated) if g[3] is None]
-        gens = self.generator.answer_batch([(questions[i], sources(gated[i][0])) for i in todo],
+        todo = [i for i, g in enumerate(gated) if g.early is None]
+        gens = self.generator.answer_batch([(questions[i], sources(gated[i].hits)) for i in todo],
                                            batch_size=batch_size, desc=desc)
-        out = [g[3] for g in gated]
+        out = [g.early for g in gated]
         for i, gen in zip(todo, gens, strict=True):
-            hits, timings, signals, _ = gated[i]
-            out[i] = self._finish(questions[i], hits, timings, signals, rule, gen)
+            g = gated[i]
+            out[i] = self._finish(questions[i], g.hits, g.timings, g.signals, rule, gen)
         return out

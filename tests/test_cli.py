@@ -103,8 +103,9 @@ def test_pass_through_verbs_keep_their_flags(capsys):
 
 
 def test_openbook_command_lists_every_verb_and_dispatches(capsys):
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from hybrid.console import PACKAGES, verbs
     from hybrid.console import main as openbook
