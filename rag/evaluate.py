@@ -164,7 +164,7 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
     return entry
 
 
-def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: tuple[str, ...] = MODES,
+def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: tuple[str, ...] = tuple(MODES),
              answers: bool = True, progress: bool = True) -> dict:
     """Run the evaluation and return the JSON-ready result (shape in README "Eval output")."""
     qs = [q for q in golden if split == "all" or q["split"] == split]

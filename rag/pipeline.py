@@ -28,7 +28,18 @@ from rag.generate import BACKENDS, IDK, Generator, citations, is_abstention, loa
 from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS
 
-MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
+
+@dataclass(frozen=True)
+class Mode:
+    """Which retrievers a retrieval mode runs: the lists it fuses, and whether the cross-encoder re-ranks them."""
+
+    bm25: bool
+    dense: bool
+    rerank: bool = False
+
+
+MODES = {"bm25": Mode(bm25=True, dense=False), "dense": Mode(bm25=False, dense=True),
+         "hybrid": Mode(bm25=True, dense=True), "hybrid+rerank": Mode(bm25=True, dense=True, rerank=True)}
 # best cross-encoder score, best BM25 score, best cosine similarity; the reader's yes/no log-odds
 SIGNALS = ("rerank", "bm25", "dense", "judge")
 Rule = list[tuple[str, float]]  # abstain when any signal is below its threshold
@@ -214,7 +225,7 @@ class RagPipeline:
         """What a calibrated rule depends on: retrieval settings, and the reader whose judgement it may use (an
         adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
         c = self.cfg
-        scorer = c.reranker if "rerank" in c.mode else c.embedder
+        scorer = c.reranker if MODES[c.mode].rerank else c.embedder
         return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}"
 
     def judge(self, question: str, hits: list[Hit]) -> float:
@@ -227,25 +238,22 @@ class RagPipeline:
         ``trace``: a dict that receives each stage's best-first ``[(chunk_id, score)]`` list (bm25, dense, fused,
         rerank, final) for inspection."""
         c, mode, k = self.cfg, mode or self.cfg.mode, k or self.cfg.k
+        use = MODES[mode]
         n = max(c.k * c.fetch_factor, c.rerank_n)  # the configured k: a longer cut sees the same candidates
         t0 = time.perf_counter()
-        lists = []
-        if mode != "dense":
-            lists.append(self.index.search_bm25(query, n))
-        if mode != "bm25":
-            lists.append(self.index.search_dense(query, n))
-        signals = {}
-        if mode != "dense" and lists[0]:
-            signals["bm25"] = lists[0][0][1]
-        if mode != "bm25" and lists[-1]:
-            signals["dense"] = lists[-1][0][1]
+        named = {}  # retriever name → its best-first [(chunk_id, score)]
+        if use.bm25:
+            named["bm25"] = self.index.search_bm25(query, n)
+        if use.dense:
+            named["dense"] = self.index.search_dense(query, n)
+        signals = {name: found[0][1] for name, found in named.items() if found}  # best score of each
+        lists = list(named.values())
         fused = lists[0] if len(lists) == 1 else rrf(lists, c.rrf_k)
         timings = {"retrieve": time.perf_counter() - t0}
         if trace is not None:
-            names = [name for name, used in (("bm25", mode != "dense"), ("dense", mode != "bm25")) if used]
-            trace |= dict(zip(names, lists, strict=True)) | {"fused": fused}
+            trace |= named | {"fused": fused}
         ce: dict[str, float] = {}
-        if mode == "hybrid+rerank":
+        if use.rerank:
             from rag.rerank import rerank
 
             model = self.reranker  # loaded on first use, outside the timer: a load is not re-ranking latency

@@ -61,7 +61,7 @@ def test_bm25_auto_backend_switches_to_bm25s_on_a_large_corpus_with_the_same_sco
     assert np.allclose(big.scores("costs 42 euro zone 7"), ref.scores("costs 42 euro zone 7"), atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", list(MODES))
 def test_every_mode_finds_the_answering_document_first(tiny_pipeline, mode):
     for q, doc in QUESTIONS.items():
         hits, timings, _ = tiny_pipeline.ranked(q, mode=mode, k=3)
