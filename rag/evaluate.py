@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rag import calibration
 from rag import metrics as M
 from rag.config import UserError
 from rag.pipeline import MODES, SIGNALS, RagPipeline, format_rule
@@ -135,16 +136,15 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
     # the same index version and train questions give the same signals: re-use the saved choice
     stamp = hashlib.sha256(json.dumps([pipe.index.path.name, [(q["question"], q["answer"]) for q in train]])
                            .encode()).hexdigest()[:16]
-    cal_path = Path(pipe.cfg.index_dir) / "calibration.json"
-    table = json.loads(cal_path.read_text()) if cal_path.exists() else {}
+    table = calibration.load(pipe.cfg.index_dir)
     key = pipe.calibration_key()
     if table.get(key, {}).get("stamp") == stamp and "rule" in table[key]:
         log.info("abstention calibration unchanged since the last run (same index, reader and train questions)")
         return table[key]
     runs = []
     for q in tqdm(train, desc="calibrate abstention", disable=not progress, leave=False):
-        hits, _, signals = pipe.ranked(q["question"])
-        hits = hits[:pipe.cfg.k]
+        r = pipe.ranked(q["question"])
+        hits, signals = r.hits[:pipe.cfg.k], r.signals
         if hits:
             signals = signals | {"judge": pipe.judge(q["question"], hits)}
         runs.append((signals, q["answer"] is None))
@@ -155,10 +155,7 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
            for n in SIGNALS if all(n in s for s, _ in runs)}
     entry = {"rule": [(n, round(t, 6)) for n, t in best[1]], "train_f1": round(best[0], 4), "n": len(runs),
              "train_auc": auc, "stamp": stamp}
-    table[key] = entry
-    tmp = cal_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(cal_path)
+    calibration.save(pipe.cfg.index_dir, key, entry)
     log.info("abstention rule %s (train F1 %.3f; ROC AUC on train: %s)", format_rule(entry["rule"]), best[0],
              ", ".join(f"{n} {v:.2f}" for n, v in auc.items() if v is not None))
     return entry
@@ -170,7 +167,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
     qs = [q for q in golden if split == "all" or q["split"] == split]
     if not qs:
         raise GoldenError(f"no questions with split '{split}'; use --split all|train|test")
-    calibration = calibrate(pipe, golden, progress) if answers and pipe.cfg.abstain == "calibrated" else None
+    cal = calibrate(pipe, golden, progress) if answers and pipe.cfg.abstain == "calibrated" else None
     stages = ("retrieve", "rerank", "judge", "generate", "total")
     per_q, retrieval, lat = [], {m: [] for m in modes}, {s: [] for s in stages}
     for q in tqdm(qs, desc=f"eval ({len(qs)} questions)", disable=not progress):
@@ -208,7 +205,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
         per_q.append(row)
     ans = [r for r in per_q if r["expected_answer"] is not None]
     result = {"settings": asdict(pipe.cfg) | {"split": split, "n_questions": len(qs), "n_answerable": len(ans),
-                                              "calibration": calibration},
+                                              "calibration": cal},
               "retrieval": {m: {k: M.mean([s[k] for s in v]) for k in ("recall@1", "recall@5", "recall@10", "mrr",
                                                                          "ndcg@10")} for m, v in retrieval.items()}}
     if answers:

@@ -12,7 +12,6 @@ threshold) is calibrated on a golden train split (rag/evaluate.py). The generato
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from rag import calibration
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
@@ -217,8 +217,7 @@ class RagPipeline:
             return None
         if c.abstain != "calibrated":
             return parse_rule(c.abstain)
-        cal = Path(c.index_dir) / "calibration.json"
-        entry = json.loads(cal.read_text()).get(self.calibration_key()) if cal.exists() else None
+        entry = calibration.load(c.index_dir).get(self.calibration_key())
         return [tuple(x) for x in entry["rule"]] if entry and "rule" in entry else None
 
     def calibration_key(self) -> str:
