@@ -29,6 +29,7 @@ from finetune.evaluate import (
     split_by_base,
 )
 from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging, write_report
+from rag.models import DEFAULT_GENERATOR
 
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
@@ -243,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
                     "--max-probe-drop")
     sp = sub.add_parser("run", help="data → train → eval (what `make finetune` runs)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
-    sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    sp.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model (default: {DEFAULT_GENERATOR})")
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs,
                     help="training epochs (default: %(default)s, what memorising the demo's facts took)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
@@ -257,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
                     "(when built with the same settings) and train on from the last checkpoint")
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
-    sp.add_argument("--model", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    sp.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model (default: {DEFAULT_GENERATOR})")
     sp.add_argument("--paraphrases", default="0,2,4,8", help="comma-separated counts (default: 0,2,4,8)")
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs, help="epochs per run (same for all)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps per run instead of --epochs: the same "

@@ -38,6 +38,7 @@ from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, Generator
 from rag.metrics import normalize
+from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class DataConfig:
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl when present; only its train split is used)")
     out: str = option("", "dataset folder (default .openbook/finetune/<folder>/data)")
     index_dir: str = option("", "the RAG index used for round trips (default .openbook/index/<folder>)")
-    model: str = option("smollm2-135m", "LM that writes synthetic questions and paraphrases")
+    model: str = option(DEFAULT_GENERATOR, "LM that writes synthetic questions and paraphrases")
     synthetic_chunks: int = option(-1, "chunks to write synthetic QA from, train and test parts together (0: none; "
                                    "-1: 40 beside a golden train split, 160 without one)")
     test_fraction: float = option(0.25, "share of synthetic chunks held out for testing (split before writing)")

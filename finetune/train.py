@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rag.atomic import replace_dir
 from rag.config import UserError, add_config_flags, config_from, option, run_command, setup_logging
-from rag.models import GENERATORS, generator_path, pick_device
+from rag.models import DEFAULT_GENERATOR, GENERATORS, generator_path, pick_device
 
 log = logging.getLogger(__name__)
 # Attention projections per architecture; other model types get peft's own per-architecture table.
@@ -45,7 +45,7 @@ class DataError(UserError, ValueError):
 class TrainConfig:
     """Every knob of LoRA training; the CLI makes one ``--flag`` per field."""
 
-    model: str = option("smollm2-135m", f"base model: {', '.join(GENERATORS)}, a path or a hub id")
+    model: str = option(DEFAULT_GENERATOR, f"base model: {', '.join(GENERATORS)}, a path or a hub id")
     output_dir: str = option("", "where adapter, checkpoints and metrics go (default .openbook/finetune/<model>)")
     lora_r: int = option(16, "LoRA rank r of the update B·A")
     lora_alpha: int = option(32, "LoRA scale numerator: the update is multiplied by lora_alpha / r")

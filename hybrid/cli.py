@@ -20,6 +20,7 @@ from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
 from hybrid.ui import UiConfig, serve
 from rag import cli as rag_cli
 from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging
+from rag.models import DEFAULT_GENERATOR
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--adapter" not in rest and not any(a.startswith("--adapter=") for a in rest) \
                 and not {"-h", "--help"} & set(rest):
             docs = rest[rest.index("--docs") + 1] if "--docs" in rest[:-1] else "data/demo"
-            model = rest[rest.index("--model") + 1] if "--model" in rest[:-1] else "smollm2-135m"
+            model = rest[rest.index("--model") + 1] if "--model" in rest[:-1] else DEFAULT_GENERATOR
             rest += ["--adapter", str(default_adapter(docs, model))]
         return rag_cli.main([argv[0], *rest])
     args = parser().parse_args(argv)

@@ -35,6 +35,7 @@ from rag.config import artefacts, folder_name, option
 from rag.evaluate import calibrate, golden_for, load_golden
 from rag.generate import IDK, is_abstention
 from rag.index import update_index
+from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline, Ranking
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class CompareConfig:
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; without one: held-out synthetic questions)")
     split: str = option("test", "golden split to answer")
     index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
-    model: str = option("smollm2-135m", "base generator (the adapters must have been trained on it)")
+    model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
     systems: str = option(",".join(SYSTEMS), "comma-separated systems to run")

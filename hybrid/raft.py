@@ -35,6 +35,7 @@ from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.metrics import normalize
+from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline, sources
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class RaftConfig:
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; only its train split is used)")
     out: str = option("", "dataset folder (default .openbook/hybrid/<folder>/data)")
     index_dir: str = option("", "the RAG index distractors are retrieved from (default .openbook/index/<folder>)")
-    model: str = option("smollm2-135m", "LM that writes paraphrases and synthetic questions (finetune data)")
+    model: str = option(DEFAULT_GENERATOR, "LM that writes paraphrases and synthetic questions (finetune data)")
     k: int = option(3, "passages per prompt, oracle included (RAG's --k)")
     p_no_oracle: float = option(0.2, "share of answerable rows whose oracle is replaced by another distractor")
     no_oracle: str = option("idk", "target when the oracle is removed: 'idk' or 'memorised' (the answer, uncited)")

@@ -48,6 +48,7 @@ from rag.config import option
 from rag.evaluate import load_golden
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
+from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import Hit, RagConfig, RagPipeline
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class UiConfig:
 
     docs: str = option("data/demo", "documents folder")
     index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
-    model: str = option("smollm2-135m", "base generator (the adapters must have been trained on it)")
+    model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
     report: str = option("", "the `make compare` report folder (default .openbook/reports/compare-<folder>)")

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from rag.generate import NO, SAMPLING, YES, Generation, Generator, StreamCut, yes_no_logodds
-from rag.models import ModelNotFound, gguf_path
+from rag.models import DEFAULT_GENERATOR, ModelNotFound, gguf_path
 
 log = logging.getLogger(__name__)
 N_CTX = 4096  # prompt + answer tokens; k=3 demo prompts are ~500-900 tokens, and the KV cache costs ~0.1 GB
@@ -161,7 +161,7 @@ class LlamaCppGenerator(Generator):
         return yes_no_logodds(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)), self.yes_no_ids)
 
 
-def self_check(model: str = "smollm2-135m") -> str:
+def self_check(model: str = DEFAULT_GENERATOR) -> str:
     """Load a packaged GGUF and decode a few tokens: `make setup` runs this in a child process after building,
     because a build for the wrong instruction set fails only when it runs (SIGILL), not when it compiles."""
     gen = LlamaCppGenerator(model, max_new_tokens=4)
