@@ -28,7 +28,7 @@ from finetune.evaluate import (
     report_path,
     split_by_base,
 )
-from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging, write_report
+from rag.config import add_config_flags, artefacts, config_from, run_command, run_dir, setup_logging, write_report
 from rag.models import DEFAULT_GENERATOR
 
 log = logging.getLogger("finetune")
@@ -115,8 +115,8 @@ def cmd_run(args) -> int:
     root = artefacts("finetune", args.docs)
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
                       synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"))
-    tcfg = T.TrainConfig(model=args.model, output_dir=str(root / Path(args.model).name), epochs=args.epochs,
-                         max_steps=args.steps)
+    tcfg = T.TrainConfig(model=args.model, output_dir=str(run_dir("finetune", args.docs, args.model)),
+                         epochs=args.epochs, max_steps=args.steps)
     built = load_built(dcfg) if args.resume else None
     if args.resume and built is None:
         log.warning("--resume: no saved data built with these settings in %s; building it", dcfg.out)

@@ -37,7 +37,7 @@ from rag.bm25 import tokenize
 from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, Generator
-from rag.metrics import normalize
+from rag.metrics import SENTENCE_BREAK, normalize
 from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline
 
@@ -58,7 +58,6 @@ _AMOUNT = r"(?:\b(?:EUR|USD|GBP|CHF)\s?|[$€£])?\b\d[\d,.:]*(?:\s?(?:%|" + _NO
 _SPANS = (re.compile(_AMOUNT),
           re.compile(r"`([^`\n]{2,40})`"),
           re.compile(r"(?<=[a-z,;] )(?:[A-Z][\w-]+ ){0,3}[A-Z][\w-]+"))
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 # Worked example turns, not instructions: asked plainly, SmolLM2-135M answered "I'm ready to help" or wrote an
 # answer instead of a question; shown examples it mostly follows.
 QA_ASK = "Passage ({label}):\n{text}\n\nWrite a question about the passage whose answer is: {answer}"
@@ -148,7 +147,7 @@ def answer_span(text: str) -> tuple[str, str] | None:
     >>> answer_span("# Plans\\nThe Pro plan costs EUR 49 per month. It has no limits.")
     ('EUR 49', 'The Pro plan costs EUR 49 per month.')
     """
-    sentences = [s.strip() for s in _SENTENCE.split(text)]
+    sentences = [s.strip() for s in SENTENCE_BREAK.split(text)]
     # prose only: headings, table rows and list stubs lack the words a question needs
     sentences = [s for s in sentences if len(s.split()) >= 6 and not s.startswith(("#", "|"))]
     for pattern in _SPANS:

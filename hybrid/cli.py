@@ -19,7 +19,7 @@ from hybrid.compare import CompareConfig, compare
 from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
 from hybrid.ui import UiConfig, serve
 from rag import cli as rag_cli
-from rag.config import add_config_flags, artefacts, config_from, run_command, setup_logging
+from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging
 from rag.models import DEFAULT_GENERATOR
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
@@ -27,7 +27,7 @@ RAG_VERBS = ("index", "ask", "chat", "eval")
 
 def default_adapter(docs: str, model: str) -> Path:
     """The RAFT adapter ``make hybrid`` trains for a docs folder and model (``CompareConfig.raft`` + adapter)."""
-    return artefacts("hybrid", docs) / Path(model).name / "adapter"
+    return run_dir("hybrid", docs, model) / "adapter"
 
 
 def cmd_data(args) -> int:

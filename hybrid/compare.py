@@ -31,7 +31,7 @@ from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M
 from rag.bm25 import tokenize
-from rag.config import artefacts, folder_name, option
+from rag.config import folder_name, option, run_dir
 from rag.evaluate import calibrate, golden_for, load_golden
 from rag.generate import IDK, is_abstention
 from rag.index import update_index
@@ -73,9 +73,8 @@ class CompareConfig:
         unknown = set(self.system_list) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
-        stem = Path(self.model).name
-        self.finetuned = self.finetuned or str(artefacts("finetune", self.docs) / stem)
-        self.raft = self.raft or str(artefacts("hybrid", self.docs) / stem)
+        self.finetuned = self.finetuned or str(run_dir("finetune", self.docs, self.model))
+        self.raft = self.raft or str(run_dir("hybrid", self.docs, self.model))
         self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}")
         self.golden = golden_for(self.docs, self.golden)
 

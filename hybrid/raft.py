@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from rag.atomic import replace_dir
 from rag.config import artefacts, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
-from rag.metrics import normalize
+from rag.metrics import SENTENCE_BREAK, normalize
 from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline, sources
 
@@ -44,7 +43,6 @@ NO_ORACLE = ("idk", "memorised")
 # demo). The closed-book defaults in finetune/train.py changed so the model memorises facts; RAFT, answering from
 # passages, is not measured with them.
 RAFT_LORA = dict(lora_r=8, lora_alpha=16, target_modules="auto", learning_rate=2e-4, min_steps=0)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 @dataclass
@@ -80,7 +78,7 @@ def quote(text: str, answers: list[str], max_words: int = 30) -> str | None:
     >>> quote("Returns are free. Labels cost EUR 5.95 each. Ask us.", ["EUR 5.95"])
     'Labels cost EUR 5.95 each.'
     """
-    for sent in _SENTENCE.split(text):
+    for sent in SENTENCE_BREAK.split(text):
         if any(f" {normalize(a)} " in f" {normalize(sent)} " for a in answers if normalize(a)):
             words = sent.strip().lstrip("#|-* ").split()
             return " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")

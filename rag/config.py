@@ -40,6 +40,12 @@ def artefacts(kind: str, docs: str | Path) -> Path:
     return Path(".openbook") / kind / folder_name(docs)
 
 
+def run_dir(kind: str, docs: str | Path, model: str) -> Path:
+    """Where a training run of ``kind`` ("finetune" or "hybrid") for a docs folder and base model writes its
+    adapter, checkpoints and metrics: ``.openbook/<kind>/<folder name>/<model name>``."""
+    return artefacts(kind, docs) / Path(model).name
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata."""
     for f in fields(cls):

@@ -123,6 +123,9 @@ def bootstrap_ci(values, n: int = 2000, seed: int = 0) -> tuple[float, float, fl
     return paired_bootstrap(values, np.zeros(len(values)), n, seed)
 
 
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")  # after . ! or ?, or at a line break
+
+
 def faithfulness(answer: str, passages: list[str], tokenize, min_overlap: float = 0.8) -> float | None:
     """Share of the answer's sentences whose content words are (≥ ``min_overlap``) found in ``passages``.
 
@@ -130,7 +133,7 @@ def faithfulness(answer: str, passages: list[str], tokenize, min_overlap: float 
     words in a wrong order. Citation markers and "Quote:" labels are ignored; None when nothing is left.
     """
     vocab = set(tokenize(" ".join(passages)))
-    sentences = [t for s in re.split(r"(?<=[.!?])\s+|\n+", re.sub(r"\[\d+\]|^Quote:", " ", answer, flags=re.M))
+    sentences = [t for s in SENTENCE_BREAK.split(re.sub(r"\[\d+\]|^Quote:", " ", answer, flags=re.M))
                  if (t := set(tokenize(s)))]
     if not sentences:
         return None
