@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from finetune.evaluate import (
     report_path,
     split_by_base,
 )
+from finetune.export import OUTTYPES, export
 from rag.config import add_config_flags, artefacts, config_from, run_command, run_dir, setup_logging, write_report
 from rag.models import DEFAULT_GENERATOR
 
@@ -98,6 +98,25 @@ def cmd_data(args) -> int:
     cfg = config_from(args, DataConfig)
     train, heldout, stats = build(cfg)
     print(f"dataset in {cfg.out}: {len(train)} training rows, {len(heldout)} held-out questions; {stats}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    cfg = config_from(args, T.TrainConfig)
+    m = T.train(cfg, T.load_data(args.data), resume=args.resume).metrics
+    ev = "-" if m["final_eval_loss"] is None else f"{m['final_eval_loss']:.4f}"
+    print(f"adapter in {Path(cfg.output_dir) / 'adapter'}: {m['steps']} steps, last train loss "
+          f"{m['final_train_loss']:.4f}, eval loss {ev}, {m['seconds']:.0f} s")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    print(f"merged model in {T.merge(args.adapter, args.out)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    print(f"wrote {export(args.adapter, args.out, args.outtype)}")
     return 0
 
 
@@ -233,10 +252,20 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("data", help="build the training set (golden train + synthetic QA + paraphrases)")
     add_config_flags(sp, DataConfig)
-    for name, h in (("train", "LoRA-train on a dataset (see `python -m finetune train --help`)"),
-                    ("merge", "merge an adapter into its base model (see `python -m finetune merge --help`)"),
-                    ("export", "write the tuned model as one GGUF file for llama.cpp-based tools (`export --help`)")):
-        sub.add_parser(name, help=h, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    h = "LoRA-train on a dataset of chat rows (what `run` does after `data`)"
+    sp = sub.add_parser("train", help=h, description=h)
+    sp.add_argument("--data", required=True, help="Dataset.save_to_disk folder or .jsonl with 'messages' rows")
+    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add_config_flags(sp, T.TrainConfig)
+    h = "merge an adapter into its base model and save a standalone Hugging Face folder"
+    sp = sub.add_parser("merge", help=h, description=h)
+    sp.add_argument("--adapter", required=True, help="training output dir or adapter folder")
+    sp.add_argument("--out", required=True, help="folder for the merged model")
+    h = "write the tuned model as one GGUF file for llama.cpp, Ollama or LM Studio"
+    sp = sub.add_parser("export", help=h, description=h)
+    sp.add_argument("--adapter", required=True, help="training output dir or adapter folder")
+    sp.add_argument("--out", required=True, help="the .gguf file to write")
+    sp.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="weight type (default: q8_0)")
     sp = sub.add_parser("eval", help="closed-book base vs tuned: QA, hallucination, format, probes, perplexity")
     add_config_flags(sp, EvalConfig)
     sp.add_argument("--json", default="", help="write the full result here")
@@ -268,17 +297,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"data": cmd_data, "eval": cmd_eval, "run": cmd_run, "sweep": cmd_sweep}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "merge": cmd_merge, "export": cmd_export, "eval": cmd_eval,
+            "run": cmd_run, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train"], ["merge"], ["export"]):  # own parsers: argparse's REMAINDER drops leading --flags
-        if argv[0] == "export":
-            from finetune import export
-
-            return export.main(argv[1:])
-        return (T.main if argv[0] == "train" else T.merge_main)(argv[1:])
     args = parser().parse_args(argv)
     return run_command(COMMANDS[args.command], args)

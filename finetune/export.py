@@ -9,13 +9,11 @@ purpose: 4-bit output (llama.cpp's ``llama-quantize`` does it from this file) an
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 from finetune.train import adapter_dir, merge
-from rag.gguf_lora import AdapterError, run_converter
+from rag.gguf_lora import run_converter
 
 OUTTYPES = ("q8_0", "f16", "bf16", "f32")
 
@@ -45,18 +43,3 @@ def _check_loads(path: Path) -> None:
         return
     llm = Llama(model_path=str(path), n_ctx=64, verbose=False)
     llm.create_completion("Hello", max_tokens=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune export", description="merge a LoRA adapter into its base "
-                                "model and write one GGUF file for llama.cpp, Ollama or LM Studio")
-    p.add_argument("--adapter", required=True, help="training output dir or adapter folder")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="weight type (default: q8_0)")
-    a = p.parse_args(argv)
-    try:
-        print(f"wrote {export(a.adapter, a.out, a.outtype)}")
-    except (AdapterError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -12,19 +12,17 @@ unchanged), and generation-based evaluation (finetune/evaluate.py).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rag.atomic import replace_dir
-from rag.config import UserError, add_config_flags, config_from, option, run_command, setup_logging
+from rag.config import UserError, option
 from rag.models import DEFAULT_GENERATOR, GENERATORS, generator_path, pick_device
 
 log = logging.getLogger(__name__)
@@ -412,38 +410,3 @@ def load_data(path: str):
     if "messages" not in ds.column_names or len(ds) == 0:
         raise DataError(f"--data {path}: needs at least one row with a 'messages' column")
     return ds
-
-
-def _run(fn, argv_parser: argparse.ArgumentParser, argv) -> int:
-    setup_logging()
-    return run_command(lambda a: fn(a) or 0, argv_parser.parse_args(argv))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``--data PATH [--resume] [--<config flag> ...]``: train and print where the outputs went."""
-    p = argparse.ArgumentParser(prog="python -m finetune train", description="LoRA fine-tuning on chat data")
-    p.add_argument("--data", required=True, help="Dataset.save_to_disk folder or .jsonl with 'messages' rows")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    add_config_flags(p, TrainConfig)
-
-    def go(args):
-        cfg = config_from(args, TrainConfig)
-        run = train(cfg, load_data(args.data), resume=args.resume)
-        m, ev = run.metrics, run.metrics["final_eval_loss"]
-        ev = "-" if ev is None else f"{ev:.4f}"
-        print(f"adapter in {Path(cfg.output_dir) / 'adapter'}: {m['steps']} steps, last train loss "
-              f"{m['final_train_loss']:.4f}, eval loss {ev}, {m['seconds']:.0f} s")
-
-    return _run(go, p, argv)
-
-
-def merge_main(argv: list[str] | None = None) -> int:
-    """``--adapter DIR --out DIR``: write a merged standalone model."""
-    p = argparse.ArgumentParser(prog="python -m finetune merge", description="merge an adapter into its base")
-    p.add_argument("--adapter", required=True, help="training output dir or adapter folder")
-    p.add_argument("--out", required=True, help="folder for the merged model")
-    return _run(lambda a: print(f"merged model in {merge(a.adapter, a.out)}"), p, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,6 @@ from finetune.train import (
     add_lora,
     load_base,
     load_tuned,
-    main,
     merge,
     snapshot_dirs,
     tokenize_example,
@@ -200,12 +199,16 @@ def test_config_errors_name_the_flag(tmp_path, capsys):
                      ({"max_steps": 0}, "--max-steps"), ({"model": "nonsense"}, "--model")]:
         with pytest.raises(ValueError, match=flag):
             TrainConfig(**kw)
-    assert main(["--data", str(tmp_path / "none.jsonl")]) == 2
-    assert main(["--data", str(tmp_path), "--lora-r", "0"]) == 2
+    from finetune.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert main(["train", "--data", str(tmp_path), "--lora-r", "0"]) == 2
     (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
-    assert main(["--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert main(["train", "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert main(["export", "--adapter", str(tmp_path), "--out", str(tmp_path / "x.txt")]) == 2  # not a .gguf
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err) and "--lora-r" in err[1]
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err) and "--lora-r" in err[1]
+    assert "--out" in err[3]
 
 
 needs_llamacpp = pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
