@@ -96,14 +96,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in RAG_VERBS:  # rag's parser: argparse's REMAINDER drops leading --flags
-        rest = argv[1:]
-        if "--adapter" not in rest and not any(a.startswith("--adapter=") for a in rest) \
-                and not {"-h", "--help"} & set(rest):
-            docs = rest[rest.index("--docs") + 1] if "--docs" in rest[:-1] else "data/demo"
-            model = rest[rest.index("--model") + 1] if "--model" in rest[:-1] else DEFAULT_GENERATOR
-            rest += ["--adapter", str(default_adapter(docs, model))]
-        return rag_cli.main([argv[0], *rest])
+    if argv[:1] and argv[0] in RAG_VERBS:
+        # rag's own parser and verb; only the defaults differ: the model RAFT trains, and its adapter
+        p = rag_cli.parser()
+        sp = rag_cli.verb_parser(p, argv[0])
+        sp.prog = f"python -m hybrid {argv[0]}"
+        sp.description = (f"`python -m rag {argv[0]}` with the RAFT adapter of `make hybrid` as the generator "
+                          f"(default --model {DEFAULT_GENERATOR}, --adapter .openbook/hybrid/<folder>/<model>/adapter)")
+        sp.set_defaults(model=DEFAULT_GENERATOR)
+        args = p.parse_args(argv)
+        args.adapter = args.adapter or str(default_adapter(args.docs, args.model))
+        return rag_cli.run(args)
     args = parser().parse_args(argv)
     return run_command(COMMANDS[args.command], args)
 

@@ -17,7 +17,6 @@ steps) used 322 dev queries held out of train, never the test split. The re-rank
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -25,7 +24,6 @@ import logging
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -35,6 +33,7 @@ import numpy as np
 
 from rag.atomic import replace_dir
 from rag.bm25 import BM25, tokenize
+from rag.config import UserError
 from rag.fuse import rrf
 from rag.metrics import paired_bootstrap
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
@@ -84,7 +83,7 @@ class RerankerConfig:
 def _fitzgov_dir() -> Path:
     spec = importlib.util.find_spec("fitz_gov")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("fitz-gov is not installed; run `make setup`")
+        raise UserError("fitz-gov is not installed; run `make setup`")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
@@ -360,39 +359,3 @@ def format_table(res: dict) -> str:
             cells.append(f"{m} {row[m]:.3f}" + (f" ({d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}])" if d else ""))
         lines.append(f"  {name:13s} " + "  ".join(cells))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m rag.train_reranker", description=__doc__.splitlines()[0],
-        epilog=f"Trains into {cache_dir() / 'rerankers' / DEFAULT_RERANKER} (skipped when a model with the "
-        "same config and data is there), then prints nDCG@10/recall@10/MRR on the fitz-gov test split. "
-        "About 10 minutes on 2 free CPU cores; the first run also mines negatives (~3 min, cached).")
-    p.add_argument("--force", action="store_true", help="retrain even if a model with the same config exists")
-    p.add_argument("--steps", type=int, help=f"optimiser steps (default {RerankerConfig.max_steps})")
-    p.add_argument("--loss", choices=LOSSES, help=f"training loss (default {RerankerConfig.loss})")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 if the CPU is busy)")
-    p.add_argument("--eval", action="store_true",
-                   help="only evaluate the trained (or --model) re-ranker on the fitz-gov test split")
-    p.add_argument("--model", default=DEFAULT_RERANKER, help="re-ranker for --eval (path or hub id)")
-    p.add_argument("--no-eval", action="store_true", help="skip the fitz-gov evaluation after training (~8 min on "
-                   "2 cores; `make setup` skips it, `make bench` measures the re-ranker)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        if a.eval:
-            print(format_table(evaluate(a.model, threads=a.threads)))
-            return 0
-        over = {k: v for k, v in (("max_steps", a.steps), ("loss", a.loss), ("threads", a.threads)) if v}
-        out = train(RerankerConfig(**over), force=a.force, evaluate_after=not a.no_eval)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    meta = json.loads((out / "openbook.json").read_text())
-    if "eval" in meta:
-        print(format_table(meta["eval"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
