@@ -27,9 +27,9 @@ from rag.bm25 import BM25, tokenize
 from rag.chunk import ChunkConfig, chunk_document
 from rag.fuse import rrf
 from rag.ingest import Document
-from rag.metrics import paired_bootstrap
+from rag.metrics import ndcg_at, paired_bootstrap, recall_at, reciprocal_rank
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_RERANKER, cache_dir
-from rag.train_reranker import Query, fitzgov_split, ndcg_at, recall_at, reciprocal_rank
+from rag.train_reranker import Query, fitzgov_split
 
 log = logging.getLogger(__name__)
 DEPTH = 100  # documents per ranking (recall@100)
@@ -88,10 +88,10 @@ def load_beir(path: str | Path, split: str = "test") -> Corpus:
 
 def load_fitzgov(smoke: bool = False, seed: int = 0) -> Corpus:
     """fitz-gov documents and its *test* queries; ``smoke`` keeps 4 queries over 40 documents."""
-    from rag.train_reranker import _fitzgov_dir
+    from rag.train_reranker import fitzgov_dir
 
     docs = {}
-    for line in (_fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
+    for line in (fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
         d = json.loads(line)
         docs[d["id"]] = (d.get("title") or "", d["content"])
     test = fitzgov_split(seed)[1]

@@ -60,15 +60,37 @@ def contains(pred: str, answers: list[str]) -> float:
     return float(any(f" {normalize(a)} " in p for a in answers if normalize(a)))
 
 
+def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
+    """Binary-gain nDCG@k over a best-first list of ids.
+
+    >>> round(ndcg_at(["x", "a"], {"a"}), 3)  # (1/log2 3) / 1
+    0.631
+    """
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(ranked[:k]) if d in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), k)))
+    return dcg / ideal if ideal else 0.0
+
+
+def recall_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
+    """Share of the relevant ids among the first ``k``."""
+    return len(set(ranked[:k]) & relevant) / len(relevant) if relevant else 0.0
+
+
+def reciprocal_rank(ranked: list[str], relevant: set[str]) -> float:
+    """1 / rank of the first relevant id, 0 if none is there."""
+    return next((1 / (i + 1) for i, d in enumerate(ranked) if d in relevant), 0.0)
+
+
 def retrieval_scores(ranked_docs: list[str], expected: set[str]) -> dict[str, float]:
-    """recall@1/5/10, MRR and nDCG@10 for one question, from the document ids of a best-first chunk list."""
-    out = {f"recall@{k}": len(expected & set(ranked_docs[:k])) / len(expected) for k in (1, 5, 10)}
-    first = next((i for i, d in enumerate(ranked_docs) if d in expected), None)
-    out["mrr"] = 0.0 if first is None else 1.0 / (first + 1)
-    distinct = list(dict.fromkeys(ranked_docs))[:10]  # a document counts once, at its best rank
-    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(distinct) if d in expected)
-    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(expected), 10)))
-    out["ndcg@10"] = dcg / ideal
+    """recall@1/5/10, MRR and nDCG@10 for one question, from the document ids of a best-first *passage* list.
+
+    Decided once: recall@k and MRR count passages as ranked (recall@5 is "an expected document is among the 5
+    passages", what a reader with k=5 would get); nDCG@10 ranks documents, each counted once at its best rank
+    (graded relevance over documents; counting a document's every passage would reward repeating it).
+    """
+    out = {f"recall@{k}": recall_at(ranked_docs, expected, k) for k in (1, 5, 10)}
+    out["mrr"] = reciprocal_rank(ranked_docs, expected)
+    out["ndcg@10"] = ndcg_at(list(dict.fromkeys(ranked_docs)), expected, 10)
     return out
 
 

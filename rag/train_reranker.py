@@ -35,7 +35,7 @@ from rag.atomic import replace_dir
 from rag.bm25 import BM25, tokenize
 from rag.config import UserError
 from rag.fuse import rrf
-from rag.metrics import paired_bootstrap
+from rag.metrics import ndcg_at, paired_bootstrap, recall_at, reciprocal_rank
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class RerankerConfig:
 
 
 # ---------------------------------------------------------------- data
-def _fitzgov_dir() -> Path:
+def fitzgov_dir() -> Path:
     spec = importlib.util.find_spec("fitz_gov")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("fitz-gov is not installed; run `make setup`")
@@ -92,7 +92,7 @@ def data_version() -> str:
     """sha256 of the corpus and qrels files: changes whenever the evaluation data does."""
     h = hashlib.sha256()
     for p in ("corpus/documents.jsonl", "queries/query_mappings.json"):
-        h.update((_fitzgov_dir() / p).read_bytes())
+        h.update((fitzgov_dir() / p).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -100,7 +100,7 @@ def data_version() -> str:
 def load_corpus() -> dict[str, str]:
     """fitz-gov documents as ``{id: "title. content"}`` (some have no title)."""
     out = {}
-    for line in (_fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
+    for line in (fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
         d = json.loads(line)
         out[d["id"]] = f"{d['title']}. {d['content']}" if d.get("title") else d["content"]
     return out
@@ -124,7 +124,7 @@ def fitzgov_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[Query
 
     Not by qid: 131 test qids would otherwise repeat a training question word for word.
     """
-    maps = json.loads((_fitzgov_dir() / "queries" / "query_mappings.json").read_text())["mappings"]
+    maps = json.loads((fitzgov_dir() / "queries" / "query_mappings.json").read_text())["mappings"]
     queries = [Query(qid, m["query"], tuple(m["relevant_docs"]))
                for cat in sorted(maps) for qid, m in sorted(maps[cat].items()) if m.get("relevant_docs")]
     return split_by_text(queries, test_fraction, seed)
@@ -267,22 +267,6 @@ def train(cfg: RerankerConfig | None = None, force: bool = False, evaluate_after
 
 
 # ---------------------------------------------------------------- evaluation
-def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
-    """Binary-gain nDCG@k. ``ndcg_at(["x", "a"], {"a"})`` = (1/log2 3) / 1 = 0.631."""
-    dcg = sum(1 / np.log2(i + 2) for i, d in enumerate(ranked[:k]) if d in relevant)
-    ideal = sum(1 / np.log2(i + 2) for i in range(min(len(relevant), k)))
-    return float(dcg / ideal) if ideal else 0.0
-
-
-def recall_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
-    return len(set(ranked[:k]) & relevant) / len(relevant) if relevant else 0.0
-
-
-def reciprocal_rank(ranked: list[str], relevant: set[str]) -> float:
-    """1 / rank of the first relevant document, 0 if none is retrieved."""
-    return next((1 / (i + 1) for i, d in enumerate(ranked) if d in relevant), 0.0)
-
-
 def ce_scores(model, queries: list[Query], pools: list[list[str]], batch_size: int = 64) -> list[np.ndarray]:
     """Cross-encoder scores for every (query, candidate), batched by length so padding costs little."""
     corpus = load_corpus()

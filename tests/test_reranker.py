@@ -6,14 +6,12 @@ import math
 
 import pytest
 
+from rag.metrics import ndcg_at, recall_at, reciprocal_rank
 from rag.models import DEFAULT_RERANKER, cache_dir
 from rag.train_reranker import (
     RerankerConfig,
     fitzgov_split,
-    ndcg_at,
     normalise,
-    recall_at,
-    reciprocal_rank,
     split_by_text,
 )
 
