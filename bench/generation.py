@@ -95,7 +95,8 @@ def variants(smoke: bool, n: int):
         return m
 
     def lora(m, merged: bool):
-        from finetune.train import TrainConfig, add_lora
+        from finetune.lora import add_lora
+        from finetune.train import TrainConfig
 
         peft = add_lora(copy.deepcopy(m), TrainConfig())
         for name, p in peft.named_parameters():  # B starts at zero; give it values so the adapter does something

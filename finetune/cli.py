@@ -28,6 +28,7 @@ from finetune.evaluate import (
     split_by_base,
 )
 from finetune.export import OUTTYPES, export
+from finetune.lora import adapter_dir, merge
 from rag.config import add_config_flags, artefacts, config_from, run_command, run_dir, setup_logging, write_report
 from rag.models import DEFAULT_GENERATOR
 
@@ -43,7 +44,7 @@ def compare(cfg: EvalConfig, progress: bool = True, sets: dict | None = None) ->
     result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
               "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
     if cfg.adapter:
-        adapter = str(T.adapter_dir(cfg.adapter))
+        adapter = str(adapter_dir(cfg.adapter))
         result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,
                                          progress)
         result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
@@ -111,7 +112,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    print(f"merged model in {T.merge(args.adapter, args.out)}")
+    print(f"merged model in {merge(args.adapter, args.out)}")
     return 0
 
 
@@ -213,7 +214,7 @@ def cmd_sweep(args) -> int:
                           general_text="")
         sets = question_sets(ecfg)
         base = base or evaluate_model(model_to_score(args.model, ecfg.max_new_tokens), ecfg, sets)
-        tuned = evaluate_model(model_to_score(args.model, ecfg.max_new_tokens, str(T.adapter_dir(tcfg.output_dir))),
+        tuned = evaluate_model(model_to_score(args.model, ecfg.max_new_tokens, str(adapter_dir(tcfg.output_dir))),
                                ecfg, sets)
         first = first or tuned
         rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from finetune.train import adapter_dir, merge
+from finetune.lora import adapter_dir, merge
 from rag.gguf_lora import run_converter
 
 OUTTYPES = ("q8_0", "f16", "bf16", "f32")

@@ -12,7 +12,6 @@ unchanged), and generation-based evaluation (finetune/evaluate.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -21,14 +20,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rag.atomic import replace_dir
+from finetune.lora import add_lora, load_base, load_tuned, save_atomically, use_qlora
 from rag.config import UserError, option
 from rag.models import DEFAULT_GENERATOR, GENERATORS, generator_path, pick_device
 
 log = logging.getLogger(__name__)
-# Attention projections per architecture; other model types get peft's own per-architecture table.
-TARGET_MODULES = {"llama": "q_proj,k_proj,v_proj,o_proj", "qwen2": "q_proj,k_proj,v_proj,o_proj",
-                  "mistral": "q_proj,k_proj,v_proj,o_proj", "gpt2": "c_attn"}
 SNAPSHOTS = "snapshots"  # <output_dir>/snapshots/step-N: adapters saved during training (TrainConfig.snapshots)
 MIN_EVAL_ROWS = 10  # below this a held-out slice is too noisy to stop on; train on everything instead
 
@@ -130,43 +126,6 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict[s
             "labels": [-100] * len(prompt) + answer}
 
 
-def _use_qlora(setting: str, device: str) -> bool:
-    available = device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
-    if setting == "yes" and not available:
-        raise ValueError("--qlora yes needs a CUDA GPU and the bitsandbytes package")
-    return setting == "yes" or (setting == "auto" and available)
-
-
-def load_base(model: str, device: str, qlora: bool = False):
-    """The base causal LM (fp32, or 4-bit NF4 for QLoRA) on ``device``, and its tokenizer with a pad token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = generator_path(model)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:  # padding is masked out of attention and loss, so any token will do
-        tok.pad_token = tok.eos_token
-    if not qlora:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device), tok
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0})
-    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), tok
-
-
-def add_lora(model, cfg: TrainConfig):
-    """Wrap ``model`` with fresh LoRA layers (B = 0, so its outputs are unchanged until the first step)."""
-    from peft import LoraConfig, get_peft_model
-
-    spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
-    targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                            lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
-
-
 def _callbacks():
     """(tqdm bar, throughput log), defined here so that importing this module does not import torch (~6 s)."""
     from transformers import ProgressCallback, TrainerCallback
@@ -210,15 +169,6 @@ def _callbacks():
                 model.save_pretrained(str(self.folder / f"step-{state.global_step}"))
 
     return QuietBar(), ThroughputLog(), Snapshots
-
-
-def _save_atomically(dest: Path, *objects) -> None:
-    """``save_pretrained`` each object into a temp folder renamed to ``dest``: never half a model on disk."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(str(tmp))
-    replace_dir(tmp, dest)
 
 
 @dataclass
@@ -273,7 +223,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     if device == "cpu":
         torch.set_num_threads(cfg.threads)
     hf.set_seed(cfg.seed)  # before add_lora: the A matrices are drawn at random
-    qlora = _use_qlora(cfg.qlora, device)
+    qlora = use_qlora(cfg.qlora, device)
     model, tok = load_base(cfg.model, device, qlora)
     tok.padding_side = "right"  # positions come from the sequence index, so pads must trail the tokens
     model = add_lora(model, cfg)
@@ -328,7 +278,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     state = trainer.state
     session_tokens = state.num_input_tokens_seen - throughput.start_tokens
 
-    _save_atomically(out / "adapter", model, tok)
+    save_atomically(out / "adapter", model, tok)
 
     train_hist = [[h["step"], h["loss"]] for h in state.log_history if "loss" in h]
     eval_hist = [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]
@@ -358,37 +308,6 @@ def snapshot_dirs(output_dir: str | Path) -> dict[int, Path]:
     """``{step: adapter folder}`` of the snapshots a run saved, in step order."""
     found = Path(output_dir, SNAPSHOTS).glob("step-*/adapter_config.json")
     return dict(sorted((int(p.parent.name.removeprefix("step-")), p.parent) for p in found))
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """The adapter folder inside a training output dir (``<dir>/adapter``), or ``path`` itself if it is one."""
-    p = Path(path)
-    p = p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
-    if not (p / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no LoRA adapter in {path} (adapter_config.json missing)")
-    return p
-
-
-def load_tuned(path: str | Path, device: str | None = None):
-    """(model, tokenizer): the base model with the adapter in ``path`` (a training output_dir or the adapter
-    folder itself) applied, on ``device`` (default cuda › mps › cpu), in eval mode."""
-    import torch
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = adapter_dir(path)
-    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(str(d)).base_model_name_or_path,
-                                                dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()
-    return model, AutoTokenizer.from_pretrained(str(d))
-
-
-def merge(adapter_dir: str | Path, out_dir: str | Path) -> str:
-    """Fold B·A·(alpha/r) into W₀ and save a standalone model that plain ``AutoModelForCausalLM`` loads."""
-    model, tok = load_tuned(adapter_dir, device="cpu")
-    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    _save_atomically(Path(out_dir), model.merge_and_unload(), tok)
-    return str(out_dir)
 
 
 def load_data(path: str):

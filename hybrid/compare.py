@@ -26,7 +26,7 @@ from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from finetune.evaluate import model_to_score, report_path
-from finetune.train import adapter_dir
+from finetune.lora import adapter_dir
 from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
 from rag import metrics as M

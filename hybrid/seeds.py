@@ -20,7 +20,8 @@ import statistics
 from dataclasses import fields
 from pathlib import Path
 
-from finetune.train import TrainConfig, adapter_dir, load_data, train
+from finetune.lora import adapter_dir
+from finetune.train import TrainConfig, load_data, train
 
 log = logging.getLogger(__name__)
 SPREAD = ("contains", "f1", "citation_accuracy", "hallucination_rate", "faithfulness", "format_consistency",

@@ -29,7 +29,8 @@ SCREENSHOT = Path(".openbook") / "ui-test.png"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo over TINY + HOSTILE with a RAFT adapter but no fine-tuned one, and a stand-in report."""
-    from finetune.train import TrainConfig, add_lora, load_base
+    from finetune.lora import add_lora, load_base
+    from finetune.train import TrainConfig
     from hybrid.ui import Demo, UiConfig
 
     root = tmp_path_factory.mktemp("ui")

@@ -1,0 +1,98 @@
+"""The model side of LoRA: load a base model (fp32, or 4-bit for QLoRA), attach fresh LoRA layers, load a trained
+adapter back onto its base, and merge it into a standalone model.
+
+``finetune/train.py`` runs the training loop around these; ``finetune/export.py`` and the comparison load the
+results. Left out on purpose: anything that changes weights (that is training's job).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from rag.atomic import replace_dir
+from rag.models import generator_path, pick_device
+
+# Attention projections per architecture; other model types get peft's own per-architecture table.
+TARGET_MODULES = {"llama": "q_proj,k_proj,v_proj,o_proj", "qwen2": "q_proj,k_proj,v_proj,o_proj",
+                  "mistral": "q_proj,k_proj,v_proj,o_proj", "gpt2": "c_attn"}
+
+
+def use_qlora(setting: str, device: str) -> bool:
+    """QLoRA when asked (``yes``), or by default (``auto``) on CUDA with bitsandbytes installed."""
+    available = device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    if setting == "yes" and not available:
+        raise ValueError("--qlora yes needs a CUDA GPU and the bitsandbytes package")
+    return setting == "yes" or (setting == "auto" and available)
+
+
+def load_base(model: str, device: str, qlora: bool = False):
+    """The base causal LM (fp32, or 4-bit NF4 for QLoRA) on ``device``, and its tokenizer with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = generator_path(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # padding is masked out of attention and loss, so any token will do
+        tok.pad_token = tok.eos_token
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device), tok
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0})
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), tok
+
+
+def add_lora(model, cfg):
+    """Wrap ``model`` with fresh LoRA layers (B = 0, so its outputs are unchanged until the first step); ``cfg``
+    gives lora_r, lora_alpha, lora_dropout and target_modules (a ``TrainConfig``)."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
+    targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                            lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+
+
+def save_atomically(dest: Path, *objects) -> None:
+    """``save_pretrained`` each object into a temp folder renamed to ``dest``: never half a model on disk."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(str(tmp))
+    replace_dir(tmp, dest)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter folder inside a training output dir (``<dir>/adapter``), or ``path`` itself if it is one."""
+    p = Path(path)
+    p = p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p
+    if not (p / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no LoRA adapter in {path} (adapter_config.json missing)")
+    return p
+
+
+def load_tuned(path: str | Path, device: str | None = None):
+    """(model, tokenizer): the base model with the adapter in ``path`` (a training output_dir or the adapter
+    folder itself) applied, on ``device`` (default cuda › mps › cpu), in eval mode."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = adapter_dir(path)
+    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(str(d)).base_model_name_or_path,
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()
+    return model, AutoTokenizer.from_pretrained(str(d))
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path) -> str:
+    """Fold B·A·(alpha/r) into W₀ and save a standalone model that plain ``AutoModelForCausalLM`` loads."""
+    model, tok = load_tuned(adapter_dir, device="cpu")
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(Path(out_dir), model.merge_and_unload(), tok)
+    return str(out_dir)
