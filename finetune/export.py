@@ -1,6 +1,6 @@
 """Export a fine-tuned model as one GGUF file that any llama.cpp-based tool runs (llama.cpp, Ollama, LM Studio).
 
-Merges the LoRA adapter into its base model (``finetune.train.merge``: W₀ + (α/r)·BA, saved as a plain Hugging
+Merges the LoRA adapter into its base model (``finetune.lora.merge``: W₀ + (α/r)·BA, saved as a plain Hugging
 Face folder), converts that folder with llama.cpp's own ``convert_hf_to_gguf.py`` (the converter scripts
 ``rag.gguf_lora`` keeps), and checks that llama.cpp loads the result before it replaces any earlier file. Q8_0 by
 default: a quarter of fp32 and, unlike a 4-bit re-quantisation, it keeps what a small LoRA changed. Left out on

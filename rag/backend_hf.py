@@ -3,7 +3,7 @@
 Loads the model with transformers (bf16 on CUDA, fp32 elsewhere), renders prompts with the tokenizer's chat
 template and decodes greedily. Batches are left-padded and sorted by length; ``samples=n`` reads each prompt once
 and repeats its KV cache n times. Left out on purpose: quantised loading for inference (llama.cpp does that on a
-CPU; finetune/train.py uses bitsandbytes for QLoRA on a GPU).
+CPU; finetune/lora.py uses bitsandbytes for QLoRA on a GPU).
 """
 
 from __future__ import annotations
