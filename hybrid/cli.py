@@ -15,8 +15,9 @@ from pathlib import Path
 
 from finetune import train as T
 from hybrid import report
-from hybrid.compare import CompareConfig, compare
+from hybrid.compare import compare
 from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
+from hybrid.systems import CompareConfig
 from hybrid.ui import UiConfig, serve
 from rag import cli as rag_cli
 from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging

@@ -21,142 +21,30 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from finetune.evaluate import model_to_score, report_path
 from finetune.lora import adapter_dir
+from hybrid.freshness import freshness
 from hybrid.probes import context_probes
 from hybrid.seeds import seed_adapter, spread
+from hybrid.systems import (
+    ADAPTER,
+    CLOSED_BOOK,
+    RETRIEVAL,
+    SYSTEMS,
+    CompareConfig,
+    questions,
+    run_closed_book,
+    run_retrieval,
+)
 from rag import metrics as M
-from rag.bm25 import tokenize
-from rag.config import folder_name, option, run_dir
-from rag.evaluate import calibrate, golden_for, load_golden
-from rag.generate import IDK, is_abstention
+from rag.evaluate import calibrate
 from rag.index import update_index
-from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline, Ranking
 
 log = logging.getLogger(__name__)
-CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
-SYSTEMS = (*CLOSED_BOOK, *RETRIEVAL)
-ADAPTER = {"base": "", "rag": "", "finetuned": "finetuned", "finetuned+rag": "finetuned", "hybrid": "raft"}
-METRICS = ("contains", "exact", "f1", "citation_accuracy", "hallucination_rate", "faithfulness", "format_consistency")
-
-
-@dataclass
-class CompareConfig:
-    """What to compare; every field is a ``python -m hybrid compare`` flag."""
-
-    docs: str = option("data/demo", "documents folder")
-    golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; without one: held-out synthetic questions)")
-    split: str = option("test", "golden split to answer")
-    index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
-    model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
-    finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
-    raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
-    systems: str = option(",".join(SYSTEMS), "comma-separated systems to run")
-    latency_sample: int = option(12, "questions answered one at a time for latency (the rest in batches)")
-    probes: int = option(16, "questions re-asked with no, unrelated and counterfactual context, per retrieval "
-                         "system (0: no probes; a seeded sample of those whose passages hold the answer)")
-    bootstrap: int = option(2000, "bootstrap resamples for the 95% intervals")
-    price_per_mtok: float = option(0.50, "USD per million tokens processed, for per-query cost and break-even")
-    seed: int = option(0, "seeds the bootstrap and the probes")
-    seeds: int = option(1, "training seeds for the adapter systems: 1 = the adapters as trained; N > 1 also "
-                        "trains N-1 more per adapter on the same data (minutes each) and reports the spread")
-    out: str = option("", "report folder (default .openbook/reports/compare-<folder>)")
-
-    def __post_init__(self):
-        if self.seeds < 1:
-            raise ValueError(f"--seeds must be at least 1, not {self.seeds}")
-        unknown = set(self.system_list) - set(SYSTEMS)
-        if unknown:
-            raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
-        self.finetuned = self.finetuned or str(run_dir("finetune", self.docs, self.model))
-        self.raft = self.raft or str(run_dir("hybrid", self.docs, self.model))
-        self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}")
-        self.golden = golden_for(self.docs, self.golden)
-
-    @property
-    def system_list(self) -> list[str]:
-        return [s.strip() for s in self.systems.split(",") if s.strip()]
-
-    def adapter(self, system: str) -> str | None:
-        """The adapter folder a system runs with (None for the base model); a clear error when it is missing."""
-        kind = ADAPTER[system]
-        if not kind:
-            return None
-        root = self.finetuned if kind == "finetuned" else self.raft
-        try:
-            return str(adapter_dir(root))
-        except FileNotFoundError:
-            make = "make finetune" if kind == "finetuned" else "make hybrid"
-            raise FileNotFoundError(f"system '{system}' needs a LoRA adapter in {root}; run `{make} DOCS="
-                                    f"{self.docs}` first, or leave it out with --systems") from None
-
-
-def questions(cfg: CompareConfig) -> tuple[list[dict], list[dict], str]:
-    """(questions to answer, the whole golden file for calibration, a label saying where they came from)."""
-    if cfg.golden:
-        golden = load_golden(cfg.golden, cfg.docs)
-        return [q for q in golden if q["split"] == cfg.split], golden, f"golden {cfg.split} split ({cfg.golden})"
-    held = Path(cfg.finetuned).parent / "data" / HELDOUT
-    if held.exists():
-        qs = load_golden(held, cfg.docs)
-        return qs, [], f"held-out synthetic questions, no golden file ({held})"
-    raise FileNotFoundError(f"no questions for {cfg.docs}: add a golden.jsonl there, or run `make finetune "
-                            f"DOCS={cfg.docs}` so its held-out synthetic questions can be used")
-
-
-def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list[str] | None) -> dict:
-    """One system's answer to one question, scored like ``rag.evaluate`` does (same metrics for all systems)."""
-    refs = [q["answer"], *q.get("aliases", [])] if q["answer"] is not None else []
-    correct = bool(refs) and not abstained and bool(M.contains(text, refs))
-    row = {"id": q["id"], "answer": text, "abstained": abstained, "answerable": bool(refs), "cited": cited,
-           "contains": float(correct) if refs else None,
-           "exact": M.exact_match(text, refs) if refs else None, "f1": M.token_f1(text, refs) if refs else None,
-           "citation_ok": (cited in q["sources"]) if refs and not abstained else None,
-           "hallucinated": float(not abstained and not correct), "format_ok": None}
-    row["faithfulness"] = M.faithfulness(text, passages, tokenize) if passages and not abstained else None
-    return row
-
-
-def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dict]:
-    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system))  # RAG's answer budget
-    convs = [closed_book_messages(q["question"]) for q in qs]
-    n = min(cfg.latency_sample, len(qs))
-    gens = [gen.chat(c) for c in convs[:n]] + gen.chat_batch(convs[n:], batch_size=8, desc=system)
-    rows = []
-    for i, (q, g) in enumerate(zip(qs, gens, strict=True)):
-        parsed = parse_answer(g.text)
-        row = score(q, parsed[0] if parsed else g.text, is_abstention(g.text), parsed[1] if parsed else None, None)
-        row["format_ok"] = bool(parsed) or g.text.strip() == IDK  # the trained closed-book format
-        rows.append(row | {"raw": g.text, "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
-                           "latency_s": {"generate": g.seconds} if i < n else None})
-    return rows
-
-
-def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPipeline:
-    """``base``'s pipeline and index with the system's generator (its adapter, or the plain model)."""
-    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": cfg.adapter(system) or ""}), index=base.index)
-
-
-def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:
-    """Rows for a retrieval system, and its pipeline (kept for the context probes)."""
-    pipe = with_generator(base, cfg, system)
-    n = min(cfg.latency_sample, len(qs))
-    answers = [pipe.answer(q["question"], ranked=r) for q, r in zip(qs[:n], rankeds[:n], strict=True)]
-    answers += pipe.answer_batch([q["question"] for q in qs[n:]], rankeds[n:], desc=system)
-    rows = []
-    for i, (q, a) in enumerate(zip(qs, answers, strict=True)):
-        row = score(q, a.text, a.abstained, a.cited[0].doc_id if a.cited else None, [h.text for h in a.cited])
-        row["format_ok"] = a.abstained or a.explicit_citation  # RAG's format: cite a source as [n], or abstain
-        rows.append(row | {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                           "abstain_reason": a.reason, "latency_s": a.timings if i < n else None})
-    return rows, pipe
-
-
 def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
     """Means with 95% bootstrap intervals, abstention, tokens and latency for one system's rows."""
     ans = [r for r in rows if r["answerable"]]
@@ -266,8 +154,6 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     if cfg.probes > 0 and pipes:
         result["context_probes"] = context_probes(pipes, qs, rankeds, cfg.probes, cfg.seed)
     if with_freshness:
-        from hybrid.freshness import freshness  # not at the top: it builds on this module's runners
-
         result["freshness"] = freshness(cfg, base, progress)
     result["per_question"] = {s: rows for s, rows in per_system.items()}
     return result

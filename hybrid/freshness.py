@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune.evaluate import load_jsonl
-from hybrid.compare import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_book, with_generator
+from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_book, with_generator
 from rag import metrics as M
 from rag.evaluate import load_golden
 from rag.index import update_index

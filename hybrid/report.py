@@ -16,7 +16,7 @@ import io
 import json
 from pathlib import Path
 
-from hybrid.compare import METRICS
+from hybrid.systems import METRICS
 
 TRAIN_COST_FACTOR = 3  # a training token costs about three forward tokens (forward + backward pass)
 

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from finetune.data import closed_book_messages, parse_answer
 from finetune.evaluate import load_jsonl
-from hybrid.compare import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
 from hybrid.freshness import freshness
+from hybrid.systems import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
 from rag.config import option
 from rag.evaluate import load_golden
 from rag.generate import is_abstention

@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from hybrid.compare import SYSTEMS, CompareConfig, compare
+from hybrid.compare import compare
 from hybrid.freshness import apply_edits
+from hybrid.systems import SYSTEMS, CompareConfig
 from tests.test_hybrid_raft import GOLDEN
 
 EDITS = [{"id": "e-01", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days",
@@ -118,8 +119,9 @@ def test_folder_without_golden_uses_held_out_synthetic_questions(tmp_path):
 def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(result):
     from dataclasses import replace
 
-    from hybrid.compare import over_seeds, questions
+    from hybrid.compare import over_seeds
     from hybrid.seeds import seed_adapter
+    from hybrid.systems import questions
     from rag.pipeline import RagConfig, RagPipeline
 
     res, cfg = result
