@@ -21,8 +21,10 @@ BEIR     ?=
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(BACKEND),--backend $(BACKEND)) \
           $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
           $(if $(RERANKER),--reranker $(RERANKER)) $(if $(CHUNKER),--chunker $(CHUNKER))
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# offline unless the caller says otherwise (`HF_HUB_OFFLINE=0 make rag MODEL=<hub id>` reaches the hub)
+HF_HUB_OFFLINE ?= 1
+TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
+export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 
 .PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui bench bench-smoke pdfs clean
 

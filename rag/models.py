@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Offline by default: a missing local model must fail fast with our message, not hang on a hub request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])  # one switch for both
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

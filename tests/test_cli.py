@@ -136,3 +136,15 @@ def test_hybrid_rag_verbs_default_to_the_raft_model_and_adapter(tmp_path, capsys
     assert hybrid_main(["ask", f"--docs={docs}", "--index-dir", str(tmp_path / "idx"), "A question?"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --adapter") and str(default_adapter(str(docs), DEFAULT_GENERATOR)) in err
+
+
+@pytest.mark.parametrize(("env", "offline"), [({}, "True"), ({"HF_HUB_OFFLINE": "0"}, "False")])
+def test_offline_by_default_and_the_environment_can_say_otherwise(env, offline):
+    """openbook sets HF_HUB_OFFLINE=1 only when the caller did not set it; TRANSFORMERS_OFFLINE follows it."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os, rag.models, huggingface_hub.constants as c; "
+            "print(c.HF_HUB_OFFLINE, os.environ['TRANSFORMERS_OFFLINE'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base | env, timeout=120)
+    assert r.stdout.split() == [offline, "1" if offline == "True" else "0"], r.stderr
