@@ -29,7 +29,16 @@ from finetune.evaluate import (
 )
 from finetune.export import OUTTYPES, export
 from finetune.lora import adapter_dir, merge
-from rag.config import add_config_flags, artefacts, config_from, run_command, run_dir, setup_logging, write_report
+from rag.config import (
+    add_config_flags,
+    artefacts,
+    config_from,
+    provenance,
+    run_command,
+    run_dir,
+    setup_logging,
+    write_report,
+)
 from rag.models import DEFAULT_GENERATOR
 
 log = logging.getLogger("finetune")
@@ -240,7 +249,7 @@ def cmd_sweep(args) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(root / "sweep.png", dpi=120)
-    (root / "sweep.json").write_text(json.dumps(rows, indent=1))
+    (root / "sweep.json").write_text(json.dumps({"run": provenance(), "model": args.model, "rows": rows}, indent=1))
     for line in sweep_lines(rows):
         print(line)
     print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")

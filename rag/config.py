@@ -77,9 +77,37 @@ def run_command(fn, args, extra: tuple = ()) -> int:
         return 2
 
 
+def provenance() -> dict:
+    """Which run made a result: when (UTC), the command, the git commit and the machine (CPU, cores, RAM)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    def first(path: str, key: str) -> str | None:
+        try:
+            return next((ln.split(":", 1)[1].strip() for ln in Path(path).read_text().splitlines()
+                         if ln.startswith(key)), None)
+        except OSError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    ram = first("/proc/meminfo", "MemTotal")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git": commit,
+            "host": platform.node(), "cpu": first("/proc/cpuinfo", "model name") or platform.processor(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "ram_gib": round(int(ram.split()[0]) / 2**20, 1) if ram else None}
+
+
 def write_report(result: dict, path: str | Path) -> None:
-    """Save a result as JSON (creating its folder) and say where."""
+    """Save a result as JSON (creating its folder), stamped with ``provenance()`` under "run", and say where."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    result = {"run": provenance(), **{k: v for k, v in result.items() if k != "run"}}
     Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(f"wrote {path}")
 

@@ -1,0 +1,150 @@
+"""README tables rendered from the JSON results of the runs, so no number in them is typed by hand.
+
+Each table sits in README.md between ``<!-- results:NAME -->`` and ``<!-- /results -->``; ``NAME`` picks a renderer
+in ``TABLES`` and the JSON file in ``docs/results/`` it reads (a copy of what the run wrote, with the run's
+provenance under "run"). ``python -m bench.readme`` (``make docs``) rewrites the marked sections;
+``--check`` exits 1 when README and the JSON disagree (``tests/test_docs.py`` runs it). Tables without a marker
+are older measurements whose JSON was not kept; the README says so beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path("docs/results")
+MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def ci(v: list | None, digits: int = 3) -> str:
+    """``mean [lo, hi]`` from ``[mean, lo, hi]``."""
+    return "–" if v is None else f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
+
+
+def signed(v: list | None) -> str:
+    return "–" if v is None else f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+
+
+def num(v, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def source(d: dict) -> str:
+    """The run a table comes from, in one line: date, command, commit, machine."""
+    r = d.get("run", {})
+    return (f"*{r.get('date', '?')[:10]}, `{r.get('command', '?')}` at {r.get('git') or '?'}, {r.get('cores', '?')} "
+            f"cores ({r.get('cpu', '?')}); JSON: `{d['_path']}`*")
+
+
+QA_SETS = {"golden_train": "golden **train**, {n} answerable", "golden_test": "golden **test**, {n} answerable "
+           "(same facts, other words)", "synthetic_train": "synthetic, {n} trained on",
+           "synthetic_test": "synthetic, {n} held out by chunk (facts never trained on)"}
+
+
+def finetune_contains(d: dict) -> str:
+    """Closed-book contains per question set: base, tuned, paired difference (95% bootstrap)."""
+    rows = ["| closed-book, contains (95% bootstrap) | base | tuned | tuned − base (paired) |", "|---|---|---|---|"]
+    for name, label in QA_SETS.items():
+        iv = d["intervals"].get(name)
+        if iv:
+            rows.append(f"| {label.format(n=iv['n'])} | {ci(iv['base'])} | **{iv['tuned'][0]:.3f}** "
+                        f"[{iv['tuned'][1]:.3f}, {iv['tuned'][2]:.3f}] | {signed(iv['tuned_minus_base'])} |")
+    return "\n".join([*rows, "", source(d)])
+
+
+def finetune_scores(d: dict) -> str:
+    """The other closed-book scores on the golden test and train questions (answerable and not)."""
+    b, t = d["base"]["qa"], d["tuned"]["qa"]
+    head = (f"| closed-book, other scores | base test ({b['golden_test']['n']}) | tuned test | base train "
+            f"({b['golden_train']['n']}) | tuned train |")
+    rows = [head, "|---|---|---|---|---|"]
+    for key, label in (("f1", "token F1"), ("hallucination_rate", "hallucination rate"),
+                       ("format_consistency", "format consistency")):
+        rows.append(f"| {label} | " + " | ".join(num(m[s][key]) for s in ("golden_test", "golden_train")
+                                                  for m in (b, t)) + " |")
+    rows.append("| abstain precision / recall | " + " | ".join(
+        f"{num(m[s]['abstain_precision'], 2)} / {num(m[s]['abstain_recall'], 2)}"
+        for s in ("golden_test", "golden_train") for m in (b, t)) + " |")
+    pb, pt = d["base"].get("probes", {}), d["tuned"].get("probes", {})
+    if pb:
+        rows.append("| general probes (all / knowledge) | " + f"{num(pb['accuracy'])} / {num(pb['knowledge'], 2)} | "
+                    f"{num(pt['accuracy'])} / {num(pt['knowledge'], 2)} | | |")
+    if "perplexity_general" in d["base"]:
+        rows.append(f"| perplexity on general text | {num(d['base']['perplexity_general'], 1)} | "
+                    f"{num(d['tuned']['perplexity_general'], 1)} | | |")
+    return "\n".join([*rows, "", source(d)])
+
+
+def sweep(d: dict) -> str:
+    """Closed-book contains against the number of re-wordings per question, at equal training steps."""
+    rows = ["| re-wordings per question | training rows | steps (passes) | golden train contains | golden test "
+            f"contains | test: minus {d['rows'][0]['paraphrases']} re-wordings (paired) |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(d["rows"]):
+        iv, diff = r["intervals"], r.get("minus_fewest", {})
+        rows.append(f"| {r['paraphrases']} | {r['train_rows']} | {r['steps']} ({r['passes_over_data']}) | "
+                    f"{ci(iv['golden_train']['tuned'])} | {ci(iv['golden_test']['tuned'])} | "
+                    f"{signed(diff.get('golden_test')) if i else '–'} |")
+    b = d["rows"][0]["intervals"]
+    rows += ["", f"Base model: train {b['golden_train']['base'][0]:.3f}, test {b['golden_test']['base'][0]:.3f}. "
+             + source(d)]
+    return "\n".join(rows)
+
+
+def chunking(d: dict) -> str:
+    """Retrieval on the golden test split per chunking set-up (recall@5 and nDCG@10 per mode)."""
+    modes = d["modes"]
+    rows = ["| chunking | chunks | " + " | ".join(f"{m} R@5 / nDCG@10" for m in modes) + " |",
+            "|---" * (len(modes) + 2) + "|"]
+    for name, r in d["runs"].items():
+        rows.append(f"| {name} | {r['chunks']} | " + " | ".join(
+            f"{r['retrieval'][m]['recall@5']:.3f} / {r['retrieval'][m]['ndcg@10']:.3f}" for m in modes) + " |")
+    return "\n".join([*rows, "", source(d)])
+
+
+TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
+          "finetune-scores": ("finetune-demo.json", finetune_scores),
+          "sweep": ("sweep-demo.json", sweep),
+          "chunking": ("chunking-demo.json", chunking)}
+
+
+def render(name: str, root: Path = RESULTS) -> str:
+    file, fn = TABLES[name]
+    path = root / file
+    d = json.loads(path.read_text(encoding="utf-8")) | {"_path": str(path)}
+    return fn(d)
+
+
+def update(text: str, root: Path = RESULTS) -> str:
+    """README text with every marked section re-rendered from its JSON."""
+    def repl(m: re.Match) -> str:
+        if m["name"] not in TABLES:
+            raise KeyError(f"README marker results:{m['name']}: no such table (known: {', '.join(TABLES)})")
+        return m.group(1) + render(m["name"], root) + "\n" + m.group(4)
+
+    return MARKER.sub(repl, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.splitlines()[0])
+    p.add_argument("--readme", default="README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if README differs from what the JSON renders")
+    a = p.parse_args(argv)
+    path = Path(a.readme)
+    old = path.read_text(encoding="utf-8")
+    new = update(old)
+    if a.check:
+        if new != old:
+            print(f"{path}: tables differ from docs/results/*.json; run `make docs`", file=sys.stderr)
+            return 1
+        print(f"{path}: {len(MARKER.findall(old))} tables match their JSON")
+        return 0
+    path.write_text(new, encoding="utf-8")
+    print(f"{path}: {len(MARKER.findall(new))} tables rendered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
