@@ -68,22 +68,28 @@ def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
     return out
 
 
+def paired(rows: list[dict], ref_rows: list[dict], n_boot: int, seed: int) -> dict:
+    """``rows`` minus ``ref_rows`` on the same questions (contains over answerable ones, hallucination rate over
+    all), with 95% paired bootstrap intervals; ``significant`` when the interval excludes zero."""
+    d = {}
+    for metric, key, only_answerable in (("contains", "contains", True), ("hallucination_rate", "hallucinated", False)):
+        pairs = [(a[key], b[key]) for a, b in zip(rows, ref_rows, strict=True)
+                 if a["answerable"] or not only_answerable]
+        mean, lo, hi = M.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], n_boot, seed)
+        d[metric] = {"diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "significant": lo > 0 or hi < 0}
+    return d
+
+
 def differences(per_system: dict[str, list[dict]], ref: str, n_boot: int, seed: int) -> dict:
-    """Paired differences from ``ref`` (contains, hallucination rate) with 95% intervals; ``significant`` when
-    the interval excludes zero."""
-    out = {}
-    for name, rows in per_system.items():
-        if name == ref:
-            continue
-        d = {}
-        for metric, key, only_answerable in (("contains", "contains", True),
-                                             ("hallucination_rate", "hallucinated", False)):
-            pairs = [(a[key], b[key]) for a, b in zip(rows, per_system[ref], strict=True)
-                     if a["answerable"] or not only_answerable]
-            mean, lo, hi = M.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], n_boot, seed)
-            d[metric] = {"diff": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)], "significant": lo > 0 or hi < 0}
-        out[name] = d
-    return out
+    """Every system minus ``ref`` (``paired``)."""
+    return {name: paired(rows, per_system[ref], n_boot, seed) for name, rows in per_system.items() if name != ref}
+
+
+def pairwise(per_system: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
+    """Every pair of systems, later minus earlier in ``SYSTEMS`` order (``"rag - base"``), ``paired``."""
+    names = [s for s in SYSTEMS if s in per_system]
+    return {f"{b} - {a}": paired(per_system[b], per_system[a], n_boot, seed)
+            for i, a in enumerate(names) for b in names[i + 1:]}
 
 
 def _size_mb(path: str | Path) -> float:
@@ -147,6 +153,7 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
                                          "passages"},
               "systems": {s: summarise(rows, cfg.bootstrap, cfg.seed) for s, rows in per_system.items()},
               "differences_vs": ref, "differences": differences(per_system, ref, cfg.bootstrap, cfg.seed),
+              "pairwise": pairwise(per_system, cfg.bootstrap, cfg.seed),
               "setup": setup_cost(cfg, base)}
     result["forgetting"] = forgetting(cfg, per_system)
     if cfg.seeds > 1:

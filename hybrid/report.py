@@ -114,6 +114,12 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
     for s, d in result["differences"].items():
         lines.append(f"- {s}: " + "; ".join(f"{m} {v['diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
                                              f"{' *' if v['significant'] else ''}" for m, v in d.items()))
+    if result.get("pairwise"):
+        lines += ["", "Every pair (later minus earlier system; contains, paired bootstrap 95%; * = excludes zero):", ""]
+        for pair, v in result["pairwise"].items():
+            c = v["contains"]
+            lines.append(f"- {pair}: {c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+                         f"{' *' if c['significant'] else ''}")
     if result.get("seeds"):
         n = next(iter(result["seeds"].values()))["n"]
         lines += ["", f"## Over {n} training seeds", "",

@@ -67,6 +67,9 @@ def test_every_system_has_finite_scores(result):
     assert min(r["prompt_tokens"] for r in rows["rag"]) > max(r["prompt_tokens"] for r in rows["base"])
     assert res["systems"]["base"]["faithfulness"] is None
     assert set(res["differences"]) == set(SYSTEMS) - {"rag"}
+    assert len(res["pairwise"]) == 10 and "rag - base" in res["pairwise"]  # every pair, later minus earlier
+    # a pair and its reference difference agree: (base - rag) is minus (rag - base)
+    assert res["pairwise"]["rag - base"]["contains"]["diff"] == -res["differences"]["base"]["contains"]["diff"]
     assert -1 <= res["forgetting"]["hybrid"] <= 1  # the RAFT adapter's general probes, measured by compare
 
 
