@@ -104,10 +104,53 @@ def chunking(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+LABELS = {"base": "base", "finetuned": "fine-tuned", "rag": "RAG", "finetuned+rag": "fine-tuned + RAG",
+          "hybrid": "hybrid (RAFT)"}
+
+
+def compare(d: dict) -> str:
+    """The five systems on the same questions (``make compare``): scores with intervals, tokens, latency."""
+    sys_ = d["systems"]
+    names, ref = list(sys_), d["differences_vs"]
+
+    def mean_ci(v):
+        return "–" if v is None else f"{v['mean']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"
+
+    def row(label, cells):
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    diff = d["differences"]
+    rows = ["| | " + " | ".join(LABELS.get(s, s) for s in names) + " |", "|---" * (len(names) + 1) + "|",
+            row("contains", [mean_ci(sys_[s]["contains"]) for s in names]),
+            row(f"contains − {LABELS.get(ref, ref)} (paired)", [
+                "–" if s == ref else f"{diff[s]['contains']['diff']:+.2f} [{diff[s]['contains']['ci'][0]:+.2f}, "
+                f"{diff[s]['contains']['ci'][1]:+.2f}]" for s in names]),
+            row("hallucination rate", [mean_ci(sys_[s]["hallucination_rate"]) for s in names]),
+            row("citation accuracy", [mean_ci(sys_[s]["citation_accuracy"]) for s in names]),
+            row("abstain precision / recall", [f"{num(sys_[s]['abstain_precision'], 2)} / "
+                                               f"{num(sys_[s]['abstain_recall'], 2)}" for s in names]),
+            row("format consistency", [mean_ci(sys_[s]["format_consistency"]) for s in names]),
+            row("prompt / generated tokens", [f"{sys_[s]['prompt_tokens']:.0f} / {sys_[s]['new_tokens']:.0f}"
+                                              for s in names]),
+            row(f"latency p50 ms ({sys_[names[0]]['latency_n']} queries, one at a time)",
+                [f"{sys_[s]['latency_ms']['total']['p50']:.0f}" for s in names]),
+            row("general-probe change (forgetting)", [num(d.get("forgetting", {}).get(s), 2) for s in names])]
+    if d.get("pairwise"):
+        def pair(k, v):
+            c = v["contains"]
+            text = f"{k} {c['diff']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]"
+            return f"**{text}**" if c["significant"] else text
+
+        rows += ["", "Every pair, contains (later − earlier, paired 95% bootstrap; **bold**: the interval excludes "
+                 "zero): " + "; ".join(pair(k, v) for k, v in d["pairwise"].items()) + "."]
+    return "\n".join([*rows, "", source(d)])
+
+
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
-          "chunking": ("chunking-demo.json", chunking)}
+          "chunking": ("chunking-demo.json", chunking),
+          "compare": ("compare-demo.json", compare)}
 
 
 def render(name: str, root: Path = RESULTS) -> str:
