@@ -120,3 +120,23 @@ def test_replay_prompts_are_not_the_probes():
     probes = {normalize(json.loads(x)["prompt"]) for x in Path("data/probes/probes.jsonl").read_text().splitlines()}
     replay = [normalize(x) for x in Path(DataConfig.general_prompts).read_text().splitlines() if x.strip()]
     assert len(replay) >= 50 and not set(replay) & probes
+
+
+def test_sweep_reports_intervals_and_the_difference_from_the_fewest_wordings():
+    from finetune.cli import sweep_lines, versus
+    from finetune.evaluate import intervals
+
+    def result(flags):
+        return {"qa": {"golden_test": {}}, "per_question": {"golden_test": [
+            {"correct": f, "expected": "x"} for f in flags] + [{"correct": 0.0, "expected": None}]}}
+
+    base, fewest, more = result([0, 0, 0, 0]), result([1, 0, 0, 0]), result([1, 1, 1, 0])
+    d = versus(more, fewest)["golden_test"]
+    assert d[0] == 0.5 and d[1] <= 0.5 <= d[2]  # unanswerable rows are not scored
+    rows = [{"paraphrases": 0, "train_rows": 10, "steps": 5, "intervals": intervals(base, fewest),
+             "minus_fewest": versus(fewest, fewest)},
+            {"paraphrases": 2, "train_rows": 30, "steps": 5, "intervals": intervals(base, more),
+             "minus_fewest": versus(more, fewest)}]
+    first, second = sweep_lines(rows)
+    assert first.startswith("0 re-wordings") and "minus" not in first
+    assert "golden_test 0.750 [" in second and "minus 0 re-wordings 0.500 [" in second
