@@ -49,12 +49,16 @@ def test_html_lists_still_nest_after_the_walk_became_a_loop(tmp_path):
 
 
 def test_deeply_nested_folders_are_walked(tmp_path):
-    deep = tmp_path
-    for _ in range(1100):  # mkdir(parents=True) recurses once per level itself
-        deep = deep / "d"
-        deep.mkdir()
-    (deep / "bottom.md").write_text(GOOD)
-    assert [d.id for d in load_folder(tmp_path, progress=False)] == ["d/" * 1100 + "bottom.md"]
+    levels = [tmp_path / "/".join(["d"] * n) for n in range(1, 1101)]
+    for level in levels:  # mkdir(parents=True) and shutil.rmtree recurse once per level: not for this tree
+        level.mkdir()
+    (levels[-1] / "bottom.md").write_text(GOOD)
+    try:
+        assert [d.id for d in load_folder(tmp_path, progress=False)] == ["d/" * 1100 + "bottom.md"]
+    finally:  # pytest's own clean-up of old temp folders would hit the recursion limit in a later run
+        (levels[-1] / "bottom.md").unlink()
+        for level in reversed(levels):
+            level.rmdir()
 
 
 def test_file_name_not_utf8_skipped_with_a_warning_naming_it(tmp_path, caplog):
@@ -120,3 +124,124 @@ def test_control_characters_in_names_are_escaped_in_the_log(tmp_path, caplog, na
     assert list(loaded(tmp_path)) == ["good.md"]
     (message,) = warnings(caplog)
     assert message.startswith(f"skipping {name!r}: empty file") and "\n" not in message and "\x1b" not in message
+
+
+# --- index: write failures and damage ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny docs folder and an index over it, built once; tests work on copies."""
+    from rag.index import update_index
+    from tests.conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("built")
+    docs = write_corpus(root / "docs")
+    update_index(docs, root / "index", CHUNKS, "minilm", progress=False)
+    return docs, root / "index"
+
+
+CHUNKS = None  # set below: rag.chunk imports stay out of the module's import time
+
+
+def _chunks():
+    from rag.chunk import ChunkConfig
+
+    return ChunkConfig(size=40, overlap=5)
+
+
+CHUNKS = _chunks()
+
+
+def copy_index(built, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    docs, index = built
+    shutil.copytree(docs, tmp_path / "docs")
+    shutil.copytree(index, tmp_path / "index")
+    return tmp_path / "docs", tmp_path / "index"
+
+
+def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp_path, monkeypatch):
+    import errno
+
+    import rag.index as ix
+    from rag.index import Index, IndexWriteError, update_index
+
+    docs, index = copy_index(built, tmp_path)
+    live = Index.load(index).path.name
+    (index / ".tmp-v-crashed").mkdir()  # what an earlier failed write left behind
+    (index / ".tmp-v-crashed" / "vectors.npy").write_bytes(b"0" * 1000)
+    (docs / "returns.md").write_text("# Returns\n\nReturns within 90 days.\n")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ix.DenseIndex, "save", full)
+    with pytest.raises(IndexWriteError, match=f"cannot write the index in {index} .No space left on device.; "
+                                              "free disk space"):
+        update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert sorted(p.name for p in index.iterdir()) == ["CURRENT", live]  # stale and partial folders both gone
+    assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
+    monkeypatch.undo()
+    update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert Index.load(index).search_bm25("90 days", 1)[0][0].startswith("returns.md")
+
+
+def test_unwritable_index_folder_is_one_error_line(built, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import rag.index as ix
+    from rag.cli import main
+
+    docs, index = copy_index(built, tmp_path)
+    (docs / "new.md").write_text("# New\n\nRain gauges.\n")
+
+    def denied(*_a, **_k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ix.np, "save", denied)
+    assert main(["index", "--docs", str(docs), "--index-dir", str(index), "--chunk-size", "40",
+                 "--overlap", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: cannot write the index in {index} (Permission denied); free disk space or make "
+                       "the folder writable, or pass --index-dir elsewhere")
+    assert not [p for p in index.iterdir() if p.name.startswith(".tmp")]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda v: _truncate(v / "chunks.jsonl"),
+    lambda v: _drop_last_line(v / "chunks.jsonl"),  # still valid JSON lines: only the counts tell
+    lambda v: (v / "faiss.index").unlink(),
+    lambda v: (v / "tokens.json").write_text(""),
+    lambda v: _truncate(v / "vectors.npy"),
+    lambda v: (v.parent / "CURRENT").write_text("../../etc\n"),
+], ids=["truncated-chunks", "chunks-line-missing", "no-faiss", "empty-tokens", "truncated-vectors", "bad-current"])
+def test_damaged_index_is_rebuilt_with_a_warning(built, tmp_path, caplog, damage):
+    from rag.index import Index, IndexDamaged, update_index
+
+    docs, index = copy_index(built, tmp_path)
+    damage(index / (index / "CURRENT").read_text().strip())
+    with pytest.raises(IndexDamaged, match=f"index at {index} is damaged .*python -m rag index"):
+        Index.load(index)
+    fixed, stats = update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert stats.wrote and stats.added == 5
+    assert [m for m in warnings(caplog) if m.startswith(f"index at {index} is damaged (") and "rebuilding" in m]
+    assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
+
+
+def test_damaged_calibration_file_is_ignored_with_a_warning(tmp_path, caplog):
+    from rag import calibration
+
+    (tmp_path / calibration.FILE).write_text('{"hybrid|minilm": {"rule": [["bm25", 4')
+    assert calibration.load(tmp_path) == {}
+    assert [m for m in warnings(caplog) if m.startswith(f"ignoring {tmp_path / calibration.FILE}: unreadable")]
+    calibration.save(tmp_path, "k", {"rule": []})  # the next evaluation rewrites it
+    assert calibration.load(tmp_path) == {"k": {"rule": []}}
