@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -245,3 +246,46 @@ def test_damaged_calibration_file_is_ignored_with_a_warning(tmp_path, caplog):
     assert [m for m in warnings(caplog) if m.startswith(f"ignoring {tmp_path / calibration.FILE}: unreadable")]
     calibration.save(tmp_path, "k", {"rule": []})  # the next evaluation rewrites it
     assert calibration.load(tmp_path) == {"k": {"rule": []}}
+
+
+# --- golden files --------------------------------------------------------------------------------------------------
+
+GOLDEN_OK = ('{"id": "a", "question": "How fast is the pump?", "answer": "40 litres", "sources": ["pump.md"], '
+             '"split": "train"}')
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"id": "b", "question": "Pump speed?", "sources": ["pump.md"]}', "'answer' is missing"),
+    ('{"id": "b", "question": "Pump speed?", "answer": 40, "sources": ["pump.md"]}', "'answer' must be a non-empty "
+     "string, or null"),
+    ('{"id": ["b"], "question": "Pump speed?", "answer": "40", "sources": ["pump.md"]}', "'id' must be a string"),
+    ('{"id": "b", "question": {"en": "Pump?"}, "answer": "40", "sources": ["pump.md"]}', "'question' must be"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": [3]}', "'sources' must be a list of paths"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": "pump.md"}', "'sources' must be a list"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": ["../pump.md"]}', "'sources' must be"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": ["pump.md"], "split": "dev"}',
+     "'split' must be 'train' or 'test', not \"dev\""),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "aliases": "forty", "sources": ["pump.md"]}',
+     "'aliases' must be a list of strings"),
+    (b'{"id": "b", "question": "Caf\xe9?", "answer": null}', "not valid UTF-8 (byte 0xe9 at column 29)"),
+])
+def test_malformed_golden_line_names_file_line_and_field(tmp_path, line, needle):
+    from rag.evaluate import GoldenError, load_golden
+
+    path = tmp_path / "golden.jsonl"
+    line = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(GOLDEN_OK.encode() + b"\n\n" + line + b"\n")
+    with pytest.raises(GoldenError, match=f"^{re.escape(str(path))}:3: .*{re.escape(needle)}"):
+        load_golden(path)
+
+
+def test_well_formed_golden_lines_still_load(tmp_path):
+    from rag.evaluate import load_golden
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(GOLDEN_OK + '\n{"id": 7, "question": "CEO shoe size?", "answer": null, "note": "kept"}\n')
+    a, b = load_golden(path)
+    assert a["type"] == "lookup" and a["split"] == "train" and a["aliases"] == []
+    assert b["type"] == "unanswerable" and b["sources"] == [] and b["split"] == "test" and b["note"] == "kept"
+    assert len(load_golden("data/demo/golden.jsonl")) == 186  # the shipped files keep loading
+    assert len(load_golden("bench/rustbook-golden.jsonl")) == 20
