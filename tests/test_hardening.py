@@ -289,3 +289,60 @@ def test_well_formed_golden_lines_still_load(tmp_path):
     assert b["type"] == "unanswerable" and b["sources"] == [] and b["split"] == "test" and b["note"] == "kept"
     assert len(load_golden("data/demo/golden.jsonl")) == 186  # the shipped files keep loading
     assert len(load_golden("bench/rustbook-golden.jsonl")) == 20
+
+
+# --- flags ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    ({"parent_size": 0}, "--parent-size must be at least 10 words, not 0"),
+    ({"embedder": "nosuch"}, "--embedder 'nosuch' is not a known model name; pass a packaged model (minilm)"),
+    ({"reranker": "nosuch"}, "--reranker 'nosuch' is not a known model name"),
+    ({"model": "nosuch"}, "--model 'nosuch' is not a known model name; pass a packaged model (smollm2-135m"),
+    ({"embedder": "./models/missing"}, "--embedder ./models/missing: no such file or folder"),
+    ({"model": "/no/such/reader.gguf"}, "--model /no/such/reader.gguf: no such file or folder"),
+    ({"reranker": "a/b/c"}, "--reranker a/b/c: no such file or folder"),
+    ({"embedder": ""}, "--embedder is empty"),
+    ({"docs": ""}, "--docs is empty"),
+    ({"abstain": "bm25<nan"}, "--abstain 'bm25<nan': write SIGNAL<NUMBER"),
+    ({"abstain": "bm25<inf"}, "--abstain"),
+])
+def test_bad_flag_is_a_value_error_naming_it(flags, needle):
+    from rag.pipeline import RagConfig
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        RagConfig(**{"index_dir": "unused", **flags})
+
+
+def test_packaged_names_paths_and_hub_ids_are_accepted(tmp_path):
+    from rag.pipeline import RagConfig
+
+    RagConfig(index_dir=str(tmp_path / "ix"), embedder="sentence-transformers/all-MiniLM-L6-v2",
+              reranker="cross-encoder/ms-marco-MiniLM-L-6-v2", model="Qwen/Qwen2.5-0.5B-Instruct")
+    RagConfig(index_dir=str(tmp_path / "ix"), embedder=str(tmp_path), model="smollm2-135m")
+
+
+def test_index_dir_that_is_a_file_is_one_line(tmp_path):
+    from rag.pipeline import RagConfig
+
+    (tmp_path / "ix").write_text("not a folder")
+    with pytest.raises(ValueError, match=f"--index-dir {re.escape(str(tmp_path / 'ix'))} is a file"):
+        RagConfig(index_dir=str(tmp_path / "ix"))
+
+
+def test_hub_id_not_downloaded_says_how_to_get_it_not_check_your_internet(monkeypatch):
+    from rag.dense import load_embedder
+    from rag.models import ModelNotFound
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="--embedder 'openbook-test/no-such-model': it is not downloaded and "
+                                            "the hub is off .HF_HUB_OFFLINE=1.; run with HF_HUB_OFFLINE=0"):
+        load_embedder("openbook-test/no-such-model")
+
+
+def test_empty_question_is_one_error_line(corpus, tmp_path, capsys):
+    from rag.cli import main
+
+    assert main(["ask", "--docs", str(corpus), "--index-dir", str(tmp_path / "ix"), " "]) == 2
+    assert capsys.readouterr().err.strip() == ("error: ask: a question is empty; e.g. python -m rag ask "
+                                               "'How long is the warranty?'")
+    assert not (tmp_path / "ix").exists()  # refused before any indexing
