@@ -346,3 +346,45 @@ def test_empty_question_is_one_error_line(corpus, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: ask: a question is empty; e.g. python -m rag ask "
                                                "'How long is the warranty?'")
     assert not (tmp_path / "ix").exists()  # refused before any indexing
+
+
+# --- web page ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["OUTSIDE", "../outside.md", "sub/../../outside.md", "", "."])
+def test_freshness_edit_outside_the_copy_is_refused(corpus, tmp_path, path):
+    from hybrid.freshness import apply_edits
+
+    outside = tmp_path / "outside.md"
+    outside.write_text("# Outside\n\nwithin 45 days\n")
+    edit = {"id": "e-x", "path": str(outside) if path == "OUTSIDE" else path, "find": "within 45 days",
+            "replace": "overwritten"}
+    (tmp_path / "work").mkdir()
+    with pytest.raises(ValueError, match="edit e-x: path .* is not a file inside the documents folder"):
+        apply_edits(corpus, tmp_path / "work" / "copy", [edit])
+    assert outside.read_text() == "# Outside\n\nwithin 45 days\n"
+
+
+def test_freshness_edit_inside_still_applies(corpus, tmp_path):
+    from hybrid.freshness import apply_edits
+
+    edit = {"id": "e-1", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days"}
+    assert apply_edits(corpus, tmp_path / "copy", [edit]) == ["returns.md"]
+    assert "within 60 days" in (tmp_path / "copy" / "returns.md").read_text()
+    assert "within 45 days" in (corpus / "returns.md").read_text()
+
+
+def test_cross_site_posts_are_refused(corpus, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hybrid.ui import Demo, UiConfig, create_app
+
+    demo = Demo(UiConfig(docs=str(corpus), index_dir=str(tmp_path / "ix"), finetuned=str(tmp_path / "none"),
+                         raft=str(tmp_path / "none"), report=str(tmp_path / "report"), port=7860))
+    client = TestClient(create_app(demo), base_url="http://127.0.0.1:7860")
+    for route in ("/api/reindex", "/api/freshness"):
+        for origin in ("http://evil.example", "null", "http://localhost:9999"):
+            r = client.post(route, headers={"Origin": origin})
+            assert r.status_code == 403 and "cross-site request" in r.json()["detail"], (route, origin)
+    assert client.post("/api/reindex").status_code == 200  # curl sends no Origin
+    assert client.post("/api/reindex", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    assert client.post("/api/reindex", headers={"Origin": "http://localhost:7860"}).status_code == 200
