@@ -5,7 +5,7 @@
 Retrieval systems answer from the updated index; closed-book systems still carry weights trained on the old
 text. Reported per system: the share of answers with the new value (fresh) and with the old one (stale), and the
 time an update takes (re-index seconds vs the training run's seconds). The live corpus and index are never
-touched: both are copied to a temporary folder first.
+touched: both are copied to a temporary folder first, and an edit whose path leaves that copy is refused.
 """
 
 from __future__ import annotations
@@ -25,12 +25,24 @@ from rag.index import update_index
 from rag.pipeline import RagConfig, RagPipeline
 
 
+def _target(dest: Path, e: dict) -> Path:
+    """The file an edit changes, which must lie inside the copy ``dest`` (an absolute path or '../..' would
+    rewrite files anywhere the process may write)."""
+    if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("path", "find", "replace")):
+        raise ValueError(f"edit {str(e)[:80]}: needs string 'path', 'find' and 'replace' (format: data/CHANGES.md)")
+    p = (dest / e["path"]).resolve()
+    if not e["path"] or Path(e["path"]).is_absolute() or not p.is_relative_to(dest.resolve()) or p == dest.resolve():
+        raise ValueError(f"edit {e.get('id', '?')}: path {e['path']!r} is not a file inside the documents folder; "
+                         "give it relative to the folder, e.g. policies/returns.md (format: data/CHANGES.md)")
+    return p
+
+
 def apply_edits(src: str | Path, dest: str | Path, edits: list[dict]) -> list[str]:
     """Copy the corpus at ``src`` to ``dest`` and apply ``edits`` (``find`` must occur once); the edited paths."""
     shutil.copytree(src, dest, dirs_exist_ok=True)
+    targets = [_target(Path(dest), e) for e in edits]  # every path checked before any file is written
     changed = []
-    for e in edits:
-        p = Path(dest) / e["path"]
+    for e, p in zip(edits, targets, strict=True):
         text = p.read_text(encoding="utf-8")
         if text.count(e["find"]) != 1:
             raise ValueError(f"edit {e['id']}: '{e['find']}' occurs {text.count(e['find'])} times in {e['path']}, "

@@ -23,6 +23,9 @@ generation half-way (a closed page stops the systems not yet asked).
     POST /api/reindex           incremental re-index of --docs
     POST /api/freshness         edits applied to a copy, re-indexed, changed facts re-asked (hybrid.freshness)
     GET  /report                the latest `make compare` report.html
+
+The POST routes refuse (403) a request whose ``Origin`` is another site: a page anywhere on the web can send
+a form POST to 127.0.0.1 without a CORS pre-flight, and each of these starts minutes of work.
 """
 
 from __future__ import annotations
@@ -256,13 +259,19 @@ def events(job) -> Iterator[str]:
 
 
 def create_app(demo: Demo):
-    from fastapi import FastAPI, HTTPException
+    from fastapi import Depends, FastAPI, Header, HTTPException
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="openbook demo", docs_url=None, redoc_url=None)  # the Swagger page needs a CDN
     if not demo.cfg.allow_remote:  # a web page elsewhere cannot reach this server by DNS rebinding
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+    own = {f"http://{host}:{demo.cfg.port}" for host in ("127.0.0.1", "localhost", "[::1]")}
+
+    def same_origin(origin: str | None = Header(None), host: str | None = Header(None)) -> None:
+        """No Origin (curl, scripts) or this page's own; anything else is a cross-site request."""
+        if origin is not None and origin not in own | {f"http://{host}"}:
+            raise HTTPException(403, f"cross-site request from {origin[:100]} refused")
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -291,11 +300,11 @@ def create_app(demo: Demo):
             raise HTTPException(400, "empty question")
         return demo.inspect(q.strip())
 
-    @app.post("/api/reindex")
+    @app.post("/api/reindex", dependencies=[Depends(same_origin)])
     def reindex():
         return demo.reindex()
 
-    @app.post("/api/freshness")
+    @app.post("/api/freshness", dependencies=[Depends(same_origin)])
     def fresh():
         try:
             return demo.freshness()

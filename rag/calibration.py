@@ -8,15 +8,24 @@ was computed from. Choosing the rule is ``rag.evaluate.calibrate``; this module 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 FILE = "calibration.json"
+log = logging.getLogger(__name__)
 
 
 def load(index_dir: str | Path) -> dict:
-    """Every saved calibration for this index, by key ({} when none was made)."""
+    """Every saved calibration for this index, by key ({} when none was made, or the file is damaged)."""
     path = Path(index_dir) / FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        table = e
+    if not isinstance(table, dict):  # the next evaluation calibrates again and rewrites it
+        log.warning("ignoring %s: unreadable or damaged (%s)", path, type(table).__name__)
+        return {}
+    return table
 
 
 def save(index_dir: str | Path, key: str, entry: dict) -> None:

@@ -63,6 +63,8 @@ class ChunkConfig:
             raise ValueError(f"--chunk-size must be at least 10 words, not {self.size}")
         if not 0 <= self.overlap < self.size:
             raise ValueError(f"--overlap must be in [0, chunk size {self.size}), not {self.overlap}")
+        if self.parent_size < 10:
+            raise ValueError(f"--parent-size must be at least 10 words, not {self.parent_size}")
 
 
 def _sections(text: str) -> list[tuple[int, int, str]]:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from rag.config import add_config_flags, config_from, run_command, setup_logging, write_report
+from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, write_report
 from rag.evaluate import GoldenError, calibrate, evaluate, golden_for, load_golden
 from rag.pipeline import Answer, RagConfig, RagPipeline
 
@@ -58,6 +58,8 @@ def cmd_index(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    if not all(q.strip() for q in args.question):
+        raise UserError("ask: a question is empty; e.g. python -m rag ask 'How long is the warranty?'")
     pipe = _pipeline(args, progress=False)
     for q in args.question:
         print(f"\nQ: {q}\nA: ", end="", flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rag.atomic import replace_dir
-from rag.models import embedder_path, pick_device
+from rag.models import embedder_path, not_local, pick_device
 
 log = logging.getLogger(__name__)
 KINDS = ("exact", "hnsw")
@@ -30,7 +30,13 @@ def load_embedder(name: str):
     if name not in _LOADED:
         from sentence_transformers import SentenceTransformer
 
-        _LOADED[name] = SentenceTransformer(embedder_path(name), device=pick_device())
+        local = embedder_path(name)
+        try:
+            _LOADED[name] = SentenceTransformer(local, device=pick_device())
+        except OSError as e:
+            if Path(local).expanduser().exists():  # a damaged local model: its own error says more
+                raise
+            raise not_local("--embedder", name) from e
     return _LOADED[name]
 
 

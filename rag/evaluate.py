@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -41,21 +41,57 @@ def golden_for(docs: str | Path, golden: str | Path = "") -> str:
     return str(golden) if golden else str(default) if default.exists() else ""
 
 
+def _field_error(where: str, q: dict) -> str | None:
+    """What is wrong with the first malformed field of a golden line, or None."""
+    def text(v) -> bool:
+        return isinstance(v, str) and bool(v.strip())
+
+    def texts(v) -> bool:
+        return isinstance(v, list) and all(map(text, v))
+
+    def inside(v) -> bool:  # document ids are relative POSIX paths: anything else can never be retrieved
+        return texts(v) and not any(PurePosixPath(s).is_absolute() or ".." in PurePosixPath(s).parts for s in v)
+
+    checks = [  # field, required, valid, what it must be
+        ("question", True, text, "a non-empty string"),
+        ("answer", True, lambda v: v is None or text(v), "a non-empty string, or null when unanswerable"),
+        ("id", False, lambda v: text(v) or type(v) is int, "a string"),
+        ("aliases", False, texts, 'a list of strings, e.g. ["45"]'),
+        ("sources", False, inside, 'a list of paths relative to the docs folder, e.g. ["policies/returns.md"]'),
+        ("type", False, text, "a string, e.g. lookup or unanswerable"),
+        ("split", False, lambda v: v in ("train", "test"), "'train' or 'test'"),
+    ]
+    for name, required, valid, want in checks:
+        if name not in q:
+            if required:
+                return f"{where}: '{name}' is missing; it must be {want}"
+        elif not valid(q[name]):
+            return f"{where}: '{name}' must be {want}, not {json.dumps(q[name], ensure_ascii=False)[:60]}"
+    return None
+
+
 def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[dict]:
     """Read and validate a golden JSONL file; with ``docs_dir``, warn about sources missing from the folder."""
     path = Path(path)
     if not path.is_file():
         raise GoldenError(f"golden file not found: {path}; pass --golden FILE (format: README 'Golden file')")
     items, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):  # bytes: only \n and \r end a line
+        try:
+            line = raw.decode("utf-8").lstrip("\ufeff")
+        except UnicodeDecodeError as e:
+            raise GoldenError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                              "save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
             q = json.loads(line)
         except json.JSONDecodeError as e:
             raise GoldenError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(q, dict) or not str(q.get("question", "")).strip():
+        if not isinstance(q, dict):
             raise GoldenError(f"{path}:{n}: each line needs an object with a non-empty 'question'")
+        if problem := _field_error(f"{path}:{n}", q):
+            raise GoldenError(problem + " (format: README 'Golden file')")
         q.setdefault("id", f"q{n}")
         if q["id"] in seen:
             raise GoldenError(f"{path}:{n}: duplicate id '{q['id']}'")
@@ -63,10 +99,10 @@ def load_golden(path: str | Path, docs_dir: str | Path | None = None) -> list[di
         q.setdefault("aliases", [])
         q.setdefault("sources", [])
         q.setdefault("split", "test")
-        q.setdefault("type", "unanswerable" if q.get("answer") is None else "lookup")
-        if (q.get("answer") is None) != (q["type"] == "unanswerable"):
+        q.setdefault("type", "unanswerable" if q["answer"] is None else "lookup")
+        if (q["answer"] is None) != (q["type"] == "unanswerable"):
             raise GoldenError(f"{path}:{n}: 'answer' must be null exactly when type is 'unanswerable'")
-        if q.get("answer") is not None and not q["sources"]:
+        if q["answer"] is not None and not q["sources"]:
             raise GoldenError(f"{path}:{n}: an answerable question needs at least one entry in 'sources'")
         items.append(q)
     if not items:

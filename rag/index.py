@@ -6,6 +6,8 @@ chunker, embedder or FAISS settings rebuilds everything (old vectors would no lo
 
 Atomic by construction: each build is written to a fresh ``v-*`` folder and only then published by
 ``os.replace`` of the one-line ``CURRENT`` file, so a crash at any point leaves the previous version loadable.
+A failed write (full disk, no permission) removes its partial folder and says so in one line; the next write
+first clears what crashed writes left. A damaged version (a truncated or missing file) is rebuilt with a warning.
 Layout::
 
     <index dir>/CURRENT            name of the live version
@@ -16,9 +18,11 @@ Left out on purpose: concurrent writers (last one wins) and sharding; see README
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +42,19 @@ FORMAT = 1
 
 class IndexMissing(UserError, RuntimeError):
     """No usable index at a path; the message says what to run."""
+
+
+class IndexDamaged(IndexMissing):
+    """The live version's files are missing, truncated or disagree; ``update_index`` rebuilds it."""
+
+    def __init__(self, root: Path, why: str):
+        super().__init__(f"index at {root} is damaged ({why}); rebuild it: `python -m rag index --docs DIR "
+                         f"--index-dir {root}`")
+        self.why = why
+
+
+class IndexWriteError(UserError, RuntimeError):
+    """The index folder cannot be written (full disk, no permission); the previous version stays live."""
 
 
 @dataclass
@@ -77,48 +94,85 @@ class Index:
 
     @classmethod
     def load(cls, index_dir: str | Path) -> Index:
+        """The live version; ``IndexMissing`` when there is none, ``IndexDamaged`` when its files are broken."""
         root = Path(index_dir)
         try:
-            path = root / (root / "CURRENT").read_text().strip()
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
+            name = (root / "CURRENT").read_text().strip()
+        except OSError as e:
             raise IndexMissing(f"no index at {root}; run `python -m rag index --docs DIR --index-dir {root}`") from e
-        if manifest.get("format") != FORMAT:
-            raise IndexMissing(f"index at {root} has an old format; rebuild with `python -m rag index`")
-        with open(path / "chunks.jsonl") as f:
-            chunks = [Chunk(**json.loads(line)) for line in f]
-        tokens = json.loads((path / "tokens.json").read_text())
-        vectors = np.load(path / "vectors.npy")
-        ids = [c.id for c in chunks if c.indexed]
-        return cls(path, manifest, chunks, tokens, vectors, DenseIndex.load(path / "faiss.index", ids,
-                                                                             manifest["faiss"]))
+        if not re.fullmatch(r"v-[\w.-]+", name):  # nothing outside the index folder is read
+            raise IndexDamaged(root, f"CURRENT names {name[:80]!r}, not a version folder")
+        path = root / name
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            if manifest.get("format") != FORMAT:
+                raise IndexMissing(f"index at {root} has an old format; rebuild with `python -m rag index`")
+            with open(path / "chunks.jsonl", encoding="utf-8") as f:
+                chunks = [Chunk(**json.loads(line)) for line in f]
+            tokens = json.loads((path / "tokens.json").read_text(encoding="utf-8"))
+            vectors = np.load(path / "vectors.npy")
+            ids = [c.id for c in chunks if c.indexed]
+            dense = DenseIndex.load(path / "faiss.index", ids, manifest["faiss"])
+            # a file cut at a line end still parses: the counts must agree with the manifest
+            counts = {len(ids), len(tokens), len(vectors), dense.index.ntotal, manifest["n_chunks"]}
+            listed = {cid for d in manifest["documents"].values() for cid in d["chunks"]}
+            if len(counts) > 1 or not listed <= {c.id for c in chunks}:
+                raise ValueError("its files disagree on the number of chunks")
+        except IndexMissing:
+            raise
+        except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            why = f"{Path(e.filename).name}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+            raise IndexDamaged(root, f"{type(e).__name__}: {str(why)[:160]}") from e
+        return cls(path, manifest, chunks, tokens, vectors, dense)
 
 
 def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
     return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
 
 
+def _sweep(root: Path) -> None:
+    """Remove what failed or crashed writes left (a full disk stays full until they go); never the live version."""
+    try:
+        live = (root / "CURRENT").read_text().strip()
+    except OSError:
+        live = None  # no version folder is known to be unused
+    for old in root.iterdir():
+        if old.name.startswith(".tmp-") or (live and old.name.startswith("v-") and old.name != live):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vectors: np.ndarray,
            dense: DenseIndex) -> Path:
     """Write a new version folder, then publish it by atomically replacing CURRENT."""
-    root.mkdir(parents=True, exist_ok=True)
     name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    with open(tmp / "chunks.jsonl", "w") as f:
-        for c in chunks:
-            f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
-    (tmp / "tokens.json").write_text(json.dumps(tokens))
-    np.save(tmp / "vectors.npy", vectors)
-    dense.save(tmp / "faiss.index")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    for f in tmp.iterdir():  # data on disk before the rename that makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    tmp.rename(root / name)
-    pointer = root / ".CURRENT.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / "CURRENT")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _sweep(root)
+        tmp.mkdir()
+        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
+            for c in chunks:
+                f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+        (tmp / "tokens.json").write_text(json.dumps(tokens), encoding="utf-8")
+        np.save(tmp / "vectors.npy", vectors)
+        dense.save(tmp / "faiss.index")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+        for f in tmp.iterdir():  # data on disk before the rename that makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.rename(root / name)
+        pointer = root / ".CURRENT.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / "CURRENT")
+    except BaseException as e:  # CURRENT still names the previous version: drop the partial new one
+        for debris in (tmp, root / name):
+            shutil.rmtree(debris, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (root / ".CURRENT.tmp").unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise IndexWriteError(f"cannot write the index in {root} ({e.strerror or e}); free disk space or make "
+                                  "the folder writable, or pass --index-dir elsewhere") from None
+        raise
     for old in root.iterdir():  # older versions and leftovers of crashed writes
         if old.name not in (name, "CURRENT") and (old.name.startswith(("v-", ".tmp-"))):
             shutil.rmtree(old, ignore_errors=True)
@@ -136,6 +190,9 @@ def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkCo
         if any(old.manifest.get(k) != v for k, v in settings.items()):
             log.info("index settings changed: rebuilding everything")
             old = None
+    except IndexDamaged as e:
+        log.warning("index at %s is damaged (%s): rebuilding it from %s", index_dir, e.why, docs_dir)
+        old = None
     except IndexMissing:
         old = None
     old_docs = old.manifest["documents"] if old else {}

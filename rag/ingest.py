@@ -26,6 +26,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,10 @@ WRAPPED = 0.6         # a PDF line this share as long as the longest body line w
 # a one-line paragraph (blank line or start of file before it) over a '===' or '---' underline
 SETEXT = re.compile(r"^(?<![^\n]\n)([^\s#>|*-].*)\n {0,3}(={3,}|-{3,})[ \t]*$", re.M)
 LIST_ITEM = re.compile(r"(?:[-*\u2022\u2013]|(\d{1,2}[.)]))\s+")  # a bullet becomes '- ', a number stays
+ATX_TITLE = re.compile(r"^# +(.*)$", re.M)  # no lazy group before a trailing [ #]*: that was quadratic in spaces
+MAX_SPAN = 1000  # colspan above this is clamped, as the HTML standard and browsers do (a 56-byte page made 66k chunks)
+WARN_BYTES = 5 << 20  # text this large takes minutes to chunk and embed on a CPU: say so
+MAX_BYTES = 20 << 20  # text larger than this is skipped: split it (a PDF's limit applies to its extracted text)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,21 @@ class _Skip(Exception):
     """Why a file is skipped and how to fix it; `load_file` logs it once."""
 
 
+def shown(name: str) -> str:
+    """A file name fit for a log line: as it is, or its repr() when it holds a newline, an escape sequence or a
+    byte that is not UTF-8 (a name like 'a.md\\nINFO: ...' must not forge a line of the log)."""
+    return name if name.isprintable() else repr(name)
+
+
+def _utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _squash(text: str) -> str:
     return " ".join(text.split())
 
@@ -81,7 +101,7 @@ def _tidy(text: str) -> str:
 
 
 def _decode(raw: bytes, rel: str) -> str:
-    if b"\x00" in raw[:8192]:
+    if b"\x00" in raw:  # the whole file: binary data after a text header is still binary
         raise _Skip("binary content (NUL bytes), not text; fix its extension or remove it")
     try:
         return raw.decode("utf-8-sig")
@@ -94,8 +114,8 @@ def _decode(raw: bytes, rel: str) -> str:
 
 
 def _atx_title(text: str) -> str | None:
-    match = re.search(r"^# +(.+?)[ #]*$", text, re.M)
-    return match.group(1).strip() if match else None
+    match = next((m for m in ATX_TITLE.finditer(text) if m[1].strip()), None)
+    return (match[1].rstrip(" #") or match[1]).strip() if match else None  # '# Title ##' -> 'Title'
 
 
 def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
@@ -105,54 +125,64 @@ def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
     return text, _atx_title(text)
 
 
-def _html_table(table: Tag) -> str:
-    rows = []
+def _html_table(table: Tag, rel: str) -> str:
+    rows, clamped = [], False
     for tr in table.find_all("tr"):
         cells = []
         for cell in tr.find_all(("th", "td"), recursive=False):
-            span = str(cell.get("colspan", "1"))
+            span = str(cell.get("colspan", "1")).strip()
+            n = (int(span) if len(span) < 8 else MAX_SPAN + 1) if span.isascii() and span.isdigit() else 1
+            clamped |= n > MAX_SPAN
             # repeat a spanned cell so every value sits under its own column header
-            cells += [_squash(cell.get_text(" ")).replace("|", "\\|")] * (int(span) if span.isdigit() else 1)
+            cells += [_squash(cell.get_text(" ")).replace("|", "\\|")] * min(max(n, 1), MAX_SPAN)
         if any(cells):
             rows.append(cells)
+    if clamped:
+        log.warning("%s: a table cell spans over %d columns; read as %d", rel, MAX_SPAN, MAX_SPAN)
     width = max((len(r) for r in rows), default=0)
     lines = ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in rows]
     return "\n".join(lines[:1] + ["|" + " --- |" * width] + lines[1:]) if rows else ""
 
 
-def _html_blocks(el: Tag, out: list[str]) -> None:
-    """Append el's blocks to out: '#' headings, paragraphs, '- ' items, pipe tables, fenced code."""
-    buf: list[str] = []
+def _html_blocks(root: Tag, out: list[str], rel: str) -> None:
+    """Append root's blocks to out: '#' headings, paragraphs, '- ' items, pipe tables, fenced code.
 
-    def flush() -> None:
-        if text := _squash("".join(buf)):
-            out.append(text)
-        buf.clear()
-
-    for child in el.children:
+    A loop over a stack of open elements, not recursion: 1000 nested <div>s must not hit Python's recursion limit.
+    """
+    # per open element: its children still to read, where its blocks go, its inline text not yet a paragraph, and
+    # for an <li> the list its items join when it closes
+    Frame = tuple[Iterator, list[str], list[str], list[str] | None]
+    stack: list[Frame] = [(iter(root.children), out, [], None)]
+    while stack:
+        children, dest, buf, item_of = stack[-1]
+        child = next(children, None)
         if isinstance(child, PreformattedString):  # comments, doctype, CDATA
             continue
-        if not isinstance(child, Tag) or (child.name not in BLOCK_TAGS and not child.find(BLOCK_TAGS)):
+        if child is not None and (not isinstance(child, Tag) or (child.name not in BLOCK_TAGS
+                                                                 and not child.find(BLOCK_TAGS))):
             buf.append(child.get_text() if isinstance(child, Tag) else str(child))  # inline text, <a>, <b>
             continue
-        flush()
+        if text := _squash("".join(buf)):  # a block, or the end of the element, ends the inline paragraph
+            dest.append(text)
+        buf.clear()
+        if child is None:
+            stack.pop()
+            if item_of is not None and dest:  # items of a nested list follow their parent item
+                item_of += ["- " + dest[0].removeprefix("- ")] + dest[1:]
+            continue
         name = child.name
         if name in HEADINGS:
             if text := _squash(child.get_text()).rstrip("\u00b6 "):  # drop Sphinx-style permalink marks
-                out.append("#" * int(name[1]) + " " + text)
+                dest.append("#" * int(name[1]) + " " + text)
         elif name == "li":
-            items: list[str] = []
-            _html_blocks(child, items)
-            if items:  # items of a nested list follow their parent item
-                out += ["- " + items[0].removeprefix("- ")] + items[1:]
+            stack.append((iter(child.children), [], [], dest))
         elif name == "table":
-            out.append(_html_table(child))
+            dest.append(_html_table(child, rel))
         elif name == "pre":
             code = child.get_text().strip("\n")
-            out.append(f"```\n{code}\n```" if code.strip() else "")
+            dest.append(f"```\n{code}\n```" if code.strip() else "")
         else:
-            _html_blocks(child, out)
-    flush()
+            stack.append((iter(child.children), dest, [], None))
 
 
 def _read_html(raw: bytes, rel: str) -> tuple[str, str | None]:
@@ -171,8 +201,8 @@ def _read_html(raw: bytes, rel: str) -> tuple[str, str | None]:
     # ...unless the page header holds the page's only <h1>: then it is the title block (owner, version, date)
     intro = next((el for el in chrome if el.name == "header" and el.find("h1")), None)
     if intro and not root.find("h1"):
-        _html_blocks(intro, blocks)
-    _html_blocks(root, blocks)
+        _html_blocks(intro, blocks, rel)
+    _html_blocks(root, blocks, rel)
     return "\n\n".join(b for b in blocks if b), title or None
 
 
@@ -255,69 +285,100 @@ READERS = {".md": _read_text, ".markdown": _read_text, ".txt": _read_text,
            ".html": _read_html, ".htm": _read_html, ".pdf": _read_pdf}
 
 
+def _check_size(n: int, name: str, what: str = "it") -> None:
+    if n > MAX_BYTES:
+        raise _Skip(f"{what} is {n / 2**20:.0f} MB, over the {MAX_BYTES >> 20} MB limit (rag.ingest.MAX_BYTES); "
+                    "split it into smaller files")
+    if n > WARN_BYTES:
+        log.warning("%s: %s is %.0f MB; chunking and embedding it may take minutes", name, what, n / 2**20)
+
+
 def load_file(path: Path, root: Path) -> Document | None:
     """One file as a Document, or None (after one logged warning) when it is skipped."""
     path, root = Path(path), Path(root)
     rel = path.absolute().relative_to(root.absolute()).as_posix()
+    name, pdf = shown(rel), path.suffix.lower() == ".pdf"
     if path.suffix.lower() not in SUPPORTED:
-        log.debug("skipping %s: unsupported extension", rel)
+        log.debug("skipping %s: unsupported extension", name)
         return None
     try:
+        if not _utf8(rel):  # the index stores ids as UTF-8 JSON
+            raise _Skip("its name is not valid UTF-8; rename it")
+        st = path.stat()
+        if not pdf:  # before reading: a huge file is not read at all
+            _check_size(st.st_size, name)
         raw = path.read_bytes()
         if not raw.strip():
             raise _Skip("empty file; add text to it or delete it")
-        text, title = READERS[path.suffix.lower()](raw, rel)
+        text, title = READERS[path.suffix.lower()](raw, name)
+        if pdf:
+            _check_size(len(text.encode()), name, "its text")
         if not (text := _tidy(text)):
             raise _Skip("no text left after parsing; check the file has content")
-        mtime = path.stat().st_mtime
+        mtime = st.st_mtime
     except _Skip as e:
-        log.warning("skipping %s: %s", rel, e)
+        log.warning("skipping %s: %s", name, e)
         return None
     except OSError as e:
-        log.warning("skipping %s: cannot read it (%s); check its permissions", rel, e.strerror or e)
+        log.warning("skipping %s: cannot read it (%s); check its permissions", name, e.strerror or e)
         return None
     first_line = next(ln for ln in text.split("\n") if ln.strip()).lstrip("#").strip()[:120]
     return Document(id=rel, path=str(path.absolute()), title=title or first_line or path.stem, text=text,
                     sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime)
 
 
+def _entries(folder: Path, root: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as e:
+        log.warning("skipping %s/: cannot list it (%s)", shown(folder.relative_to(root).as_posix()), e.strerror)
+        return []
+
+
 def _walk(root: Path) -> list[Path]:
-    """Every visible file under root once, in sorted order; links that leave root are refused."""
+    """Every visible file under root once, in sorted order; links that leave root are refused.
+
+    Depth first over a stack of open folders, not recursion: 1100 nested folders must not hit the recursion limit.
+    """
     real_root = root.resolve()
     found: dict[Path, Path] = {}  # resolved target -> the path it is loaded under
-
-    def visit(folder: Path, ancestors: frozenset[Path]) -> None:
-        try:
-            entries = sorted(folder.iterdir())
-        except OSError as e:
-            log.warning("skipping %s/: cannot list it (%s)", folder.relative_to(root).as_posix(), e.strerror)
-            return
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name == "__pycache__":
-                continue
-            rel = entry.relative_to(root).as_posix()
-            try:
-                target = entry.resolve()
-            except (OSError, RuntimeError):  # RuntimeError: a link that points at itself
-                target = None
-            if target is None or not (entry.is_dir() or entry.is_file()):
-                log.warning("skipping %s: broken symlink or not a regular file", rel)
-            elif entry.is_symlink() and not target.is_relative_to(real_root):
-                log.warning("skipping %s: symlink to %s, outside the docs folder; copy it in instead",
-                            rel, target)
-            elif entry.is_dir():
-                if target not in ancestors:  # a link back up the tree would loop forever
-                    visit(entry, ancestors | {target})
-            elif target not in found or entry == root / target.relative_to(real_root):
-                found[target] = entry  # a file reached twice is loaded once, under its real path if seen
-
-    visit(root, frozenset({real_root}))
+    stack = [(iter(_entries(root, root)), real_root)]  # per open folder: entries still to visit, its target
+    ancestors = {real_root}  # the targets on the stack: a link back up the tree would loop forever
+    while stack:
+        entry = next(stack[-1][0], None)
+        if entry is None:
+            ancestors.discard(stack.pop()[1])
+            continue
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        rel = shown(entry.relative_to(root).as_posix())
+        try:  # resolve() costs a system call per folder level: only links need it
+            target = entry.resolve() if entry.is_symlink() else stack[-1][1] / entry.name
+        except (OSError, RuntimeError):  # RuntimeError: a link that points at itself
+            target = None
+        if not _utf8(entry.name):  # the index stores ids as UTF-8 JSON
+            log.warning("skipping %s: its name is not valid UTF-8; rename it", rel)
+        elif target is None or not (entry.is_dir() or entry.is_file()):
+            log.warning("skipping %s: broken symlink or not a regular file", rel)
+        elif entry.is_symlink() and not target.is_relative_to(real_root):
+            log.warning("skipping %s: symlink to %s, outside the docs folder; copy it in instead",
+                        rel, shown(str(target)))
+        elif entry.is_dir():
+            if target not in ancestors:
+                stack.append((iter(_entries(entry, root)), target))
+                ancestors.add(target)
+        elif target not in found or entry == root / target.relative_to(real_root):
+            found[target] = entry  # a file reached twice is loaded once, under its real path if seen
     return sorted(found.values())
 
 
 def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
     """Every readable document under root, sorted by id; bad files are skipped with a warning."""
+    if not str(root).strip():  # Path("") is the current folder
+        raise IngestError("docs folder is empty (''); pass DOCS=/path/to/folder")
     root = Path(root).expanduser()
+    if not _utf8(str(root.resolve())):
+        raise IngestError(f"docs folder {shown(str(root))}: its path is not valid UTF-8; rename it")
     if not root.exists():
         raise IngestError(f"docs folder not found: {root}; pass DOCS=/path/to/folder")
     if not root.is_dir():

@@ -17,7 +17,9 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,33 @@ DEFAULT_READER = "qwen-1.5b"
 DEFAULT_GENERATOR = "smollm2-135m"
 DEFAULT_EMBEDDER = "minilm"
 DEFAULT_RERANKER = "openbook-minilm-ce"
+
+
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # a Hugging Face repo id: owner/name
+
+
+def check_name(flag: str, name: str, packaged: Iterable[str]) -> None:
+    """A ValueError naming ``flag`` unless ``name`` is a packaged model, an existing path or has a hub id's form.
+
+    A hub id is checked by its form only: a user with internet (HF_HUB_OFFLINE=0) downloads it on first use.
+    """
+    path, packaged = Path(name).expanduser(), list(packaged)
+    choices = f"pass a packaged model ({', '.join(packaged)}), a local path or a hub id (owner/name)"
+    if not name.strip():  # Path("") is the current folder, which exists
+        raise ValueError(f"{flag} is empty; {choices}")
+    if name in packaged or path.exists():
+        return
+    if name.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf" or "/" in name and not HUB_ID.fullmatch(name):
+        raise ValueError(f"{flag} {name}: no such file or folder; {choices}")
+    if not HUB_ID.fullmatch(name):
+        raise ValueError(f"{flag} '{name}' is not a known model name; {choices}")
+
+
+def not_local(what: str, name: str) -> ModelNotFound:
+    """The error for a hub id that is not in the local cache (the library's own says 'check your internet')."""
+    how = ("it is not downloaded and the hub is off (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it"
+           if os.environ.get("HF_HUB_OFFLINE") == "1" else "the hub has no such model or cannot be reached")
+    return ModelNotFound(f"{what} '{name}': {how}, or pass a local folder")
 
 
 def _module_dir(module: str, hint: str) -> Path:

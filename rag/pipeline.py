@@ -26,7 +26,7 @@ from rag.dense import KINDS
 from rag.fuse import rrf
 from rag.generate import BACKENDS, IDK, Generator, citations, is_abstention, load_generator
 from rag.index import Index, UpdateStats, update_index
-from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS
+from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS, check_name
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class RagConfig:
                           f"(any one below its threshold abstains; signals: {', '.join(SIGNALS)}), e.g. 'judge<0'")
 
     def __post_init__(self):
+        if not self.docs.strip():  # Path("") is the current folder
+            raise ValueError("--docs is empty; pass a folder of documents, e.g. --docs data/demo")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
         if self.backend not in BACKENDS:
@@ -112,9 +114,9 @@ class RagConfig:
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.model not in GENERATORS and not Path(self.model).expanduser().exists() and "/" not in self.model:
-            raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
-                             "a local .gguf file or folder, nor a hub id")
+        check_name("--model", self.model, GENERATORS)
+        check_name("--embedder", self.embedder, [DEFAULT_EMBEDDER])
+        check_name("--reranker", self.reranker, [DEFAULT_RERANKER])
         local = Path(self.adapter).expanduser()
         if self.adapter and (local.exists() or self.adapter.startswith((".", "/", "~"))) \
                 and not (local / "adapter_config.json").exists():
@@ -122,6 +124,8 @@ class RagConfig:
                              "train one first, e.g. `make hybrid`")
         if not self.index_dir:
             self.index_dir = str(artefacts("index", self.docs))
+        if Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
+            raise ValueError(f"--index-dir {self.index_dir} is a file; pass a folder (created when missing)")
         self.chunk_config()  # validates chunker flags
 
     def chunk_config(self) -> ChunkConfig:

@@ -9,7 +9,9 @@ train-reranker`` builds (rag/train_reranker.py); any CrossEncoder path or hub id
 
 from __future__ import annotations
 
-from rag.models import pick_device, reranker_path
+from pathlib import Path
+
+from rag.models import not_local, pick_device, reranker_path
 
 _LOADED: dict[str, object] = {}
 
@@ -19,7 +21,13 @@ def load_reranker(name: str, max_length: int = 256):
     if name not in _LOADED:
         from sentence_transformers import CrossEncoder
 
-        _LOADED[name] = CrossEncoder(reranker_path(name), max_length=max_length, device=pick_device())
+        local = reranker_path(name)
+        try:
+            _LOADED[name] = CrossEncoder(local, max_length=max_length, device=pick_device())
+        except OSError as e:
+            if Path(local).expanduser().exists():  # a damaged local model: its own error says more
+                raise
+            raise not_local("--reranker", name) from e
     return _LOADED[name]
 
 

@@ -1,0 +1,390 @@
+"""Hardening (issue 17): hostile or broken input gives one clear line or one warning, never a traceback or a hang.
+
+One case per test, each on a tiny folder under tmp_path; the index cases build a tiny index with the packaged
+embedder (seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from rag import ingest
+from rag.ingest import IngestError, load_folder
+
+
+def write(root: Path, rel: str, data: str | bytes) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def loaded(root: Path) -> dict:
+    return {d.id: d for d in load_folder(root, progress=False)}
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+GOOD = "# Pump\n\nThe pump runs at 40 litres per minute.\n"
+
+
+# --- ingest: tracebacks --------------------------------------------------------------------------------------------
+
+def test_deeply_nested_html_is_read(tmp_path):
+    write(tmp_path, "deep.html", "<html><body>" + "<div>" * 3000 + "<p>Deep fact.</p>" + "</div>" * 3000)
+    assert loaded(tmp_path)["deep.html"].text == "Deep fact."
+
+
+def test_html_lists_still_nest_after_the_walk_became_a_loop(tmp_path):
+    write(tmp_path, "list.html", "<body><p>Intro <b>bold</b></p><ul><li>One<ul><li>One a</li></ul></li>"
+          "<li><p>Two</p></li></ul>Tail</body>")
+    assert loaded(tmp_path)["list.html"].text == "Intro bold\n\n- One\n\n- One a\n\n- Two\n\nTail"
+
+
+def test_deeply_nested_folders_are_walked(tmp_path):
+    levels = [tmp_path / "/".join(["d"] * n) for n in range(1, 1101)]
+    for level in levels:  # mkdir(parents=True) and shutil.rmtree recurse once per level: not for this tree
+        level.mkdir()
+    (levels[-1] / "bottom.md").write_text(GOOD)
+    try:
+        assert [d.id for d in load_folder(tmp_path, progress=False)] == ["d/" * 1100 + "bottom.md"]
+    finally:  # pytest's own clean-up of old temp folders would hit the recursion limit in a later run
+        (levels[-1] / "bottom.md").unlink()
+        for level in reversed(levels):
+            level.rmdir()
+
+
+def test_file_name_not_utf8_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    write(tmp_path, "good.md", GOOD)
+    with open(os.fsencode(tmp_path) + b"/caf\xe9.md", "wb") as f:
+        f.write(b"# Cafe\n\nMenu.\n")
+    assert list(loaded(tmp_path)) == ["good.md"]
+    assert [m for m in warnings(caplog) if "'caf\\udce9.md'" in m and "not valid UTF-8" in m]
+
+
+def test_empty_docs_path_is_not_the_current_folder():
+    with pytest.raises(IngestError, match="docs folder is empty"):
+        load_folder("")
+
+
+# --- ingest: hangs -------------------------------------------------------------------------------------------------
+
+def test_huge_colspan_is_clamped_with_a_warning(tmp_path, caplog):
+    write(tmp_path, "t.html", '<table><tr><td colspan="2000000">x</td></tr><tr><td colspan="9' + "9" * 5000
+          + '">y</td><td colspan="\u00b2">z</td></tr></table>')
+    t0 = time.perf_counter()
+    text = loaded(tmp_path)["t.html"].text
+    assert time.perf_counter() - t0 < 5
+    assert text.split("\n")[0].count("| x") == ingest.MAX_SPAN
+    assert [m for m in warnings(caplog) if m.startswith("t.html: a table cell spans over 1000 columns")]
+
+
+def test_heading_with_many_spaces_is_fast(tmp_path):
+    write(tmp_path, "spaces.md", "# a" + " " * 150_000 + "b ##\n\nBody.\n")
+    t0 = time.perf_counter()
+    doc = loaded(tmp_path)["spaces.md"]
+    assert time.perf_counter() - t0 < 5
+    assert doc.title.startswith("a ") and doc.title.endswith(" b")
+    write(tmp_path, "closed.md", "# Title ##\n\nBody.\n")
+    assert loaded(tmp_path)["closed.md"].title == "Title"
+
+
+def test_large_file_warned_and_oversized_file_skipped(tmp_path, caplog, monkeypatch):
+    write(tmp_path, "good.md", GOOD)
+    write(tmp_path, "big.txt", "word " * 300)  # 1500 bytes
+    with open(tmp_path / "huge.txt", "wb") as f:  # sparse: 21 MB of size, no data written
+        f.truncate(21 << 20)
+    monkeypatch.setattr(ingest, "WARN_BYTES", 1000)
+    assert sorted(loaded(tmp_path)) == ["big.txt", "good.md"]
+    messages = warnings(caplog)
+    assert [m for m in messages if m.startswith("skipping huge.txt: it is 21 MB, over the 20 MB limit")]
+    assert [m for m in messages if m.startswith("big.txt: it is 0 MB; chunking and embedding it may take minutes")]
+
+
+# --- ingest: wrong results -----------------------------------------------------------------------------------------
+
+def test_binary_after_the_first_8_kib_is_not_indexed(tmp_path, caplog):
+    write(tmp_path, "good.md", GOOD)
+    write(tmp_path, "fake.txt", b"plain text header\n" * 1000 + b"\x00\x01\x02\xff" * 100)
+    assert list(loaded(tmp_path)) == ["good.md"]
+    assert [m for m in warnings(caplog) if m.startswith("skipping fake.txt: binary content")]
+
+
+@pytest.mark.parametrize("name", ["evil\nINFO: all good.md", "red\x1b[31m.md"])
+def test_control_characters_in_names_are_escaped_in_the_log(tmp_path, caplog, name):
+    write(tmp_path, "good.md", GOOD)
+    write(tmp_path, name, b"")  # empty: skipped with a warning that names it
+    assert list(loaded(tmp_path)) == ["good.md"]
+    (message,) = warnings(caplog)
+    assert message.startswith(f"skipping {name!r}: empty file") and "\n" not in message and "\x1b" not in message
+
+
+# --- index: write failures and damage ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny docs folder and an index over it, built once; tests work on copies."""
+    from rag.index import update_index
+    from tests.conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("built")
+    docs = write_corpus(root / "docs")
+    update_index(docs, root / "index", CHUNKS, "minilm", progress=False)
+    return docs, root / "index"
+
+
+CHUNKS = None  # set below: rag.chunk imports stay out of the module's import time
+
+
+def _chunks():
+    from rag.chunk import ChunkConfig
+
+    return ChunkConfig(size=40, overlap=5)
+
+
+CHUNKS = _chunks()
+
+
+def copy_index(built, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    docs, index = built
+    shutil.copytree(docs, tmp_path / "docs")
+    shutil.copytree(index, tmp_path / "index")
+    return tmp_path / "docs", tmp_path / "index"
+
+
+def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp_path, monkeypatch):
+    import errno
+
+    import rag.index as ix
+    from rag.index import Index, IndexWriteError, update_index
+
+    docs, index = copy_index(built, tmp_path)
+    live = Index.load(index).path.name
+    (index / ".tmp-v-crashed").mkdir()  # what an earlier failed write left behind
+    (index / ".tmp-v-crashed" / "vectors.npy").write_bytes(b"0" * 1000)
+    (docs / "returns.md").write_text("# Returns\n\nReturns within 90 days.\n")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ix.DenseIndex, "save", full)
+    with pytest.raises(IndexWriteError, match=f"cannot write the index in {index} .No space left on device.; "
+                                              "free disk space"):
+        update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert sorted(p.name for p in index.iterdir()) == ["CURRENT", live]  # stale and partial folders both gone
+    assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
+    monkeypatch.undo()
+    update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert Index.load(index).search_bm25("90 days", 1)[0][0].startswith("returns.md")
+
+
+def test_unwritable_index_folder_is_one_error_line(built, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import rag.index as ix
+    from rag.cli import main
+
+    docs, index = copy_index(built, tmp_path)
+    (docs / "new.md").write_text("# New\n\nRain gauges.\n")
+
+    def denied(*_a, **_k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ix.np, "save", denied)
+    assert main(["index", "--docs", str(docs), "--index-dir", str(index), "--chunk-size", "40",
+                 "--overlap", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: cannot write the index in {index} (Permission denied); free disk space or make "
+                       "the folder writable, or pass --index-dir elsewhere")
+    assert not [p for p in index.iterdir() if p.name.startswith(".tmp")]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda v: _truncate(v / "chunks.jsonl"),
+    lambda v: _drop_last_line(v / "chunks.jsonl"),  # still valid JSON lines: only the counts tell
+    lambda v: (v / "faiss.index").unlink(),
+    lambda v: (v / "tokens.json").write_text(""),
+    lambda v: _truncate(v / "vectors.npy"),
+    lambda v: (v.parent / "CURRENT").write_text("../../etc\n"),
+], ids=["truncated-chunks", "chunks-line-missing", "no-faiss", "empty-tokens", "truncated-vectors", "bad-current"])
+def test_damaged_index_is_rebuilt_with_a_warning(built, tmp_path, caplog, damage):
+    from rag.index import Index, IndexDamaged, update_index
+
+    docs, index = copy_index(built, tmp_path)
+    damage(index / (index / "CURRENT").read_text().strip())
+    with pytest.raises(IndexDamaged, match=f"index at {index} is damaged .*python -m rag index"):
+        Index.load(index)
+    fixed, stats = update_index(docs, index, CHUNKS, "minilm", progress=False)
+    assert stats.wrote and stats.added == 5
+    assert [m for m in warnings(caplog) if m.startswith(f"index at {index} is damaged (") and "rebuilding" in m]
+    assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
+
+
+def test_damaged_calibration_file_is_ignored_with_a_warning(tmp_path, caplog):
+    from rag import calibration
+
+    (tmp_path / calibration.FILE).write_text('{"hybrid|minilm": {"rule": [["bm25", 4')
+    assert calibration.load(tmp_path) == {}
+    assert [m for m in warnings(caplog) if m.startswith(f"ignoring {tmp_path / calibration.FILE}: unreadable")]
+    calibration.save(tmp_path, "k", {"rule": []})  # the next evaluation rewrites it
+    assert calibration.load(tmp_path) == {"k": {"rule": []}}
+
+
+# --- golden files --------------------------------------------------------------------------------------------------
+
+GOLDEN_OK = ('{"id": "a", "question": "How fast is the pump?", "answer": "40 litres", "sources": ["pump.md"], '
+             '"split": "train"}')
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"id": "b", "question": "Pump speed?", "sources": ["pump.md"]}', "'answer' is missing"),
+    ('{"id": "b", "question": "Pump speed?", "answer": 40, "sources": ["pump.md"]}', "'answer' must be a non-empty "
+     "string, or null"),
+    ('{"id": ["b"], "question": "Pump speed?", "answer": "40", "sources": ["pump.md"]}', "'id' must be a string"),
+    ('{"id": "b", "question": {"en": "Pump?"}, "answer": "40", "sources": ["pump.md"]}', "'question' must be"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": [3]}', "'sources' must be a list of paths"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": "pump.md"}', "'sources' must be a list"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": ["../pump.md"]}', "'sources' must be"),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "sources": ["pump.md"], "split": "dev"}',
+     "'split' must be 'train' or 'test', not \"dev\""),
+    ('{"id": "b", "question": "Pump speed?", "answer": "40", "aliases": "forty", "sources": ["pump.md"]}',
+     "'aliases' must be a list of strings"),
+    (b'{"id": "b", "question": "Caf\xe9?", "answer": null}', "not valid UTF-8 (byte 0xe9 at column 29)"),
+])
+def test_malformed_golden_line_names_file_line_and_field(tmp_path, line, needle):
+    from rag.evaluate import GoldenError, load_golden
+
+    path = tmp_path / "golden.jsonl"
+    line = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(GOLDEN_OK.encode() + b"\n\n" + line + b"\n")
+    with pytest.raises(GoldenError, match=f"^{re.escape(str(path))}:3: .*{re.escape(needle)}"):
+        load_golden(path)
+
+
+def test_well_formed_golden_lines_still_load(tmp_path):
+    from rag.evaluate import load_golden
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(GOLDEN_OK + '\n{"id": 7, "question": "CEO shoe size?", "answer": null, "note": "kept"}\n')
+    a, b = load_golden(path)
+    assert a["type"] == "lookup" and a["split"] == "train" and a["aliases"] == []
+    assert b["type"] == "unanswerable" and b["sources"] == [] and b["split"] == "test" and b["note"] == "kept"
+    assert len(load_golden("data/demo/golden.jsonl")) == 186  # the shipped files keep loading
+    assert len(load_golden("bench/rustbook-golden.jsonl")) == 20
+
+
+# --- flags ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    ({"parent_size": 0}, "--parent-size must be at least 10 words, not 0"),
+    ({"embedder": "nosuch"}, "--embedder 'nosuch' is not a known model name; pass a packaged model (minilm)"),
+    ({"reranker": "nosuch"}, "--reranker 'nosuch' is not a known model name"),
+    ({"model": "nosuch"}, "--model 'nosuch' is not a known model name; pass a packaged model (smollm2-135m"),
+    ({"embedder": "./models/missing"}, "--embedder ./models/missing: no such file or folder"),
+    ({"model": "/no/such/reader.gguf"}, "--model /no/such/reader.gguf: no such file or folder"),
+    ({"reranker": "a/b/c"}, "--reranker a/b/c: no such file or folder"),
+    ({"embedder": ""}, "--embedder is empty"),
+    ({"docs": ""}, "--docs is empty"),
+    ({"abstain": "bm25<nan"}, "--abstain 'bm25<nan': write SIGNAL<NUMBER"),
+    ({"abstain": "bm25<inf"}, "--abstain"),
+])
+def test_bad_flag_is_a_value_error_naming_it(flags, needle):
+    from rag.pipeline import RagConfig
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        RagConfig(**{"index_dir": "unused", **flags})
+
+
+def test_packaged_names_paths_and_hub_ids_are_accepted(tmp_path):
+    from rag.pipeline import RagConfig
+
+    RagConfig(index_dir=str(tmp_path / "ix"), embedder="sentence-transformers/all-MiniLM-L6-v2",
+              reranker="cross-encoder/ms-marco-MiniLM-L-6-v2", model="Qwen/Qwen2.5-0.5B-Instruct")
+    RagConfig(index_dir=str(tmp_path / "ix"), embedder=str(tmp_path), model="smollm2-135m")
+
+
+def test_index_dir_that_is_a_file_is_one_line(tmp_path):
+    from rag.pipeline import RagConfig
+
+    (tmp_path / "ix").write_text("not a folder")
+    with pytest.raises(ValueError, match=f"--index-dir {re.escape(str(tmp_path / 'ix'))} is a file"):
+        RagConfig(index_dir=str(tmp_path / "ix"))
+
+
+def test_hub_id_not_downloaded_says_how_to_get_it_not_check_your_internet(monkeypatch):
+    from rag.dense import load_embedder
+    from rag.models import ModelNotFound
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="--embedder 'openbook-test/no-such-model': it is not downloaded and "
+                                            "the hub is off .HF_HUB_OFFLINE=1.; run with HF_HUB_OFFLINE=0"):
+        load_embedder("openbook-test/no-such-model")
+
+
+def test_empty_question_is_one_error_line(corpus, tmp_path, capsys):
+    from rag.cli import main
+
+    assert main(["ask", "--docs", str(corpus), "--index-dir", str(tmp_path / "ix"), " "]) == 2
+    assert capsys.readouterr().err.strip() == ("error: ask: a question is empty; e.g. python -m rag ask "
+                                               "'How long is the warranty?'")
+    assert not (tmp_path / "ix").exists()  # refused before any indexing
+
+
+# --- web page ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["OUTSIDE", "../outside.md", "sub/../../outside.md", "", "."])
+def test_freshness_edit_outside_the_copy_is_refused(corpus, tmp_path, path):
+    from hybrid.freshness import apply_edits
+
+    outside = tmp_path / "outside.md"
+    outside.write_text("# Outside\n\nwithin 45 days\n")
+    edit = {"id": "e-x", "path": str(outside) if path == "OUTSIDE" else path, "find": "within 45 days",
+            "replace": "overwritten"}
+    (tmp_path / "work").mkdir()
+    with pytest.raises(ValueError, match="edit e-x: path .* is not a file inside the documents folder"):
+        apply_edits(corpus, tmp_path / "work" / "copy", [edit])
+    assert outside.read_text() == "# Outside\n\nwithin 45 days\n"
+
+
+def test_freshness_edit_inside_still_applies(corpus, tmp_path):
+    from hybrid.freshness import apply_edits
+
+    edit = {"id": "e-1", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days"}
+    assert apply_edits(corpus, tmp_path / "copy", [edit]) == ["returns.md"]
+    assert "within 60 days" in (tmp_path / "copy" / "returns.md").read_text()
+    assert "within 45 days" in (corpus / "returns.md").read_text()
+
+
+def test_cross_site_posts_are_refused(corpus, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hybrid.ui import Demo, UiConfig, create_app
+
+    demo = Demo(UiConfig(docs=str(corpus), index_dir=str(tmp_path / "ix"), finetuned=str(tmp_path / "none"),
+                         raft=str(tmp_path / "none"), report=str(tmp_path / "report"), port=7860))
+    client = TestClient(create_app(demo), base_url="http://127.0.0.1:7860")
+    for route in ("/api/reindex", "/api/freshness"):
+        for origin in ("http://evil.example", "null", "http://localhost:9999"):
+            r = client.post(route, headers={"Origin": origin})
+            assert r.status_code == 403 and "cross-site request" in r.json()["detail"], (route, origin)
+    assert client.post("/api/reindex").status_code == 200  # curl sends no Origin
+    assert client.post("/api/reindex", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    assert client.post("/api/reindex", headers={"Origin": "http://localhost:7860"}).status_code == 200
