@@ -120,8 +120,8 @@ def run(smoke: bool = False, repeats: int = 3, threads: int | None = None) -> di
     import torch
 
     from bench.governance import contexts
-    from rag.generate import load_generator
     from rag.models import DEFAULT_GENERATOR
+    from rag.runtime import load_generator
 
     t0 = time.perf_counter()
     threads = threads or cores()

@@ -23,8 +23,9 @@ from collections import defaultdict
 import numpy as np
 
 from bench.measure import set_threads
-from rag.generate import IDK, is_abstention, load_generator
+from rag.generate import IDK, is_abstention
 from rag.models import DEFAULT_GENERATOR, DEFAULT_RERANKER
+from rag.runtime import load_generator
 
 log = logging.getLogger(__name__)
 LATER_SECTIONS_S = 25 * 60  # the larger model (~5 min) runs only if this much of the run's budget is left after it

@@ -27,8 +27,9 @@ from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
 from rag.config import folder_name, option
 from rag.evaluate import golden_for, load_golden
-from rag.generate import Generator, is_abstention, load_generator
+from rag.generate import Generator, is_abstention
 from rag.models import DEFAULT_GENERATOR
+from rag.runtime import load_generator
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 One ``Generator`` interface, two backends that behave the same (prompts, greedy decoding, stop strings,
 streaming, control-token defusing): llama.cpp for GGUF files on a CPU (rag/backend_llamacpp.py; ~10× the decode
 speed of transformers on 2 cores) and transformers for GPUs, hub ids, local HF folders and adapters
-(rag/backend_hf.py). ``load_generator`` picks one. Follows the usual grounded-QA recipe: the model's chat
+(rag/backend_hf.py); ``rag.runtime.load_generator`` picks one. Follows the usual grounded-QA recipe: the model's chat
 template, greedy decoding (answers must be reproducible for evaluation), sources fenced and numbered in the user
 turn. Document text is untrusted data: the system prompt says so, and any chat-control token inside a document
 ("<|im_start|>system …") is neutralised before it reaches the tokenizer, so a document cannot open a new turn.
@@ -26,7 +26,6 @@ from rag.config import UserError
 log = logging.getLogger(__name__)
 
 IDK = "I don't know."
-BACKENDS = ("auto", "llamacpp", "transformers")
 # A grounded answer is one short sentence; past a blank line SmolLM2 wrote itself a next "Question: ..." turn
 # (28 of 93 demo test answers), which cost decode time and could plant a stray citation or "I don't know".
 ANSWER_STOP = ("\n\n",)
@@ -200,38 +199,3 @@ class Generator:
         """``yes_no_logodds`` of the first reply token to ``messages`` (the ids of ``YES`` and ``NO`` are the
         backend's ``yes_no_ids``)."""
         raise NotImplementedError
-
-
-def load_generator(name: str, max_new_tokens: int = 64, device: str | None = None, adapter: str | None = None,
-                   backend: str = "auto") -> Generator:
-    """The generator for a model name (registry name, GGUF file, HF folder or hub id) on the best backend.
-
-    ``auto``: llama.cpp when the model is a GGUF file (packaged models are), llama-cpp-python is installed and
-    the device is the CPU, a peft adapter converted to a GGUF LoRA (rag/gguf_lora.py); transformers otherwise.
-    An explicit ``llamacpp`` that cannot run raises ``BackendUnavailable``; ``auto`` falls back to transformers
-    with a warning instead (but an adapter trained on another base model is refused on either).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
-    if backend in ("auto", "llamacpp"):
-        from rag.backend_llamacpp import LlamaCppGenerator, why_not
-
-        reason = why_not(name, device)
-        # a broken runtime or adapter is worth a warning; a model that is not GGUF, or a GPU, is just routing
-        broken = reason if reason and reason.startswith("llama-cpp-python") else None
-        if reason is None:
-            from rag.gguf_lora import AdapterError, WrongBase
-
-            try:
-                return LlamaCppGenerator(name, max_new_tokens, adapter=adapter)
-            except WrongBase:
-                raise
-            except AdapterError as e:
-                reason = broken = str(e)
-        if backend == "llamacpp":
-            raise BackendUnavailable(f"the llama.cpp backend cannot run '{name}': {reason}")
-        if broken:
-            log.warning("%s; falling back to transformers (slower on a CPU)", broken)
-    from rag.backend_hf import TransformersGenerator
-
-    return TransformersGenerator(name, max_new_tokens, device=device, adapter=adapter)

@@ -24,9 +24,10 @@ from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
 from rag.fuse import rrf
-from rag.generate import BACKENDS, IDK, Generator, citations, is_abstention, load_generator
+from rag.generate import IDK, Generator, citations, is_abstention
 from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS, check_name
+from rag.runtime import BACKENDS, load_generator
 
 
 @dataclass(frozen=True)

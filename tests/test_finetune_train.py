@@ -213,7 +213,7 @@ def test_llamacpp_runs_the_adapter_like_peft(trained):
     fp32 base. Tolerance: the runtimes' logits differ (4-bit kernels vs fp32; the adapter's change to them
     correlates 0.997 between the two, MODELS.md), so a near tie can break differently: the bar is at least 6 of
     the 8 trained questions answered identically, and the adapter changing llama.cpp's answers at all."""
-    from rag.generate import load_generator
+    from rag.runtime import load_generator
 
     out, _ = trained
     cpp = load_generator("smollm2-135m", 16, adapter=str(out / "adapter"), backend="llamacpp")
@@ -228,8 +228,8 @@ def test_llamacpp_runs_the_adapter_like_peft(trained):
 
 @needs_llamacpp
 def test_adapter_for_another_base_model_is_refused_in_one_line(trained):
-    from rag.generate import load_generator
     from rag.gguf_lora import WrongBase
+    from rag.runtime import load_generator
 
     out, _ = trained
     with pytest.raises(WrongBase, match="trained on another base model"):
@@ -239,7 +239,7 @@ def test_adapter_for_another_base_model_is_refused_in_one_line(trained):
 @needs_llamacpp
 def test_export_writes_a_gguf_that_llamacpp_runs_like_the_merged_model(trained, tmp_path):
     from finetune.export import export
-    from rag.generate import load_generator
+    from rag.runtime import load_generator
 
     out, _ = trained
     gguf = export(out, tmp_path / "tuned.gguf", outtype="f32")

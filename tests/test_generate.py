@@ -7,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from rag.generate import IDK, Generator, citations, is_abstention, load_generator
+from rag.generate import IDK, Generator, citations, is_abstention
+from rag.runtime import load_generator
 
 HAS_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llamacpp = pytest.mark.skipif(not HAS_LLAMACPP, reason="llama-cpp-python is not installed (`make setup`)")
@@ -158,7 +159,7 @@ def test_without_llamacpp_auto_falls_back_to_transformers_with_one_warning(corpu
 
     code = ("import sys; sys.modules['llama_cpp'] = None\n"  # what a missing package looks like to an import
             "import logging; logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')\n"
-            "from rag.generate import load_generator\n"
+            "from rag.runtime import load_generator\n"
             "g = load_generator('smollm2-135m', 4)\n"
             "print('backend', g.backend, bool(g.chat([{'role': 'user', 'content': 'Hi'}]).text))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
