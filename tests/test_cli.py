@@ -41,7 +41,8 @@ def test_index_ask_eval_smoke(corpus, tmp_path, capsys):
     golden.write_text("\n".join(json.dumps(q) for q in GOLDEN) + "\n")
     assert main(["eval", *common, "--golden", str(golden), "--json", str(tmp_path / "out.json")]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
-    assert set(result) == {"settings", "retrieval", "answers", "latency_ms", "signal_auc", "per_question"}
+    assert set(result) == {"run", "settings", "retrieval", "answers", "latency_ms", "signal_auc", "per_question"}
+    assert {"date", "command", "git", "cpu", "cores"} <= set(result["run"])  # which run made these numbers
     assert set(result["retrieval"]) == {"bm25", "dense", "hybrid", "hybrid+rerank"}
     assert result["retrieval"]["hybrid+rerank"]["recall@5"] == 1.0
     assert {"contains", "exact", "f1", "citation_accuracy", "abstain_precision", "abstain_recall"} <= set(
