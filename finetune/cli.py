@@ -17,7 +17,6 @@ from finetune import train as T
 from finetune.data import DataConfig, build, load_built
 from finetune.evaluate import (
     EvalConfig,
-    correct_flags,
     evaluate_model,
     intervals,
     learning_curve,
@@ -178,15 +177,9 @@ SWEPT = ("contains", "f1", "hallucination_rate")  # per question set, in sweep.j
 
 
 def versus(tuned: dict, other: dict) -> dict:
-    """Per answerable question set: tuned − other "contains", paired over the same questions, 95% interval."""
-    from rag.metrics import paired_bootstrap
-
-    out = {}
-    for name in tuned["qa"]:
-        a, b = correct_flags(tuned, name), correct_flags(other, name)
-        if a and len(a) == len(b):
-            out[name] = [round(x, 4) for x in paired_bootstrap(a, b)]
-    return out
+    """Per answerable question set: tuned − other "contains", paired over the same questions, 95% interval
+    (``intervals`` with ``other`` in the base model's place)."""
+    return {name: iv["tuned_minus_base"] for name, iv in intervals(other, tuned).items()}
 
 
 def sweep_lines(rows: list[dict]) -> list[str]:

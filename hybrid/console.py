@@ -7,9 +7,10 @@ one package allowed to import the other two. ``openbook --help`` lists every ver
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from rag.config import subcommands
 
 PACKAGES = {"rag": "retrieval-augmented answers with citations", "finetune": "LoRA fine-tuning, closed-book "
             "evaluation", "hybrid": "RAFT inside RAG, the five-way comparison and the web page"}
@@ -18,8 +19,7 @@ PACKAGES = {"rag": "retrieval-augmented answers with citations", "finetune": "Lo
 def verbs(package: str) -> list[tuple[str, str]]:
     """``(verb, help)`` for every sub-command of ``<package>.cli.parser()``."""
     p = importlib.import_module(f"{package}.cli").parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    return [(c.dest, c.help or "") for c in sub._choices_actions]
+    return [(c.dest, c.help or "") for c in subcommands(p)._choices_actions]
 
 
 def usage() -> str:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from hybrid.systems import METRICS
-from rag.config import provenance
+from rag.config import stamped
 
 TRAIN_COST_FACTOR = 3  # a training token costs about three forward tokens (forward + backward pass)
 
@@ -225,8 +225,7 @@ def write(result: dict, out_dir: str | Path) -> dict[str, Path]:
         (out / name).write_bytes(data)
     md = markdown(result, list(pngs))
     (out / "report.md").write_text(md, encoding="utf-8")
-    stamped = {"run": provenance(), **{k: v for k, v in result.items() if k != "run"}}
-    (out / "compare.json").write_text(json.dumps(stamped, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps(stamped(result), indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "report.html").write_text(_html(md, pngs), encoding="utf-8")
     return {"json": out / "compare.json", "markdown": out / "report.md", "html": out / "report.html"}
 

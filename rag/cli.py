@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, write_report
+from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, subcommands, write_report
 from rag.evaluate import GoldenError, calibrate, evaluate, golden_for, load_golden
 from rag.pipeline import Answer, RagConfig, RagPipeline
 
@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
 def verb_parser(p: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
     """The sub-parser of one verb (for callers that change its defaults, like ``python -m hybrid ask``)."""
-    return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    return subcommands(p).choices[verb]
 
 
 def run(args) -> int:

@@ -30,6 +30,11 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def subcommands(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The sub-command table of a parser made with ``add_subparsers`` (its ``choices``: verb → sub-parser)."""
+    return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def folder_name(docs: str | Path) -> str:
     """The name artefacts of a docs folder go under (``root`` for ``/``)."""
     return Path(docs).resolve().name or "root"
@@ -104,11 +109,15 @@ def provenance() -> dict:
             "ram_gib": round(int(ram.split()[0]) / 2**20, 1) if ram else None}
 
 
+def stamped(result: dict) -> dict:
+    """``result`` with this run's ``provenance()`` first, under "run" (replacing any older stamp)."""
+    return {"run": provenance(), **{k: v for k, v in result.items() if k != "run"}}
+
+
 def write_report(result: dict, path: str | Path) -> None:
-    """Save a result as JSON (creating its folder), stamped with ``provenance()`` under "run", and say where."""
+    """Save a result as JSON (creating its folder), ``stamped`` with its run, and say where."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    result = {"run": provenance(), **{k: v for k, v in result.items() if k != "run"}}
-    Path(path).write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    Path(path).write_text(json.dumps(stamped(result), indent=1, ensure_ascii=False))
     print(f"wrote {path}")
 
 
