@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from rag import calibration
 from rag import metrics as M
+from rag.abstain import SIGNALS, format_rule
 from rag.config import UserError
-from rag.pipeline import MODES, SIGNALS, RagPipeline, format_rule
+from rag.pipeline import MODES, RagPipeline
 
 log = logging.getLogger(__name__)
 MISSES = ("retrieval", "gate", "generation")

@@ -1,13 +1,12 @@
-"""The RAG pipeline: one config, then index → retrieve (bm25 | dense | hybrid | hybrid+rerank) → answer.
+"""The RAG pipeline: one config, then index → retrieve (bm25 | dense | hybrid | hybrid+rerank) → gate → answer.
 
 Retrieval follows "fetch wide, fuse, re-rank, cut": each retriever returns max(k × fetch_factor, rerank_n)
 results, reciprocal rank fusion merges them, the cross-encoder scores the fused top ``rerank_n`` and its order
 joins the BM25 and dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
 With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
-generating, the pipeline abstains when a confidence signal (the best re-ranker, BM25 or cosine score) is below a
-threshold. The signals are the retrieval scores and the reader's own judgement of whether the passages state the
-answer (``Generator.judge``, computed only when the rule uses it); the rule (one or two signals, each with a
-threshold) is calibrated on a golden train split (rag/evaluate.py). The generator can still abstain by itself.
+generating, the abstention rule (rag/abstain.py: the retrieval scores and the reader's judgement against
+thresholds calibrated by rag/evaluate.py) may answer "I don't know"; the generator can still abstain by itself.
+Left out: the index (rag/index.py), the scoring models (rag/rerank.py, the generator backends) and evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from rag import calibration
+from rag.abstain import SIGNALS, Rule, below, confidence, parse_rule
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
@@ -41,34 +41,6 @@ class Mode:
 
 MODES = {"bm25": Mode(bm25=True, dense=False), "dense": Mode(bm25=False, dense=True),
          "hybrid": Mode(bm25=True, dense=True), "hybrid+rerank": Mode(bm25=True, dense=True, rerank=True)}
-# best cross-encoder score, best BM25 score, best cosine similarity; the reader's yes/no log-odds
-SIGNALS = ("rerank", "bm25", "dense", "judge")
-Rule = list[tuple[str, float]]  # abstain when any signal is below its threshold
-
-
-def parse_rule(text: str) -> Rule:
-    """An abstention rule from its flag form.
-
-    >>> parse_rule("judge<0.5, bm25<4")
-    [('judge', 0.5), ('bm25', 4.0)]
-    """
-    rule = []
-    for part in text.split(","):
-        name, _, value = part.strip().partition("<")
-        try:
-            threshold = float(value)
-        except ValueError:
-            threshold = float("nan")
-        if name.strip() not in SIGNALS or threshold != threshold or abs(threshold) == float("inf"):
-            raise ValueError(f"--abstain '{text}': write SIGNAL<NUMBER[,SIGNAL<NUMBER] with signals from "
-                             f"{', '.join(SIGNALS)}, or 'calibrated' or 'none'")
-        rule.append((name.strip(), threshold))
-    return rule
-
-
-def format_rule(rule: Rule | None) -> str:
-    return ",".join(f"{name}<{t:g}" for name, t in rule) if rule else "none"
-
 
 @dataclass
 class RagConfig:
@@ -131,7 +103,6 @@ class RagConfig:
 
     def chunk_config(self) -> ChunkConfig:
         return ChunkConfig(self.chunker, self.chunk_size, self.overlap, self.parent_size, self.contextual)
-
 
 
 @dataclass
@@ -292,20 +263,11 @@ class RagPipeline:
         rule uses it, and only once the retrieval signals have passed."""
         hits, timings, signals = ranked
         hits, timings, signals = hits[: self.cfg.k], dict(timings), dict(signals)
-        failed = not hits
-        for name, threshold in sorted(rule or [], key=lambda r: r[0] == "judge"):  # the costly signal last
-            if failed:
-                break
-            if name == "judge":
-                t0 = time.perf_counter()
-                signals["judge"] = self.judge(question, hits)
-                timings["judge"] = time.perf_counter() - t0
-            failed = name in signals and signals[name] < threshold
+        failed = not hits or below(rule, signals, timings, judge=lambda: self.judge(question, hits))
         if failed:
             timings["generate"] = 0.0
-            first = signals.get(rule[0][0]) if rule else None
             return Gate(hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False,
-                                                       first, timings, signals))
+                                                       confidence(rule, signals), timings, signals))
         return Gate(hits, timings, signals, None)
 
     @staticmethod
@@ -315,7 +277,7 @@ class RagPipeline:
         cites = citations(gen.text, len(hits))
         cited = [] if abstained else [hits[i - 1] for i in cites] or hits[:1]
         return Answer(question, gen.text, abstained, "model" if abstained else "", hits, cited, bool(cites),
-                      signals.get(rule[0][0]) if rule else None, timings, signals, gen.prompt_tokens, gen.new_tokens)
+                      confidence(rule, signals), timings, signals, gen.prompt_tokens, gen.new_tokens)
 
     def answer(self, question: str, on_token=None, ranked: Ranking | None = None) -> Answer:
         """Retrieve (or take ``ranked``, a ``ranked()`` result for this question and mode), gate, then generate."""
