@@ -5,8 +5,8 @@ indexed with rag.bm25 and rag.dense (exact FAISS), and each mode is scored at th
 ranks at its best chunk): nDCG@10, recall@10, recall@100 and MRR, with a 95% paired bootstrap interval of the
 nDCG@10 difference to ``hybrid``. ``hybrid+rerank`` is the pipeline's default: the trained cross-encoder re-orders
 the fused top 30 and its order joins the BM25 and dense lists in a second RRF (rag/pipeline.py). fitz-gov uses
-only the *test* split of ``rag.train_reranker.fitzgov_split`` (the re-ranker trained on the rest), and also reports
-the document-level runs that rag.train_reranker caches (``retrieve_all``: "title. content", no chunking).
+only the *test* split of ``rag.fitzgov.fitzgov_split`` (the re-ranker trained on the rest), and also reports
+the document-level runs that rag.fitzgov caches (``retrieve_all``: "title. content", no chunking).
 Left out on purpose: the BEIR datasets themselves (none installs offline; pass ``--beir DIR``).
 """
 
@@ -25,11 +25,11 @@ import numpy as np
 from bench.measure import set_threads
 from rag.bm25 import BM25, tokenize
 from rag.chunk import ChunkConfig, chunk_document
+from rag.fitzgov import Query, fitzgov_split
 from rag.fuse import rrf
 from rag.ingest import Document
 from rag.metrics import ndcg_at, paired_bootstrap, recall_at, reciprocal_rank
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_RERANKER, cache_dir
-from rag.train_reranker import Query, fitzgov_split
 
 log = logging.getLogger(__name__)
 DEPTH = 100  # documents per ranking (recall@100)
@@ -88,7 +88,7 @@ def load_beir(path: str | Path, split: str = "test") -> Corpus:
 
 def load_fitzgov(smoke: bool = False, seed: int = 0) -> Corpus:
     """fitz-gov documents and its *test* queries; ``smoke`` keeps 4 queries over 40 documents."""
-    from rag.train_reranker import fitzgov_dir
+    from rag.fitzgov import fitzgov_dir
 
     docs = {}
     for line in (fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
@@ -203,8 +203,8 @@ def run_modes(corpus: Corpus, contextual: bool, rerank: bool, threads: int) -> d
 
 
 def run_cached_doc_level(queries: list[Query]) -> dict:
-    """bm25 / dense / hybrid from ``rag.train_reranker.retrieve_all`` (document level, "title. content")."""
-    from rag.train_reranker import hybrid, retrieve_all
+    """bm25 / dense / hybrid from ``rag.fitzgov.retrieve_all`` (document level, "title. content")."""
+    from rag.fitzgov import hybrid, retrieve_all
 
     runs = retrieve_all()
     ranks = {"bm25": [[d for d, _ in runs[q.qid]["bm25"]] for q in queries],

@@ -12,42 +12,31 @@ config, 2 CPU cores: bm25 0.768, dense 0.767, rrf 0.777; re-ranker replacing the
 [-0.017, +0.018]); fused with rrf 0.788 (+0.011 [+0.002, +0.020]); fused as a third list beside bm25 and dense
 0.794 (+0.017 [+0.008, +0.025]), which is what the pipeline does (``rerank_fusion="rrf"``). Tuning (lr, loss,
 steps) used 322 dev queries held out of train, never the test split. The re-ranker alone does not beat RRF here
-(as the 1-epoch BCE run in MODELS.md did not); as a third voice it helps.
+(as the 1-epoch BCE run in MODELS.md did not); as a third voice it helps. The fitz-gov queries, split and cached
+retrieval runs are rag/fitzgov.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from rag.atomic import replace_dir
-from rag.bm25 import BM25, tokenize
-from rag.config import UserError
+from rag.fitzgov import Query, data_version, fitzgov_split, hybrid, load_corpus, retrieve_all
 from rag.fuse import rrf
 from rag.metrics import ndcg_at, paired_bootstrap, recall_at, reciprocal_rank
 from rag.models import DEFAULT_RERANKER, cache_dir, embedder_path
 
 log = logging.getLogger(__name__)
 LOSSES = ("bce", "lambda", "mnrl")
-DEPTH = 100  # retrieval depth per retriever; MRR is computed over the fused list of this depth
-
-
-@dataclass(frozen=True)
-class Query:
-    qid: str
-    text: str
-    relevant: tuple[str, ...]
 
 
 @dataclass
@@ -77,90 +66,6 @@ class RerankerConfig:
             raise ValueError("--neg-depth must be larger than --negatives")
         if not 0 < self.learning_rate < 1 or not 0 <= self.warmup < 1:
             raise ValueError("--learning-rate must be in (0, 1) and --warmup in [0, 1)")
-
-
-# ---------------------------------------------------------------- data
-def fitzgov_dir() -> Path:
-    spec = importlib.util.find_spec("fitz_gov")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("fitz-gov is not installed; run `make setup`")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-@lru_cache(maxsize=1)
-def data_version() -> str:
-    """sha256 of the corpus and qrels files: changes whenever the evaluation data does."""
-    h = hashlib.sha256()
-    for p in ("corpus/documents.jsonl", "queries/query_mappings.json"):
-        h.update((fitzgov_dir() / p).read_bytes())
-    return h.hexdigest()[:16]
-
-
-@lru_cache(maxsize=1)
-def load_corpus() -> dict[str, str]:
-    """fitz-gov documents as ``{id: "title. content"}`` (some have no title)."""
-    out = {}
-    for line in (fitzgov_dir() / "corpus" / "documents.jsonl").read_text().splitlines():
-        d = json.loads(line)
-        out[d["id"]] = f"{d['title']}. {d['content']}" if d.get("title") else d["content"]
-    return out
-
-
-def normalise(text: str) -> str:
-    """Lowercase, punctuation and spacing removed: 'What is X?' and 'what is  x' are the same question."""
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def split_by_text(queries: list[Query], fraction: float, seed: int) -> tuple[list[Query], list[Query]]:
-    """Hash each normalised text, so every copy of a question lands on the same side, whatever the order."""
-    def held_out(q: Query) -> bool:
-        h = hashlib.sha256(f"{seed}:{normalise(q.text)}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2**64 < fraction
-    return [q for q in queries if not held_out(q)], [q for q in queries if held_out(q)]
-
-
-def fitzgov_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[Query], list[Query]]:
-    """fitz-gov queries that have qrels, split into (train, test) by normalised query text.
-
-    Not by qid: 131 test qids would otherwise repeat a training question word for word.
-    """
-    maps = json.loads((fitzgov_dir() / "queries" / "query_mappings.json").read_text())["mappings"]
-    queries = [Query(qid, m["query"], tuple(m["relevant_docs"]))
-               for cat in sorted(maps) for qid, m in sorted(maps[cat].items()) if m.get("relevant_docs")]
-    return split_by_text(queries, test_fraction, seed)
-
-
-# ---------------------------------------------------------------- retrieval (cached per data version)
-def retrieve_all(embedder: str = "minilm") -> dict[str, dict[str, list[tuple[str, float]]]]:
-    """BM25 and dense top-100 for every fitz-gov query, ``{qid: {"bm25": [...], "dense": [...]}}``.
-
-    Encoding the corpus takes ~85 s on 2 cores, so results are cached under the cache dir, keyed by data.
-    """
-    key = hashlib.sha256(f"{data_version()}:{embedder}:{DEPTH}".encode()).hexdigest()[:16]
-    path = cache_dir() / "fitzgov" / f"retrieval-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from rag.dense import DenseIndex, embed
-
-    corpus = load_corpus()
-    ids = list(corpus)
-    train, test = fitzgov_split()
-    queries = train + test
-    log.info("mining: BM25 + dense (%s) over %d fitz-gov documents for %d queries (once)", embedder, len(ids),
-             len(queries))
-    bm25 = BM25(ids, [tokenize(corpus[i]) for i in ids])
-    dense = DenseIndex(ids, embed(embedder, [corpus[i] for i in ids], progress=True))
-    qvecs = embed(embedder, [q.text for q in queries])
-    out = {q.qid: {"bm25": bm25.search(q.text, DEPTH), "dense": dense.search_vector(v, DEPTH)}
-           for q, v in zip(queries, qvecs, strict=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(out))
-    path.with_suffix(".tmp").replace(path)
-    return out
-
-
-def hybrid(runs: dict, qid: str) -> list[tuple[str, float]]:
-    return rrf([runs[qid]["bm25"], runs[qid]["dense"]], k=60)
 
 
 # ---------------------------------------------------------------- training

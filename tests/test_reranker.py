@@ -6,14 +6,10 @@ import math
 
 import pytest
 
+from rag.fitzgov import fitzgov_split, normalise, split_by_text
 from rag.metrics import ndcg_at, recall_at, reciprocal_rank
 from rag.models import DEFAULT_RERANKER, cache_dir
-from rag.train_reranker import (
-    RerankerConfig,
-    fitzgov_split,
-    normalise,
-    split_by_text,
-)
+from rag.train_reranker import RerankerConfig
 
 
 def test_split_is_deterministic_and_disjoint_by_text():
@@ -57,7 +53,7 @@ def test_config_validation_names_the_flag():
 def trained():
     path = cache_dir() / "rerankers" / DEFAULT_RERANKER
     if not (path / "config.json").exists():
-        pytest.skip(f"no trained re-ranker at {path}; run `python -m rag.train_reranker`")
+        pytest.skip(f"no trained re-ranker at {path}; run `python -m rag train-reranker`")
     import torch
     from sentence_transformers import CrossEncoder
 
