@@ -4,7 +4,7 @@
 trainer. ``index``, ``ask``, ``chat`` and ``eval`` are ``python -m rag``'s verbs with ``--adapter`` pointing at
 the RAFT adapter for that folder, so retrieval, re-ranking, abstention and metrics are RAG's, unchanged.
 ``compare`` runs every system on the same questions and writes the report (``hybrid/compare.py``, ``report.py``);
-``ui`` serves them side by side in a local web page (``hybrid/ui.py``).
+``ui`` serves them side by side in a local web page (``hybrid/ui.py``, ``hybrid/demo.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 from finetune import train as T
 from hybrid import report
 from hybrid.compare import compare
+from hybrid.demo import UiConfig
 from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
 from hybrid.systems import CompareConfig
-from hybrid.ui import UiConfig, serve
+from hybrid.ui import serve
 from rag import cli as rag_cli
 from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging
 from rag.models import DEFAULT_GENERATOR

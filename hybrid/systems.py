@@ -2,7 +2,7 @@
 RAG, fine-tuned + RAG, hybrid (RAFT adapter inside RAG).
 
 Shared by the comparison (``hybrid/compare.py``), the freshness demo (``hybrid/freshness.py``) and the web page
-(``hybrid/ui.py``): the system names, which adapter each runs with, ``CompareConfig``, and the runners that turn a
+(``hybrid/demo.py``): the system names, which adapter each runs with, ``CompareConfig``, and the runners that turn a
 question list into scored rows. Aggregation, intervals and the report are the comparison's.
 """
 

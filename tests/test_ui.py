@@ -31,7 +31,7 @@ def demo(tmp_path_factory):
     """The demo over TINY + HOSTILE with a RAFT adapter but no fine-tuned one, and a stand-in report."""
     from finetune.lora import add_lora, load_base
     from finetune.train import TrainConfig
-    from hybrid.ui import Demo, UiConfig
+    from hybrid.demo import Demo, UiConfig
 
     root = tmp_path_factory.mktemp("ui")
     docs = write_corpus(root / "docs", {**TINY, **HOSTILE})
