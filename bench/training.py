@@ -59,7 +59,8 @@ def raft_rows(n: int) -> list[list[dict]]:
 def train_once(rows: list[list[dict]], steps: int, threads: int) -> dict:
     from datasets import Dataset
 
-    from finetune.train import TrainConfig, tokenize_example, train
+    from finetune.rows import tokenize_example
+    from finetune.train import TrainConfig, train
     from rag.backend_hf import TransformersGenerator  # noqa: F401  (imports torch/transformers before the clock starts)
     from rag.models import generator_path
 

@@ -28,6 +28,7 @@ from finetune.evaluate import (
 )
 from finetune.export import OUTTYPES, export
 from finetune.lora import adapter_dir, merge
+from finetune.rows import load_data
 from rag.config import (
     add_config_flags,
     artefacts,
@@ -112,7 +113,7 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = config_from(args, T.TrainConfig)
-    m = T.train(cfg, T.load_data(args.data), resume=args.resume).metrics
+    m = T.train(cfg, load_data(args.data), resume=args.resume).metrics
     ev = "-" if m["final_eval_loss"] is None else f"{m['final_eval_loss']:.4f}"
     print(f"adapter in {Path(cfg.output_dir) / 'adapter'}: {m['steps']} steps, last train loss "
           f"{m['final_train_loss']:.4f}, eval loss {ev}, {m['seconds']:.0f} s")

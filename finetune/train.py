@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a chat model on `messages` examples: tokenise, train, save adapter, metrics and plot.
+"""LoRA fine-tuning of a chat model on `messages` examples: train, save adapter, snapshots, metrics and plot.
 
 LoRA (Hu et al., 2021) in peft's words: each target weight W₀ stays frozen and gains a low-rank update,
     h = W₀·x + (lora_alpha / r) · B·A·x,   A: r × d_in (random), B: d_out × r (zeros),
@@ -7,7 +7,8 @@ Follows the HF `Trainer` + peft recipe (loss on the answer tokens only, cosine s
 held-out eval loss with early stopping, resumable checkpoints) and QLoRA (Dettmers et al., 2023: 4-bit base,
 bf16 compute) when CUDA and bitsandbytes are there. Left out on purpose: packing several examples per row,
 gradient checkpointing (the default models are small), multi-GPU (`accelerate launch` would run this file
-unchanged), and generation-based evaluation (finetune/evaluate.py).
+unchanged), and generation-based evaluation (finetune/evaluate.py). Loading and tokenising the examples (loss on
+the answer tokens only) is finetune/rows.py.
 """
 
 from __future__ import annotations
@@ -21,18 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.lora import add_lora, load_base, load_tuned, save_atomically, use_qlora
-from rag.config import UserError, option
+from finetune.rows import DataError, tokenize_example
+from rag.config import option
 from rag.models import DEFAULT_GENERATOR, GENERATORS, generator_path, pick_device
 
 log = logging.getLogger(__name__)
 SNAPSHOTS = "snapshots"  # <output_dir>/snapshots/step-N: adapters saved during training (TrainConfig.snapshots)
 MIN_EVAL_ROWS = 10  # below this a held-out slice is too noisy to stop on; train on everything instead
-
-
-
-
-class DataError(UserError, ValueError):
-    """The training data is missing or has the wrong shape."""
 
 
 @dataclass
@@ -97,33 +93,6 @@ class TrainConfig:
                              "a local folder nor a hub id")
         if not self.output_dir:
             self.output_dir = str(Path(".openbook") / "finetune" / Path(self.model).name)
-
-
-
-def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]]:
-    """Chat-template one conversation; labels are -100 on the prompt so the loss falls on the answer only.
-
-    The prompt is every message but the last, rendered with the generation prompt (``<|im_start|>assistant``);
-    the answer is what the full rendering adds after it, end-of-turn token included.
-    """
-    if not messages or messages[-1].get("role") != "assistant":
-        raise DataError("the last message of each example must be the assistant's answer")
-
-    def ids(text: str) -> list[int]:  # the rendered template already carries its special tokens
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    prompt = ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
-    full = ids(tokenizer.apply_chat_template(messages, tokenize=False))
-    if len(full) > len(prompt) and full[: len(prompt)] == prompt:
-        answer = full[len(prompt):]
-    else:  # the template rewrites earlier turns once an answer follows (not prefix-stable): build it by hand
-        answer = ids(messages[-1]["content"]) + [t for t in [tokenizer.eos_token_id] if t is not None]
-    # Too long: keep at least half the window for the prompt's end (the question sits last), the rest for the
-    # answer's start; the prompt loses its left side (system text, early context) first.
-    keep = min(len(prompt), max(max_length - len(answer), max_length // 2))
-    prompt, answer = prompt[len(prompt) - keep:], answer[: max_length - keep]
-    return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
-            "labels": [-100] * len(prompt) + answer}
 
 
 def _callbacks():
@@ -308,24 +277,3 @@ def snapshot_dirs(output_dir: str | Path) -> dict[int, Path]:
     """``{step: adapter folder}`` of the snapshots a run saved, in step order."""
     found = Path(output_dir, SNAPSHOTS).glob("step-*/adapter_config.json")
     return dict(sorted((int(p.parent.name.removeprefix("step-")), p.parent) for p in found))
-
-
-def load_data(path: str):
-    """A ``Dataset`` from a ``save_to_disk`` folder (its 'train' split if a DatasetDict) or a .jsonl file."""
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    p = Path(path)
-    if p.is_dir():
-        ds = load_from_disk(str(p))
-        ds = ds["train"] if isinstance(ds, DatasetDict) else ds
-    elif p.suffix == ".jsonl" and p.is_file():
-        lines = [x for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-        try:
-            ds = Dataset.from_list([{"messages": json.loads(x)["messages"]} for x in lines])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{p}: every line must be a JSON object with a 'messages' list ({e!r})") from None
-    else:
-        raise DataError(f"--data {path}: expected a folder from Dataset.save_to_disk or a .jsonl file")
-    if "messages" not in ds.column_names or len(ds) == 0:
-        raise DataError(f"--data {path}: needs at least one row with a 'messages' column")
-    return ds

@@ -21,7 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from finetune.lora import adapter_dir
-from finetune.train import TrainConfig, load_data, train
+from finetune.rows import load_data
+from finetune.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 SPREAD = ("contains", "f1", "citation_accuracy", "hallucination_rate", "faithfulness", "format_consistency",

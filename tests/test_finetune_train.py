@@ -10,7 +10,8 @@ import torch
 from datasets import Dataset
 
 from finetune.lora import add_lora, load_base, load_tuned, merge
-from finetune.train import DataError, TrainConfig, snapshot_dirs, tokenize_example
+from finetune.rows import DataError, tokenize_example
+from finetune.train import TrainConfig, snapshot_dirs
 from finetune.train import train as train_lora
 
 torch.set_num_threads(1)  # the suite shares two cores with other jobs
