@@ -2,13 +2,12 @@
 
 Thin like ``rag.cli``: one function per verb, one ``--flag`` per config field (DataConfig, TrainConfig,
 EvalConfig), user mistakes as one ``error:`` line and exit 2. ``run`` is what ``make finetune`` calls:
-data → train → eval with settings shared by the three steps.
+data → train → eval with settings shared by the three steps; ``sweep`` runs ``finetune.sweep``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +28,11 @@ from finetune.evaluate import (
 from finetune.export import OUTTYPES, export
 from finetune.lora import adapter_dir, merge
 from finetune.rows import load_data
+from finetune.sweep import sweep, sweep_lines
 from rag.config import (
     add_config_flags,
     artefacts,
     config_from,
-    provenance,
     run_command,
     run_dir,
     setup_logging,
@@ -174,78 +173,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-SWEPT = ("contains", "f1", "hallucination_rate")  # per question set, in sweep.json; the plot shows contains
-
-
-def versus(tuned: dict, other: dict) -> dict:
-    """Per answerable question set: tuned − other "contains", paired over the same questions, 95% interval
-    (``intervals`` with ``other`` in the base model's place)."""
-    return {name: iv["tuned_minus_base"] for name, iv in intervals(other, tuned).items()}
-
-
-def sweep_lines(rows: list[dict]) -> list[str]:
-    """One line per paraphrase count: each set's tuned "contains" [95% CI], and the difference from the fewest."""
-    def ci(v):
-        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
-
-    return [f"{r['paraphrases']} re-wordings, {r['train_rows']} rows, {r['steps']} steps: " + "; ".join(
-        f"{k} {ci(v['tuned'])}" + (f", minus {rows[0]['paraphrases']} re-wordings {ci(r['minus_fewest'][k])}"
-                                   if i and k in r["minus_fewest"] else "")
-        for k, v in r["intervals"].items()) for i, r in enumerate(rows)]
-
-
 def cmd_sweep(args) -> int:
-    """Closed-book accuracy against paraphrase count: one data build at the largest count, cut to nested sets
-    (``cut_paraphrases``), one training run and eval per count; the base model is evaluated once."""
-    from datasets import Dataset
-    from matplotlib.figure import Figure
-
-    from finetune.data import cut_paraphrases
-
+    """Closed-book accuracy against paraphrase count (``finetune.sweep.sweep``)."""
     counts = sorted({int(x) for x in args.paraphrases.split(",")})
-    root = artefacts("finetune", args.docs) / "sweep"
-    dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=counts[-1],
-                      synthetic_chunks=args.synthetic_chunks, out=str(root / "data"))
-    full = (load_built(dcfg) or build(dcfg))[0].to_list()  # the same rows again when a sweep is re-run
-    rows, base, first = [], None, None
-    for n in counts:
-        train = Dataset.from_list(cut_paraphrases(full, n))
-        # no eval slice: with one wording per question it would hold ~10% of the facts out of training (and not
-        # out of the scored questions), a handicap the runs with more wordings would not share
-        tcfg = T.TrainConfig(model=args.model, output_dir=str(root / f"p{n}"), epochs=args.epochs,
-                             max_steps=args.steps, eval_fraction=0.0)
-        m = T.train(tcfg, train).metrics
-        ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out, probes="",
-                          general_text="")
-        sets = question_sets(ecfg)
-        base = base or evaluate_model(model_to_score(args.model, ecfg.max_new_tokens), ecfg, sets)
-        tuned = evaluate_model(model_to_score(args.model, ecfg.max_new_tokens, str(adapter_dir(tcfg.output_dir))),
-                               ecfg, sets)
-        first = first or tuned
-        rows.append({"paraphrases": n, "train_rows": len(train), "steps": m["steps"], "seconds": m["seconds"],
-                     "passes_over_data": round(m["steps"] * tcfg.batch_size * tcfg.grad_accum / len(train), 2),
-                     **{f"{k}_{metric}": v[metric] for k, v in tuned["qa"].items() for metric in SWEPT},
-                     **{f"base_{k}_{metric}": v[metric] for k, v in base["qa"].items() for metric in SWEPT},
-                     "intervals": intervals(base, tuned), "minus_fewest": versus(tuned, first)})
-        log.info("sweep %s", rows[-1])
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    for key in [k for k in rows[0] if k.endswith("_contains") and not k.startswith("base_")]:
-        name = key.removesuffix("_contains")
-        cis = [r["intervals"].get(name, {}).get("tuned") for r in rows]
-        if all(cis):  # error bars: the 95% bootstrap interval over that set's questions
-            err = [[c[0] - c[1] for c in cis], [c[2] - c[0] for c in cis]]
-            line = ax.errorbar(counts, [c[0] for c in cis], yerr=err, marker="o", capsize=3, label=name).lines[0]
-        else:
-            line = ax.plot(counts, [r[key] for r in rows], marker="o", label=name)[0]
-        ax.axhline(rows[0][f"base_{key}"], ls=":", color=line.get_color())  # the untuned model on the same set
-    ax.set(xlabel="paraphrases per question", ylabel="closed-book 'contains' accuracy",
-           title=f"{args.model}, " + (f"{args.steps} steps each" if args.steps > 0 else f"{args.epochs:g} epochs")
-           + " (dotted: base model)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "sweep.png", dpi=120)
-    (root / "sweep.json").write_text(json.dumps({"run": provenance(), "model": args.model, "rows": rows}, indent=1))
+    rows, root = sweep(args.docs, args.model, counts, args.epochs, args.steps, args.synthetic_chunks)
     for line in sweep_lines(rows):
         print(line)
     print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")

@@ -123,8 +123,8 @@ def test_replay_prompts_are_not_the_probes():
 
 
 def test_sweep_reports_intervals_and_the_difference_from_the_fewest_wordings():
-    from finetune.cli import sweep_lines, versus
     from finetune.evaluate import intervals
+    from finetune.sweep import sweep_lines, versus
 
     def result(flags):
         return {"qa": {"golden_test": {}}, "per_question": {"golden_test": [
