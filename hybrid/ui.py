@@ -22,6 +22,7 @@ Left out on purpose: logins.
 The POST routes refuse (403) a request whose ``Origin`` is another site: a page anywhere on the web can send
 a form POST to 127.0.0.1 without a CORS pre-flight, and each of these starts minutes of work.
 """
+
 from __future__ import annotations
 
 import html
