@@ -37,7 +37,7 @@ from pathlib import Path
 from finetune.synthetic import general_replay, reword, write_qa
 from rag.atomic import replace_dir
 from rag.bm25 import tokenize
-from rag.config import artefacts, option
+from rag.config import artefacts, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.models import DEFAULT_GENERATOR
@@ -250,6 +250,6 @@ def load_built(cfg: DataConfig):
     saved = json.loads(meta.read_text())
     if saved["config"] != json.loads(json.dumps(asdict(cfg))):
         return None
-    heldout = [json.loads(x) for x in (Path(cfg.out) / HELDOUT).read_text(encoding="utf-8").splitlines() if x]
+    heldout = load_jsonl(Path(cfg.out) / HELDOUT)
     return load_from_disk(cfg.out), heldout, saved["stats"]
 

@@ -16,7 +16,6 @@ base model already knew the answer. Left out on purpose: LLM-as-judge scoring (n
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from rag import metrics as M
-from rag.config import folder_name, option
+from rag.config import folder_name, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
 from rag.models import DEFAULT_GENERATOR
@@ -124,10 +123,6 @@ def perplexity(gen: Generator, text: str, window: int = 256) -> float:
 def report_path(docs: str | Path) -> Path:
     """Where ``make finetune`` writes its base-vs-tuned result for a docs folder (``hybrid compare`` reads it)."""
     return Path(".openbook") / "reports" / f"finetune-eval-{folder_name(docs)}.json"
-
-
-def load_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:

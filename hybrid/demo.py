@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.data import closed_book_messages, parse_answer
-from finetune.evaluate import load_jsonl
 from hybrid.freshness import freshness
 from hybrid.systems import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
-from rag.config import option
+from rag.config import load_jsonl, option
 from rag.evaluate import load_golden
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED

@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.evaluate import load_jsonl
 from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_book, with_generator
 from rag import metrics as M
+from rag.config import load_jsonl
 from rag.evaluate import load_golden
 from rag.index import update_index
 from rag.pipeline import RagConfig, RagPipeline

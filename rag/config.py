@@ -1,5 +1,5 @@
 """Plumbing every package's command line shares: config fields with help, one ``--flag`` per field, where a
-folder's artefacts go, one-line user errors, report writing and logging set-up.
+folder's artefacts go, one-line user errors, report writing, JSON-lines reading and logging set-up.
 
 The configs themselves live beside the code they configure (``RagConfig`` in ``rag/pipeline.py``,
 ``TrainConfig`` in ``finetune/train.py`` …); this module imports nothing from openbook, so any module may use it.
@@ -119,6 +119,11 @@ def write_report(result: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(stamped(result), indent=1, ensure_ascii=False))
     print(f"wrote {path}")
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """One JSON object per non-blank line (a change set, held-out questions, probes)."""
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def setup_logging(fmt: str = "%(levelname)s: %(message)s") -> None:
