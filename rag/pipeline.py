@@ -7,6 +7,7 @@ With hierarchical chunks a child hit is expanded to its parent section and paren
 generating, the abstention rule (rag/abstain.py: the retrieval scores and the reader's judgement against
 thresholds calibrated by rag/evaluate.py) may answer "I don't know"; the generator can still abstain by itself.
 Left out: the index (rag/index.py), the scoring models (rag/rerank.py, the generator backends) and evaluation.
+A little over 300 lines on purpose: config, retrieval and gating are the ``ask`` path, read top to bottom.
 """
 
 from __future__ import annotations
