@@ -181,7 +181,7 @@ def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp
     with pytest.raises(IndexWriteError, match=f"cannot write the index in {index} .No space left on device.; "
                                               "free disk space"):
         update_index(docs, index, CHUNKS, "minilm", progress=False)
-    assert sorted(p.name for p in index.iterdir()) == ["CURRENT", live]  # stale and partial folders both gone
+    assert sorted(p.name for p in index.iterdir() if not p.name.startswith(".lock")) == ["CURRENT", live]  # debris gone
     assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
     monkeypatch.undo()
     update_index(docs, index, CHUNKS, "minilm", progress=False)
