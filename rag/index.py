@@ -13,7 +13,7 @@ when no reader is loading one, and never the one ``CURRENT`` names when it is re
 
 The manifest lists each file's size and sha256, checked at every load: a truncated, emptied, missing or
 flipped-byte file makes the version damaged, and ``update_index`` rebuilds it with a warning. Hashing costs
-about a tenth of a load (3 ms of 36 ms for the 2.9 MB demo index on a 2-core CPU; 16 of 190 ms at 11 MB), less
+about a tenth of a load (4.5 ms of ~35 ms for the 2.9 MB demo index on a 2-core CPU; 16 of 190 ms at 11 MB), less
 than parsing the same bytes, so it is always on. Layout::
 
     <index dir>/CURRENT            name of the live version
@@ -224,7 +224,8 @@ def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vector
 
 
 def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkConfig, embedder: str,
-                 faiss_kind: str = "exact", progress: bool = True) -> tuple[Index, UpdateStats]:
+                 faiss_kind: str = "exact", progress: bool = True,
+                 hard_links: bool = False) -> tuple[Index, UpdateStats]:
     """Bring the index at ``index_dir`` up to date with ``docs_dir``; re-embed only what changed.
 
     One writer at a time: a second waits for the first (up to ``LOCK_TIMEOUT`` s), then sees its result."""
@@ -233,13 +234,13 @@ def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkCo
         root.mkdir(parents=True, exist_ok=True)
     with writer_lock(root, LOCK_TIMEOUT):
         _sweep(root)  # what a crashed or killed run left, before anything is read or written
-        return _update(docs_dir, root, chunk_cfg, embedder, faiss_kind, progress)
+        return _update(docs_dir, root, chunk_cfg, embedder, faiss_kind, progress, hard_links)
 
 
 def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str,
-            progress: bool) -> tuple[Index, UpdateStats]:
+            progress: bool, hard_links: bool) -> tuple[Index, UpdateStats]:
     t0 = time.perf_counter()
-    docs: list[Document] = load_folder(docs_dir, progress=progress)
+    docs: list[Document] = load_folder(docs_dir, progress=progress, hard_links=hard_links)
     settings = _settings(chunk_cfg, embedder, faiss_kind)
     try:
         old = Index.load(index_dir)

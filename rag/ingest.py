@@ -10,8 +10,15 @@ pypdf; its `visitor_text` hook gives each line's font size and position, so line
 the body font become '#'/'##'/'###' by size rank, and a vertical gap starts a new paragraph.
 
 A bad file never stops a run: it is skipped with one warning that names it and says what to do.
-Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx,
-charset sniffing beyond UTF-8 -> cp1252/Latin-1, and following links out of the docs folder.
+
+Nothing outside the folder is read. A symlink leaving it is refused. A hard link cannot be told from the file it
+links (both are the same file), and finding its other names would mean searching the whole disk, so the rule is a
+count: a file with more hard links (``st_nlink``) than the walk found inside the folder may have a name outside
+it, and is skipped with a warning unless ``hard_links=True`` (``--hard-links``). Hard links wholly inside the
+folder are indexed as usual.
+
+Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx, charset
+sniffing beyond UTF-8 -> cp1252/Latin-1, and following links out of the docs folder.
 
     >>> docs = load_folder("data/demo")
     >>> docs[0].id, docs[0].title, docs[0].text[:12]
@@ -24,6 +31,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -335,8 +343,9 @@ def _entries(folder: Path, root: Path) -> list[Path]:
         return []
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every visible file under root once, in sorted order; links that leave root are refused.
+def _walk(root: Path, hard_links: bool = False) -> list[Path]:
+    """Every visible file under root once, in sorted order; links that leave root are refused (hard links too,
+    unless ``hard_links``: see the module docstring).
 
     Depth first over a stack of open folders, not recursion: 1100 nested folders must not hit the recursion limit.
     """
@@ -369,11 +378,36 @@ def _walk(root: Path) -> list[Path]:
                 ancestors.add(target)
         elif target not in found or entry == root / target.relative_to(real_root):
             found[target] = entry  # a file reached twice is loaded once, under its real path if seen
+    if not hard_links:
+        _drop_outside_links(found, root)
     return sorted(found.values())
 
 
-def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
-    """Every readable document under root, sorted by id; bad files are skipped with a warning."""
+def _drop_outside_links(found: dict[Path, Path], root: Path) -> None:
+    """Remove from ``found`` the documents with hard links the walk did not reach: their other names may be
+    outside the folder (or in a hidden folder inside it)."""
+    names: dict[tuple[int, int], list[Path]] = {}  # (device, inode) -> the folder's names for it
+    for target in found:
+        if target.suffix.lower() not in SUPPORTED:
+            continue
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue  # load_file says why
+        if st.st_nlink > 1:
+            names.setdefault((st.st_dev, st.st_ino), []).append(target)
+    for targets in names.values():
+        n = os.stat(targets[0]).st_nlink
+        if len(targets) < n:
+            for target in targets:
+                log.warning("skipping %s: it has %d hard links and %d of them in the docs folder, so it may be a file "
+                            "from outside; copy it in instead (cp), or pass --hard-links to index it",
+                            shown(found.pop(target).relative_to(root).as_posix()), n, len(targets))
+
+
+def load_folder(root: str | Path, progress: bool = True, hard_links: bool = False) -> list[Document]:
+    """Every readable document under root, sorted by id; bad files are skipped with a warning. ``hard_links``:
+    also files whose other hard links may be outside root."""
     if not str(root).strip():  # Path("") is the current folder
         raise IngestError("docs folder is empty (''); pass DOCS=/path/to/folder")
     root = Path(root).expanduser()
@@ -383,7 +417,7 @@ def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
         raise IngestError(f"docs folder not found: {root}; pass DOCS=/path/to/folder")
     if not root.is_dir():
         raise IngestError(f"docs path is not a folder: {root}; pass DOCS=/path/to/folder")
-    files = _walk(root)
+    files = _walk(root, hard_links)
     bar = tqdm(files, desc="ingest", unit="file", disable=not progress or len(files) <= 20)
     docs = [doc for path in bar if (doc := load_file(path, root)) is not None]
     if not docs:

@@ -127,6 +127,36 @@ def test_control_characters_in_names_are_escaped_in_the_log(tmp_path, caplog, na
     assert message.startswith(f"skipping {name!r}: empty file") and "\n" not in message and "\x1b" not in message
 
 
+def test_hard_link_to_a_file_outside_is_skipped_unless_opted_in(tmp_path, caplog):
+    docs = tmp_path / "docs"
+    write(docs, "good.md", GOOD)
+    secret = write(tmp_path, "secret.md", "# Secret\n\nThe vault code is 4711.\n")
+    os.link(secret, docs / "linked.md")
+    assert list(loaded(docs)) == ["good.md"]
+    assert warnings(caplog) == ["skipping linked.md: it has 2 hard links and 1 of them in the docs folder, so it may "
+                                "be a file from outside; copy it in instead (cp), or pass --hard-links to index it"]
+    assert [d.id for d in load_folder(docs, progress=False, hard_links=True)] == ["good.md", "linked.md"]
+
+
+def test_hard_links_wholly_inside_the_folder_are_indexed(tmp_path, caplog):
+    (tmp_path / "sub").mkdir()
+    os.link(write(tmp_path, "good.md", GOOD), tmp_path / "sub" / "same.md")
+    assert sorted(loaded(tmp_path)) == ["good.md", "sub/same.md"] and not warnings(caplog)
+
+
+def test_hard_links_flag_reaches_the_index(tmp_path):
+    from rag.cli import main
+    from rag.index import Index
+
+    docs = tmp_path / "docs"
+    write(docs, "good.md", GOOD)
+    os.link(write(tmp_path, "outside.md", "# Outside\n\nKept on purpose.\n"), docs / "linked.md")
+    flags = ["index", "--docs", str(docs), "--index-dir", str(tmp_path / "ix"), "--chunk-size", "40", "--overlap", "5"]
+    assert main(flags) == 0 and list(Index.load(tmp_path / "ix").manifest["documents"]) == ["good.md"]
+    assert main([*flags, "--hard-links"]) == 0
+    assert list(Index.load(tmp_path / "ix").manifest["documents"]) == ["good.md", "linked.md"]
+
+
 # --- index: write failures and damage ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
