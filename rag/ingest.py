@@ -121,9 +121,21 @@ def _decode(raw: bytes, rel: str) -> str:
         return raw.decode("latin-1")
 
 
+def heading_text(text: str) -> str:
+    """An ATX heading's text without its closing '#'s, which CommonMark counts only after a space (or as the
+    whole text): '# Title ##' -> 'Title', but '# C#' -> 'C#'.
+
+    >>> [heading_text(t) for t in ("Title ##", "C#", "C #", "##", "a # b")]
+    ['Title', 'C#', 'C', '', 'a # b']
+    """
+    text = text.strip()
+    bare = text.rstrip("#")
+    return bare.rstrip() if not bare or bare[-1] in " \t" else text
+
+
 def _atx_title(text: str) -> str | None:
-    match = next((m for m in ATX_TITLE.finditer(text) if m[1].strip()), None)
-    return (match[1].rstrip(" #") or match[1]).strip() if match else None  # '# Title ##' -> 'Title'
+    match = next((m for m in ATX_TITLE.finditer(text) if heading_text(m[1])), None)
+    return heading_text(match[1]) if match else None
 
 
 def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:

@@ -278,6 +278,56 @@ def test_damaged_calibration_file_is_ignored_with_a_warning(tmp_path, caplog):
     assert calibration.load(tmp_path) == {"k": {"rule": []}}
 
 
+def test_calibration_that_cannot_be_written_is_one_line_and_keeps_the_old_file(tmp_path):
+    from rag import calibration
+
+    calibration.save(tmp_path, "old", {"rule": [["bm25", 4.0]]})
+    (tmp_path / "calibration.tmp").mkdir()  # a real write failure: the temp file's name is taken by a folder
+    with pytest.raises(calibration.CalibrationWriteError, match=f"^cannot save the calibration to "
+                       f"{re.escape(str(tmp_path / calibration.FILE))} .Is a directory.; the old file is kept; free "
+                       "disk space or make .* writable$"):
+        calibration.save(tmp_path, "new", {"rule": []})
+    assert calibration.load(tmp_path) == {"old": {"rule": [["bm25", 4.0]]}}
+
+
+# --- small bugs the first pass noted -------------------------------------------------------------------------------
+
+def chunk_sections(text: str) -> list[str]:
+    from rag.chunk import ChunkConfig, chunk_document
+    from rag.ingest import Document
+
+    return [c.section for c in chunk_document(Document("a.md", "/a.md", "A", text, "0", 0.0),
+                                              ChunkConfig(size=10, overlap=0))]
+
+
+def test_a_lone_hash_line_does_not_make_the_next_paragraph_a_heading():
+    assert chunk_sections("# A\n\nIntro.\n\n#\n\nfoo bar\n\n## B\n\nMore.") == ["A", "A › B"]
+
+
+def test_a_heading_ending_in_hash_keeps_it_and_a_closing_sequence_goes(tmp_path):
+    assert chunk_sections("# C#\n\nA language.\n\n## Uses ##\n\nMany.") == ["C#", "C# › Uses"]
+    write(tmp_path, "c.md", "# C#\n\nA language.\n")
+    write(tmp_path, "f.md", "# F #\n\nAnother.\n")
+    assert {d.id: d.title for d in loaded(tmp_path).values()} == {"c.md": "C#", "f.md": "F"}
+
+
+def test_heading_line_of_spaces_chunks_fast():
+    t0 = time.perf_counter()
+    assert chunk_sections("#" + " " * 100_000 + "\u00a0\n\nBody.") == [""]  # no heading text: not a heading
+    assert chunk_sections("# a" + " " * 100_000 + "b\n\nBody.")[0].startswith("a ")
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("model, needle", [("", "--model is empty"),
+                                           ("/no/such/base", "--model /no/such/base: no such file or folder"),
+                                           ("no such", "--model 'no such' is not a known model name")])
+def test_finetune_model_is_checked_like_rags(model, needle):
+    from finetune.train import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        TrainConfig(model=model)
+
+
 # --- golden files --------------------------------------------------------------------------------------------------
 
 GOLDEN_OK = ('{"id": "a", "question": "How fast is the pump?", "answer": "40 litres", "sources": ["pump.md"], '
