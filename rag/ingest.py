@@ -145,22 +145,29 @@ def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
     return text, _atx_title(text)
 
 
+def _span(cell: Tag) -> int:
+    span = str(cell.get("colspan", "1")).strip()
+    return (int(span) if len(span) < 8 else MAX_SPAN + 1) if span.isascii() and span.isdigit() else 1
+
+
 def _html_table(table: Tag, rel: str) -> str:
-    rows, clamped = [], False
-    for tr in table.find_all("tr"):
-        cells = []
-        for cell in tr.find_all(("th", "td"), recursive=False):
-            span = str(cell.get("colspan", "1")).strip()
-            n = (int(span) if len(span) < 8 else MAX_SPAN + 1) if span.isascii() and span.isdigit() else 1
-            clamped |= n > MAX_SPAN
-            # repeat a spanned cell so every value sits under its own column header
-            cells += [_squash(cell.get_text(" ")).replace("|", "\\|")] * min(max(n, 1), MAX_SPAN)
-        if any(cells):
-            rows.append(cells)
-    if clamped:
+    rows = [[(_squash(cell.get_text(" ")).replace("|", "\\|"), max(_span(cell), 1))
+             for cell in tr.find_all(("th", "td"), recursive=False)] for tr in table.find_all("tr")]
+    rows = [r for r in rows if any(text for text, _ in r)]
+    if any(n > MAX_SPAN for r in rows for _, n in r):
         log.warning("%s: a table cell spans over %d columns; read as %d", rel, MAX_SPAN, MAX_SPAN)
+    # repeat a spanned cell so every value sits under its own column header, and pad short rows, while the table
+    # stays linear in its source: 300 cells spanning 999 columns each must not become 300,000 cells to embed
+    budget = max(10 * sum(len(r) for r in rows), 4 * MAX_SPAN)
+    if sum(min(n, MAX_SPAN) for r in rows for _, n in r) > budget:
+        log.warning("%s: a table's column spans would make it over %d cells; each cell is kept once", rel, budget)
+        rows = [[text for text, _ in r] for r in rows]
+    else:
+        rows = [[text for text, n in r for _ in range(min(n, MAX_SPAN))] for r in rows]
     width = max((len(r) for r in rows), default=0)
-    lines = ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in rows]
+    if width * len(rows) <= budget:
+        rows = [r + [""] * (width - len(r)) for r in rows]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines[:1] + ["|" + " --- |" * width] + lines[1:]) if rows else ""
 
 
@@ -173,13 +180,21 @@ def _html_blocks(root: Tag, out: list[str], rel: str) -> None:
     # for an <li> the list its items join when it closes
     Frame = tuple[Iterator, list[str], list[str], list[str] | None]
     stack: list[Frame] = [(iter(root.children), out, [], None)]
+    # which elements hold a block: one walk up from each block, stopping at a marked element, is linear in the
+    # page, where asking find(BLOCK_TAGS) of every element costs the square of the nesting depth
+    holds_block: set[int] = set()
+    for block in root.find_all(BLOCK_TAGS):
+        el = block.parent
+        while el is not None and id(el) not in holds_block:
+            holds_block.add(id(el))
+            el = el.parent
     while stack:
         children, dest, buf, item_of = stack[-1]
         child = next(children, None)
         if isinstance(child, PreformattedString):  # comments, doctype, CDATA
             continue
         if child is not None and (not isinstance(child, Tag) or (child.name not in BLOCK_TAGS
-                                                                 and not child.find(BLOCK_TAGS))):
+                                                                 and id(child) not in holds_block)):
             buf.append(child.get_text() if isinstance(child, Tag) else str(child))  # inline text, <a>, <b>
             continue
         if text := _squash("".join(buf)):  # a block, or the end of the element, ends the inline paragraph

@@ -87,6 +87,23 @@ def test_huge_colspan_is_clamped_with_a_warning(tmp_path, caplog):
     assert [m for m in warnings(caplog) if m.startswith("t.html: a table cell spans over 1000 columns")]
 
 
+def test_many_spanned_cells_stay_linear_with_a_warning(tmp_path, caplog):
+    write(tmp_path, "wide.html", "<table><tr>" + "<td colspan='999'>c</td>" * 300 + "</tr></table>")  # fuzz found it
+    write(tmp_path, "pad.html", "<table><tr>" + "<td>c</td>" * 1000 + "</tr>" + "<tr><td>x</td></tr>" * 1000
+          + "</table>")
+    docs = loaded(tmp_path)
+    assert docs["wide.html"].text.split("\n")[0].count("| c") == 300  # each cell once, not 299,700 times
+    assert len(docs["pad.html"].text) < 20_000  # 1000 one-cell rows are not padded to 1000 columns each
+    assert "wide.html: a table's column spans would make it over 4000 cells; each cell is kept once" in warnings(caplog)
+
+
+def test_deeply_nested_inline_elements_are_read_in_linear_time(tmp_path):
+    write(tmp_path, "inline.html", "<body>" + "<span><b><i><ul><li>" * 3000 + "text")  # was 16 s: fuzz found it
+    t0 = time.perf_counter()
+    assert loaded(tmp_path)["inline.html"].text == "- text"
+    assert time.perf_counter() - t0 < 5
+
+
 def test_heading_with_many_spaces_is_fast(tmp_path):
     write(tmp_path, "spaces.md", "# a" + " " * 150_000 + "b ##\n\nBody.\n")
     t0 = time.perf_counter()
