@@ -2,10 +2,11 @@
 
 Starts the real `python -m hybrid ui` on the demo corpus with the tiny SmolLM2-135M reader (llama.cpp on a CPU),
 waits for ``/api/status``, then N threads each ask one golden test question of the RAG system and read its
-server-sent events to ``end``; an answer counts when it has a ``done`` event and no ``error``. Halfway through,
+server-sent events to ``end``; an answer counts when it has a ``done`` event and no ``error``. Five seconds in,
 one ``/api/status`` request measures how the page itself responds while questions queue. The page answers one
 question at a time (a lock in ``hybrid/ui.py``), so the last of 50 waits for the 49 before it: latency here is
-mostly queueing, and an answer may take up to an hour before it counts as an error. Run by `make fuzz` (``tests/fuzz.py --load 50``); the first run builds the demo index (~1 min).
+mostly queueing, and an answer may take up to an hour before it counts as an error. Run by `make fuzz`
+(``tests/fuzz.py --load 50``); the first run builds the demo index (~1 min).
 """
 
 from __future__ import annotations
