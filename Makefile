@@ -26,7 +26,7 @@ HF_HUB_OFFLINE ?= 1
 TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 
-.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui bench bench-smoke docs pdfs clean
+.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui bench bench-smoke fuzz docs pdfs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -134,6 +134,9 @@ bench: ## benchmarks (≤ 45 min): fitz-gov retrieval + governance, scale, BM25/
 
 bench-smoke: ## every benchmark section on tiny sizes (≤ 2 min)
 	$(PY) -m bench --smoke
+
+fuzz: ## 120 hostile folders through `rag index`, then 50 questions at once to the web page; .openbook/reports/fuzz.json (CASES=)
+	$(PY) -m tests.fuzz --cases $(or $(CASES),120) --load 50 --json .openbook/reports/fuzz.json
 
 docs: ## re-render the README's result tables from docs/results/*.json (the JSON the runs wrote)
 	$(PY) -m bench.readme

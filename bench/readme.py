@@ -146,11 +146,29 @@ def compare(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+def reliability(d: dict) -> str:
+    """`make fuzz`: hostile folders through `rag index` (tests/fuzz.py) and the web page's load test (tests/load.py)."""
+    cs, ld = d["case_seconds"], d.get("load") or {}
+    rows = ["| check | result |", "|---|---|",
+            f"| {d['cases']} hostile folders (seed {d['seed']}, {len(d['kinds'])} kinds, three a folder, each beside "
+            f"a good document) through the real `rag index` | {d['passed']} passed: tracebacks {d['tracebacks']}, "
+            f"hangs {d['hangs']} (over {d['timeout_s']:.0f} s), leaks {d['leaks']}, errors {d['errors']}, good "
+            f"document missing {d['good_missing']}; {cs['median']:.1f} s a folder (median), {cs['max']:.1f} s at "
+            f"most; {d['seconds'] / 60:.1f} min in all |"]
+    if ld.get("started"):
+        rows.append(f"| {ld['n']} questions at once to the web page's `/api/ask` ({ld['system']}, {ld['model']}, "
+                    f"loopback) | errors {ld['errors']}; latency p50 {ld['p50_s']:.1f} s, p95 {ld['p95_s']:.1f} s, "
+                    f"max {ld['max_s']:.1f} s (one answer at a time: mostly queueing; {ld['answers_per_s']:.2f} "
+                    f"answers/s); `/api/status` answered in {ld['status_under_load_s']:.2f} s while they queued |")
+    return "\n".join([*rows, "", source(d)])
+
+
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
           "chunking": ("chunking-demo.json", chunking),
-          "compare": ("compare-demo.json", compare)}
+          "compare": ("compare-demo.json", compare),
+          "reliability": ("fuzz.json", reliability)}
 
 
 def render(name: str, root: Path = RESULTS) -> str:

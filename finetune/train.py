@@ -24,7 +24,7 @@ from pathlib import Path
 from finetune.lora import add_lora, load_base, load_tuned, save_atomically, use_qlora
 from finetune.rows import DataError, tokenize_example
 from rag.config import option
-from rag.models import DEFAULT_GENERATOR, GENERATORS, generator_path, pick_device
+from rag.models import DEFAULT_GENERATOR, GENERATORS, check_name, generator_path, pick_device
 
 log = logging.getLogger(__name__)
 SNAPSHOTS = "snapshots"  # <output_dir>/snapshots/step-N: adapters saved during training (TrainConfig.snapshots)
@@ -88,9 +88,7 @@ class TrainConfig:
         for name, ok, why in rules:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {why}, not {getattr(self, name)!r}")
-        if self.model not in GENERATORS and not Path(self.model).exists() and "/" not in self.model:
-            raise ValueError(f"--model '{self.model}' is neither a packaged model ({', '.join(GENERATORS)}), "
-                             "a local folder nor a hub id")
+        check_name("--model", self.model, GENERATORS)  # the same words as `python -m rag --model`
         if not self.output_dir:
             self.output_dir = str(Path(".openbook") / "finetune" / Path(self.model).name)
 

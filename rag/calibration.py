@@ -7,12 +7,20 @@ was computed from. Choosing the rule is ``rag.evaluate.calibrate``; this module 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
+
+from rag.config import UserError
 
 FILE = "calibration.json"
 log = logging.getLogger(__name__)
+
+
+class CalibrationWriteError(UserError, RuntimeError):
+    """The calibration file cannot be written (full disk, no permission); the old one is kept."""
 
 
 def load(index_dir: str | Path) -> dict:
@@ -29,9 +37,19 @@ def load(index_dir: str | Path) -> dict:
 
 
 def save(index_dir: str | Path, key: str, entry: dict) -> None:
-    """Store ``entry`` under ``key``, keeping the other keys; written atomically (a crash keeps the old file)."""
+    """Store ``entry`` under ``key``, keeping the other keys; written atomically (a crash or a failed write keeps
+    the old file, and a failed write is one ``CalibrationWriteError`` line)."""
     path = Path(index_dir) / FILE
     table = load(index_dir) | {key: entry}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(table, indent=1))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut must not leave an empty file
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CalibrationWriteError(f"cannot save the calibration to {path} ({e.strerror or e}); the old file is "
+                                    f"kept; free disk space or make {path.parent} writable") from None

@@ -19,10 +19,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rag.ingest import Document
+from rag.ingest import Document, heading_text
 
 STRATEGIES = ("fixed", "semantic", "hierarchical")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$", re.M)
+# '#'s, spaces or tabs (not newlines: '#\n\nfoo' is no heading), then text starting with a non-space; a space run
+# that fails to meet one gives back one character at a time to no avail, so a long run costs linear time
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(\S[^\n]*)$", re.M)
 _WORD = re.compile(r"\S+")
 _PARA = re.compile(r"(?:^[ \t]*\S[^\n]*(?:\n|\Z))+", re.M)  # a run of non-blank lines
 
@@ -69,7 +71,7 @@ class ChunkConfig:
 
 def _sections(text: str) -> list[tuple[int, int, str]]:
     """(start, end, heading path) for each heading-delimited section; text before the first heading too."""
-    marks = [(m.start(), len(m.group(1)), m.group(2)) for m in _HEADING.finditer(text)]
+    marks = [(m.start(), len(m.group(1)), heading_text(m.group(2))) for m in _HEADING.finditer(text)]
     bounds = [m[0] for m in marks] + [len(text)]
     out, path = [], []
     if not marks or marks[0][0] > 0:

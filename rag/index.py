@@ -6,19 +6,27 @@ chunker, embedder or FAISS settings rebuilds everything (old vectors would no lo
 
 Atomic by construction: each build is written to a fresh ``v-*`` folder and only then published by
 ``os.replace`` of the one-line ``CURRENT`` file, so a crash at any point leaves the previous version loadable.
-A failed write (full disk, no permission) removes its partial folder and says so in one line; the next write
-first clears what crashed writes left. A damaged version (a truncated or missing file) is rebuilt with a warning.
-Layout::
+A failed write (full disk, no permission) removes its partial folder and says so in one line; the next run
+first clears what crashed writes left. Writers take the folder's lock (``rag.atomic.writer_lock``): a second
+`rag index` on the same index waits for the first, then finds little left to do; old versions are deleted only
+when no reader is loading one, and never the one ``CURRENT`` names when it is read again under the lock.
+
+The manifest lists each file's size and sha256, checked at every load: a truncated, emptied, missing or
+flipped-byte file makes the version damaged, and ``update_index`` rebuilds it with a warning. Hashing costs
+about a tenth of a load (4.5 ms of ~35 ms for the 2.9 MB demo index on a 2-core CPU; 16 of 190 ms at 11 MB), less
+than parsing the same bytes, so it is always on. Layout::
 
     <index dir>/CURRENT            name of the live version
     <index dir>/v-<stamp>/         manifest.json chunks.jsonl tokens.json vectors.npy faiss.index
+    <index dir>/.lock-writer, .lock-readers    flock files (rag.atomic)
 
-Left out on purpose: concurrent writers (last one wins) and sharding; see README "Scale path".
+Left out on purpose: sharding; see README "Scale path".
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag.atomic import readers_lock, writer_lock
 from rag.bm25 import BM25, tokenize
 from rag.chunk import Chunk, ChunkConfig, chunk_document
 from rag.config import UserError
@@ -38,6 +47,8 @@ from rag.ingest import Document, load_folder
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+FILES = ("chunks.jsonl", "tokens.json", "vectors.npy", "faiss.index")  # the manifest holds their sizes and hashes
+LOCK_TIMEOUT = 600.0  # seconds a writer waits for another before giving up: a CPU builds a large corpus in minutes
 
 
 class IndexMissing(UserError, RuntimeError):
@@ -103,10 +114,16 @@ class Index:
         if not re.fullmatch(r"v-[\w.-]+", name):  # nothing outside the index folder is read
             raise IndexDamaged(root, f"CURRENT names {name[:80]!r}, not a version folder")
         path = root / name
+        with readers_lock(root):  # a writer deletes no version while a reader is loading one
+            return cls._load(root, path)
+
+    @classmethod
+    def _load(cls, root: Path, path: Path) -> Index:
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
             if manifest.get("format") != FORMAT:
                 raise IndexMissing(f"index at {root} has an old format; rebuild with `python -m rag index`")
+            _verify(path, manifest.get("files"))
             with open(path / "chunks.jsonl", encoding="utf-8") as f:
                 chunks = [Chunk(**json.loads(line)) for line in f]
             tokens = json.loads((path / "tokens.json").read_text(encoding="utf-8"))
@@ -130,25 +147,53 @@ def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
     return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
 
 
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()  # hashlib.file_digest is Python 3.11+
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        return {"bytes": f.tell(), "sha256": h.hexdigest()}
+
+
+def _verify(path: Path, files: dict | None) -> None:
+    """Each file's size and sha256 as the manifest lists them (versions written before checksums list none)."""
+    for name, want in (files or {}).items():
+        if name not in FILES:  # the manifest names nothing outside the version folder
+            raise ValueError(f"the manifest lists an unknown file {name[:80]!r}")
+        got = _digest(path / name)
+        if got != want:
+            what = "size" if got["bytes"] != want.get("bytes") else "sha256"
+            raise ValueError(f"{name}: {what} differs from the manifest's")
+
+
 def _sweep(root: Path) -> None:
-    """Remove what failed or crashed writes left (a full disk stays full until they go); never the live version."""
+    """Remove what failed or crashed writes left (a full disk stays full until they go) and old versions.
+
+    Called under the writer lock, so no ``.tmp-*`` folder belongs to a live writer; ``CURRENT`` is read here, after
+    any switch, and the version it names is kept. Old versions stay while a reader is loading (the next run
+    removes them)."""
+    if not root.is_dir():
+        return
     try:
         live = (root / "CURRENT").read_text().strip()
     except OSError:
         live = None  # no version folder is known to be unused
-    for old in root.iterdir():
-        if old.name.startswith(".tmp-") or (live and old.name.startswith("v-") and old.name != live):
-            shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (root / ".CURRENT.tmp").unlink(missing_ok=True)
+    with readers_lock(root, exclusive=True) as no_readers, contextlib.suppress(OSError):  # unlistable: _write says
+        for old in root.iterdir():
+            stale = old.name.startswith("v-") and live and old.name != live and no_readers
+            if old.name.startswith(".tmp-") or stale:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vectors: np.ndarray,
            dense: DenseIndex) -> Path:
-    """Write a new version folder, then publish it by atomically replacing CURRENT."""
+    """Write a new version folder, then publish it by atomically replacing CURRENT; the caller holds the lock."""
     name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     tmp = root / f".tmp-{name}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _sweep(root)
         tmp.mkdir()
         with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
             for c in chunks:
@@ -156,6 +201,7 @@ def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vector
         (tmp / "tokens.json").write_text(json.dumps(tokens), encoding="utf-8")
         np.save(tmp / "vectors.npy", vectors)
         dense.save(tmp / "faiss.index")
+        manifest["files"] = {f: _digest(tmp / f) for f in FILES}  # read back: the hash is of what is on disk
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
         for f in tmp.iterdir():  # data on disk before the rename that makes it visible
             with open(f, "rb") as fh:
@@ -173,17 +219,28 @@ def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vector
             raise IndexWriteError(f"cannot write the index in {root} ({e.strerror or e}); free disk space or make "
                                   "the folder writable, or pass --index-dir elsewhere") from None
         raise
-    for old in root.iterdir():  # older versions and leftovers of crashed writes
-        if old.name not in (name, "CURRENT") and (old.name.startswith(("v-", ".tmp-"))):
-            shutil.rmtree(old, ignore_errors=True)
+    _sweep(root)
     return root / name
 
 
 def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkConfig, embedder: str,
-                 faiss_kind: str = "exact", progress: bool = True) -> tuple[Index, UpdateStats]:
-    """Bring the index at ``index_dir`` up to date with ``docs_dir``; re-embed only what changed."""
+                 faiss_kind: str = "exact", progress: bool = True,
+                 hard_links: bool = False) -> tuple[Index, UpdateStats]:
+    """Bring the index at ``index_dir`` up to date with ``docs_dir``; re-embed only what changed.
+
+    One writer at a time: a second waits for the first (up to ``LOCK_TIMEOUT`` s), then sees its result."""
+    root = Path(index_dir)
+    with contextlib.suppress(OSError):  # the lock file lives inside; a folder that cannot be made fails in _write
+        root.mkdir(parents=True, exist_ok=True)
+    with writer_lock(root, LOCK_TIMEOUT):
+        _sweep(root)  # what a crashed or killed run left, before anything is read or written
+        return _update(docs_dir, root, chunk_cfg, embedder, faiss_kind, progress, hard_links)
+
+
+def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str,
+            progress: bool, hard_links: bool) -> tuple[Index, UpdateStats]:
     t0 = time.perf_counter()
-    docs: list[Document] = load_folder(docs_dir, progress=progress)
+    docs: list[Document] = load_folder(docs_dir, progress=progress, hard_links=hard_links)
     settings = _settings(chunk_cfg, embedder, faiss_kind)
     try:
         old = Index.load(index_dir)
@@ -239,6 +296,6 @@ def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkCo
     dense = DenseIndex(ids, vectors, faiss_kind)
     manifest = {**settings, "docs_dir": str(Path(docs_dir).resolve()), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "embedding_dim": dim, "n_chunks": len(ids), "documents": doc_meta}
-    path = _write(Path(index_dir), manifest, chunks, tokens, vectors, dense)
+    path = _write(index_dir, manifest, chunks, tokens, vectors, dense)
     stats.seconds, stats.wrote = time.perf_counter() - t0, True
     return Index(path, manifest, chunks, tokens, vectors, dense), stats

@@ -10,8 +10,15 @@ pypdf; its `visitor_text` hook gives each line's font size and position, so line
 the body font become '#'/'##'/'###' by size rank, and a vertical gap starts a new paragraph.
 
 A bad file never stops a run: it is skipped with one warning that names it and says what to do.
-Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx,
-charset sniffing beyond UTF-8 -> cp1252/Latin-1, and following links out of the docs folder.
+
+Nothing outside the folder is read. A symlink leaving it is refused. A hard link cannot be told from the file it
+links (both are the same file), and finding its other names would mean searching the whole disk, so the rule is a
+count: a file with more hard links (``st_nlink``) than the walk found inside the folder may have a name outside
+it, and is skipped with a warning unless ``hard_links=True`` (``--hard-links``). Hard links wholly inside the
+folder are indexed as usual.
+
+Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx, charset
+sniffing beyond UTF-8 -> cp1252/Latin-1, and following links out of the docs folder.
 
     >>> docs = load_folder("data/demo")
     >>> docs[0].id, docs[0].title, docs[0].text[:12]
@@ -24,6 +31,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -113,9 +121,21 @@ def _decode(raw: bytes, rel: str) -> str:
         return raw.decode("latin-1")
 
 
+def heading_text(text: str) -> str:
+    """An ATX heading's text without its closing '#'s, which CommonMark counts only after a space (or as the
+    whole text): '# Title ##' -> 'Title', but '# C#' -> 'C#'.
+
+    >>> [heading_text(t) for t in ("Title ##", "C#", "C #", "##", "a # b")]
+    ['Title', 'C#', 'C', '', 'a # b']
+    """
+    text = text.strip()
+    bare = text.rstrip("#")
+    return bare.rstrip() if not bare or bare[-1] in " \t" else text
+
+
 def _atx_title(text: str) -> str | None:
-    match = next((m for m in ATX_TITLE.finditer(text) if m[1].strip()), None)
-    return (match[1].rstrip(" #") or match[1]).strip() if match else None  # '# Title ##' -> 'Title'
+    match = next((m for m in ATX_TITLE.finditer(text) if heading_text(m[1])), None)
+    return heading_text(match[1]) if match else None
 
 
 def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
@@ -125,22 +145,29 @@ def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
     return text, _atx_title(text)
 
 
+def _span(cell: Tag) -> int:
+    span = str(cell.get("colspan", "1")).strip()
+    return (int(span) if len(span) < 8 else MAX_SPAN + 1) if span.isascii() and span.isdigit() else 1
+
+
 def _html_table(table: Tag, rel: str) -> str:
-    rows, clamped = [], False
-    for tr in table.find_all("tr"):
-        cells = []
-        for cell in tr.find_all(("th", "td"), recursive=False):
-            span = str(cell.get("colspan", "1")).strip()
-            n = (int(span) if len(span) < 8 else MAX_SPAN + 1) if span.isascii() and span.isdigit() else 1
-            clamped |= n > MAX_SPAN
-            # repeat a spanned cell so every value sits under its own column header
-            cells += [_squash(cell.get_text(" ")).replace("|", "\\|")] * min(max(n, 1), MAX_SPAN)
-        if any(cells):
-            rows.append(cells)
-    if clamped:
+    rows = [[(_squash(cell.get_text(" ")).replace("|", "\\|"), max(_span(cell), 1))
+             for cell in tr.find_all(("th", "td"), recursive=False)] for tr in table.find_all("tr")]
+    rows = [r for r in rows if any(text for text, _ in r)]
+    if any(n > MAX_SPAN for r in rows for _, n in r):
         log.warning("%s: a table cell spans over %d columns; read as %d", rel, MAX_SPAN, MAX_SPAN)
+    # repeat a spanned cell so every value sits under its own column header, and pad short rows, while the table
+    # stays linear in its source: 300 cells spanning 999 columns each must not become 300,000 cells to embed
+    budget = max(10 * sum(len(r) for r in rows), 4 * MAX_SPAN)
+    if sum(min(n, MAX_SPAN) for r in rows for _, n in r) > budget:
+        log.warning("%s: a table's column spans would make it over %d cells; each cell is kept once", rel, budget)
+        rows = [[text for text, _ in r] for r in rows]
+    else:
+        rows = [[text for text, n in r for _ in range(min(n, MAX_SPAN))] for r in rows]
     width = max((len(r) for r in rows), default=0)
-    lines = ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in rows]
+    if width * len(rows) <= budget:
+        rows = [r + [""] * (width - len(r)) for r in rows]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines[:1] + ["|" + " --- |" * width] + lines[1:]) if rows else ""
 
 
@@ -153,13 +180,21 @@ def _html_blocks(root: Tag, out: list[str], rel: str) -> None:
     # for an <li> the list its items join when it closes
     Frame = tuple[Iterator, list[str], list[str], list[str] | None]
     stack: list[Frame] = [(iter(root.children), out, [], None)]
+    # which elements hold a block: one walk up from each block, stopping at a marked element, is linear in the
+    # page, where asking find(BLOCK_TAGS) of every element costs the square of the nesting depth
+    holds_block: set[int] = set()
+    for block in root.find_all(BLOCK_TAGS):
+        el = block.parent
+        while el is not None and id(el) not in holds_block:
+            holds_block.add(id(el))
+            el = el.parent
     while stack:
         children, dest, buf, item_of = stack[-1]
         child = next(children, None)
         if isinstance(child, PreformattedString):  # comments, doctype, CDATA
             continue
         if child is not None and (not isinstance(child, Tag) or (child.name not in BLOCK_TAGS
-                                                                 and not child.find(BLOCK_TAGS))):
+                                                                 and id(child) not in holds_block)):
             buf.append(child.get_text() if isinstance(child, Tag) else str(child))  # inline text, <a>, <b>
             continue
         if text := _squash("".join(buf)):  # a block, or the end of the element, ends the inline paragraph
@@ -335,8 +370,9 @@ def _entries(folder: Path, root: Path) -> list[Path]:
         return []
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every visible file under root once, in sorted order; links that leave root are refused.
+def _walk(root: Path, hard_links: bool = False) -> list[Path]:
+    """Every visible file under root once, in sorted order; links that leave root are refused (hard links too,
+    unless ``hard_links``: see the module docstring).
 
     Depth first over a stack of open folders, not recursion: 1100 nested folders must not hit the recursion limit.
     """
@@ -369,11 +405,36 @@ def _walk(root: Path) -> list[Path]:
                 ancestors.add(target)
         elif target not in found or entry == root / target.relative_to(real_root):
             found[target] = entry  # a file reached twice is loaded once, under its real path if seen
+    if not hard_links:
+        _drop_outside_links(found, root)
     return sorted(found.values())
 
 
-def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
-    """Every readable document under root, sorted by id; bad files are skipped with a warning."""
+def _drop_outside_links(found: dict[Path, Path], root: Path) -> None:
+    """Remove from ``found`` the documents with hard links the walk did not reach: their other names may be
+    outside the folder (or in a hidden folder inside it)."""
+    names: dict[tuple[int, int], list[Path]] = {}  # (device, inode) -> the folder's names for it
+    for target in found:
+        if target.suffix.lower() not in SUPPORTED:
+            continue
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue  # load_file says why
+        if st.st_nlink > 1:
+            names.setdefault((st.st_dev, st.st_ino), []).append(target)
+    for targets in names.values():
+        n = os.stat(targets[0]).st_nlink
+        if len(targets) < n:
+            for target in targets:
+                log.warning("skipping %s: it has %d hard links and %d of them in the docs folder, so it may be a file "
+                            "from outside; copy it in instead (cp), or pass --hard-links to index it",
+                            shown(found.pop(target).relative_to(root).as_posix()), n, len(targets))
+
+
+def load_folder(root: str | Path, progress: bool = True, hard_links: bool = False) -> list[Document]:
+    """Every readable document under root, sorted by id; bad files are skipped with a warning. ``hard_links``:
+    also files whose other hard links may be outside root."""
     if not str(root).strip():  # Path("") is the current folder
         raise IngestError("docs folder is empty (''); pass DOCS=/path/to/folder")
     root = Path(root).expanduser()
@@ -383,7 +444,7 @@ def load_folder(root: str | Path, progress: bool = True) -> list[Document]:
         raise IngestError(f"docs folder not found: {root}; pass DOCS=/path/to/folder")
     if not root.is_dir():
         raise IngestError(f"docs path is not a folder: {root}; pass DOCS=/path/to/folder")
-    files = _walk(root)
+    files = _walk(root, hard_links)
     bar = tqdm(files, desc="ingest", unit="file", disable=not progress or len(files) <= 20)
     docs = [doc for path in bar if (doc := load_file(path, root)) is not None]
     if not docs:

@@ -49,6 +49,8 @@ class RagConfig:
 
     docs: str = option("data/demo", "folder of .md/.txt/.html/.pdf documents")
     index_dir: str = option("", "where the index lives (default .openbook/index/<folder name>)")
+    hard_links: bool = option(False, "also index files with hard links the --docs walk did not find (other names "
+                                     "may be outside --docs); off: skipped with a warning")
     mode: str = option("hybrid+rerank", f"retrieval mode: {', '.join(MODES)}")
     k: int = option(3, "passages given to the generator")
     chunker: str = option("semantic", f"chunking strategy: {', '.join(STRATEGIES)}")
@@ -169,7 +171,8 @@ class RagPipeline:
 
     def update_index(self, progress: bool = True) -> UpdateStats:
         c = self.cfg
-        self.index, stats = update_index(c.docs, c.index_dir, c.chunk_config(), c.embedder, c.faiss, progress)
+        self.index, stats = update_index(c.docs, c.index_dir, c.chunk_config(), c.embedder, c.faiss, progress,
+                                         c.hard_links)
         return stats
 
     @property

@@ -87,6 +87,23 @@ def test_huge_colspan_is_clamped_with_a_warning(tmp_path, caplog):
     assert [m for m in warnings(caplog) if m.startswith("t.html: a table cell spans over 1000 columns")]
 
 
+def test_many_spanned_cells_stay_linear_with_a_warning(tmp_path, caplog):
+    write(tmp_path, "wide.html", "<table><tr>" + "<td colspan='999'>c</td>" * 300 + "</tr></table>")  # fuzz found it
+    write(tmp_path, "pad.html", "<table><tr>" + "<td>c</td>" * 1000 + "</tr>" + "<tr><td>x</td></tr>" * 1000
+          + "</table>")
+    docs = loaded(tmp_path)
+    assert docs["wide.html"].text.split("\n")[0].count("| c") == 300  # each cell once, not 299,700 times
+    assert len(docs["pad.html"].text) < 20_000  # 1000 one-cell rows are not padded to 1000 columns each
+    assert "wide.html: a table's column spans would make it over 4000 cells; each cell is kept once" in warnings(caplog)
+
+
+def test_deeply_nested_inline_elements_are_read_in_linear_time(tmp_path):
+    write(tmp_path, "inline.html", "<body>" + "<span><b><i><ul><li>" * 3000 + "text")  # was 14 s: fuzz found it
+    t0 = time.perf_counter()
+    assert loaded(tmp_path)["inline.html"].text == "- text"
+    assert time.perf_counter() - t0 < 5
+
+
 def test_heading_with_many_spaces_is_fast(tmp_path):
     write(tmp_path, "spaces.md", "# a" + " " * 150_000 + "b ##\n\nBody.\n")
     t0 = time.perf_counter()
@@ -125,6 +142,36 @@ def test_control_characters_in_names_are_escaped_in_the_log(tmp_path, caplog, na
     assert list(loaded(tmp_path)) == ["good.md"]
     (message,) = warnings(caplog)
     assert message.startswith(f"skipping {name!r}: empty file") and "\n" not in message and "\x1b" not in message
+
+
+def test_hard_link_to_a_file_outside_is_skipped_unless_opted_in(tmp_path, caplog):
+    docs = tmp_path / "docs"
+    write(docs, "good.md", GOOD)
+    secret = write(tmp_path, "secret.md", "# Secret\n\nThe vault code is 4711.\n")
+    os.link(secret, docs / "linked.md")
+    assert list(loaded(docs)) == ["good.md"]
+    assert warnings(caplog) == ["skipping linked.md: it has 2 hard links and 1 of them in the docs folder, so it may "
+                                "be a file from outside; copy it in instead (cp), or pass --hard-links to index it"]
+    assert [d.id for d in load_folder(docs, progress=False, hard_links=True)] == ["good.md", "linked.md"]
+
+
+def test_hard_links_wholly_inside_the_folder_are_indexed(tmp_path, caplog):
+    (tmp_path / "sub").mkdir()
+    os.link(write(tmp_path, "good.md", GOOD), tmp_path / "sub" / "same.md")
+    assert sorted(loaded(tmp_path)) == ["good.md", "sub/same.md"] and not warnings(caplog)
+
+
+def test_hard_links_flag_reaches_the_index(tmp_path):
+    from rag.cli import main
+    from rag.index import Index
+
+    docs = tmp_path / "docs"
+    write(docs, "good.md", GOOD)
+    os.link(write(tmp_path, "outside.md", "# Outside\n\nKept on purpose.\n"), docs / "linked.md")
+    flags = ["index", "--docs", str(docs), "--index-dir", str(tmp_path / "ix"), "--chunk-size", "40", "--overlap", "5"]
+    assert main(flags) == 0 and list(Index.load(tmp_path / "ix").manifest["documents"]) == ["good.md"]
+    assert main([*flags, "--hard-links"]) == 0
+    assert list(Index.load(tmp_path / "ix").manifest["documents"]) == ["good.md", "linked.md"]
 
 
 # --- index: write failures and damage ------------------------------------------------------------------------------
@@ -181,7 +228,7 @@ def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp
     with pytest.raises(IndexWriteError, match=f"cannot write the index in {index} .No space left on device.; "
                                               "free disk space"):
         update_index(docs, index, CHUNKS, "minilm", progress=False)
-    assert sorted(p.name for p in index.iterdir()) == ["CURRENT", live]  # stale and partial folders both gone
+    assert sorted(p.name for p in index.iterdir() if not p.name.startswith(".lock")) == ["CURRENT", live]  # debris gone
     assert Index.load(index).search_bm25("45 days", 1)[0][0].startswith("returns.md")
     monkeypatch.undo()
     update_index(docs, index, CHUNKS, "minilm", progress=False)
@@ -246,6 +293,56 @@ def test_damaged_calibration_file_is_ignored_with_a_warning(tmp_path, caplog):
     assert [m for m in warnings(caplog) if m.startswith(f"ignoring {tmp_path / calibration.FILE}: unreadable")]
     calibration.save(tmp_path, "k", {"rule": []})  # the next evaluation rewrites it
     assert calibration.load(tmp_path) == {"k": {"rule": []}}
+
+
+def test_calibration_that_cannot_be_written_is_one_line_and_keeps_the_old_file(tmp_path):
+    from rag import calibration
+
+    calibration.save(tmp_path, "old", {"rule": [["bm25", 4.0]]})
+    (tmp_path / "calibration.tmp").mkdir()  # a real write failure: the temp file's name is taken by a folder
+    with pytest.raises(calibration.CalibrationWriteError, match=f"^cannot save the calibration to "
+                       f"{re.escape(str(tmp_path / calibration.FILE))} .Is a directory.; the old file is kept; free "
+                       "disk space or make .* writable$"):
+        calibration.save(tmp_path, "new", {"rule": []})
+    assert calibration.load(tmp_path) == {"old": {"rule": [["bm25", 4.0]]}}
+
+
+# --- small bugs the first pass noted -------------------------------------------------------------------------------
+
+def chunk_sections(text: str) -> list[str]:
+    from rag.chunk import ChunkConfig, chunk_document
+    from rag.ingest import Document
+
+    return [c.section for c in chunk_document(Document("a.md", "/a.md", "A", text, "0", 0.0),
+                                              ChunkConfig(size=10, overlap=0))]
+
+
+def test_a_lone_hash_line_does_not_make_the_next_paragraph_a_heading():
+    assert chunk_sections("# A\n\nIntro.\n\n#\n\nfoo bar\n\n## B\n\nMore.") == ["A", "A › B"]
+
+
+def test_a_heading_ending_in_hash_keeps_it_and_a_closing_sequence_goes(tmp_path):
+    assert chunk_sections("# C#\n\nA language.\n\n## Uses ##\n\nMany.") == ["C#", "C# › Uses"]
+    write(tmp_path, "c.md", "# C#\n\nA language.\n")
+    write(tmp_path, "f.md", "# F #\n\nAnother.\n")
+    assert {d.id: d.title for d in loaded(tmp_path).values()} == {"c.md": "C#", "f.md": "F"}
+
+
+def test_heading_line_of_spaces_chunks_fast():
+    t0 = time.perf_counter()
+    assert chunk_sections("#" + " " * 100_000 + "\u00a0\n\nBody.") == [""]  # no heading text: not a heading
+    assert chunk_sections("# a" + " " * 100_000 + "b\n\nBody.")[0].startswith("a ")
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("model, needle", [("", "--model is empty"),
+                                           ("/no/such/base", "--model /no/such/base: no such file or folder"),
+                                           ("no such", "--model 'no such' is not a known model name")])
+def test_finetune_model_is_checked_like_rags(model, needle):
+    from finetune.train import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        TrainConfig(model=model)
 
 
 # --- golden files --------------------------------------------------------------------------------------------------
