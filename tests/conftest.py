@@ -55,3 +55,26 @@ def copy_corpus(tmp_path: Path):
         return dst
 
     return _copy
+
+
+SMALL_CHUNKS = dict(size=40, overlap=5)  # ChunkConfig of small_index: several chunks per tiny document
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny docs folder and an index over it (SMALL_CHUNKS), built once; tests change copies (copy_index)."""
+    from rag.chunk import ChunkConfig
+    from rag.index import update_index
+
+    root = tmp_path_factory.mktemp("small-index")
+    docs = write_corpus(root / "docs")
+    update_index(docs, root / "index", ChunkConfig(**SMALL_CHUNKS), "minilm", progress=False)
+    return docs, root / "index"
+
+
+def copy_index(built: tuple[Path, Path], dest: Path) -> tuple[Path, Path]:
+    """Copies of a (docs, index) pair under dest, for a test that writes to them."""
+    docs, index = built
+    shutil.copytree(docs, dest / "docs")
+    shutil.copytree(index, dest / "index")
+    return dest / "docs", dest / "index"

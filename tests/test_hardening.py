@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from rag import ingest
+from rag.chunk import ChunkConfig
 from rag.ingest import IngestError, load_folder
+from tests.conftest import SMALL_CHUNKS, copy_index
 
 
 def write(root: Path, rel: str, data: str | bytes) -> Path:
@@ -176,46 +178,16 @@ def test_hard_links_flag_reaches_the_index(tmp_path):
 
 # --- index: write failures and damage ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A tiny docs folder and an index over it, built once; tests work on copies."""
-    from rag.index import update_index
-    from tests.conftest import write_corpus
-
-    root = tmp_path_factory.mktemp("built")
-    docs = write_corpus(root / "docs")
-    update_index(docs, root / "index", CHUNKS, "minilm", progress=False)
-    return docs, root / "index"
+CHUNKS = ChunkConfig(**SMALL_CHUNKS)
 
 
-CHUNKS = None  # set below: rag.chunk imports stay out of the module's import time
-
-
-def _chunks():
-    from rag.chunk import ChunkConfig
-
-    return ChunkConfig(size=40, overlap=5)
-
-
-CHUNKS = _chunks()
-
-
-def copy_index(built, tmp_path) -> tuple[Path, Path]:
-    import shutil
-
-    docs, index = built
-    shutil.copytree(docs, tmp_path / "docs")
-    shutil.copytree(index, tmp_path / "index")
-    return tmp_path / "docs", tmp_path / "index"
-
-
-def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp_path, monkeypatch):
+def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(small_index, tmp_path, monkeypatch):
     import errno
 
     import rag.index as ix
     from rag.index import Index, IndexWriteError, update_index
 
-    docs, index = copy_index(built, tmp_path)
+    docs, index = copy_index(small_index, tmp_path)
     live = Index.load(index).path.name
     (index / ".tmp-v-crashed").mkdir()  # what an earlier failed write left behind
     (index / ".tmp-v-crashed" / "vectors.npy").write_bytes(b"0" * 1000)
@@ -235,13 +207,13 @@ def test_full_disk_gives_one_line_cleans_up_and_keeps_the_old_version(built, tmp
     assert Index.load(index).search_bm25("90 days", 1)[0][0].startswith("returns.md")
 
 
-def test_unwritable_index_folder_is_one_error_line(built, tmp_path, monkeypatch, capsys):
+def test_unwritable_index_folder_is_one_error_line(small_index, tmp_path, monkeypatch, capsys):
     import errno
 
     import rag.index as ix
     from rag.cli import main
 
-    docs, index = copy_index(built, tmp_path)
+    docs, index = copy_index(small_index, tmp_path)
     (docs / "new.md").write_text("# New\n\nRain gauges.\n")
 
     def denied(*_a, **_k):
@@ -272,10 +244,10 @@ def _drop_last_line(path: Path) -> None:
     lambda v: _truncate(v / "vectors.npy"),
     lambda v: (v.parent / "CURRENT").write_text("../../etc\n"),
 ], ids=["truncated-chunks", "chunks-line-missing", "no-faiss", "empty-tokens", "truncated-vectors", "bad-current"])
-def test_damaged_index_is_rebuilt_with_a_warning(built, tmp_path, caplog, damage):
+def test_damaged_index_is_rebuilt_with_a_warning(small_index, tmp_path, caplog, damage):
     from rag.index import Index, IndexDamaged, update_index
 
-    docs, index = copy_index(built, tmp_path)
+    docs, index = copy_index(small_index, tmp_path)
     damage(index / (index / "CURRENT").read_text().strip())
     with pytest.raises(IndexDamaged, match=f"index at {index} is damaged .*python -m rag index"):
         Index.load(index)

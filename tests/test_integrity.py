@@ -21,26 +21,15 @@ import pytest
 
 from rag.chunk import ChunkConfig
 from rag.index import FILES, Index, IndexDamaged, _sweep, update_index
-from tests.conftest import TINY, write_corpus
+from tests.conftest import SMALL_CHUNKS, TINY, copy_index, write_corpus
 
-CHUNKS = ChunkConfig(size=40, overlap=5)
-FLAGS = ["--chunk-size", "40", "--overlap", "5"]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrity")
-    docs = write_corpus(root / "docs")
-    update_index(docs, root / "index", CHUNKS, "minilm", progress=False)
-    return docs, root / "index"
+CHUNKS = ChunkConfig(**SMALL_CHUNKS)
+FLAGS = ["--chunk-size", str(CHUNKS.size), "--overlap", str(CHUNKS.overlap)]
 
 
 @pytest.fixture
-def index(built, tmp_path) -> tuple[Path, Path]:
-    docs, index = built
-    shutil.copytree(docs, tmp_path / "docs")
-    shutil.copytree(index, tmp_path / "index")
-    return tmp_path / "docs", tmp_path / "index"
+def index(small_index, tmp_path) -> tuple[Path, Path]:
+    return copy_index(small_index, tmp_path)
 
 
 def live(index: Path) -> Path:
