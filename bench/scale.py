@@ -71,7 +71,7 @@ def one_size(size: int, vectors_file: str, queries: list[str], n_rerank: int, th
     from rag.bm25 import BM25, tokenize
     from rag.chunk import ChunkConfig, chunk_document
     from rag.dense import DenseIndex
-    from rag.index import Index, _settings, _write, update_index
+    from rag.index import Index, index_settings, update_index, write_version
     from rag.ingest import load_folder
     from rag.models import DEFAULT_EMBEDDER
     from rag.pipeline import RagConfig, RagPipeline
@@ -94,13 +94,13 @@ def one_size(size: int, vectors_file: str, queries: list[str], n_rerank: int, th
         dense, t["faiss_build"] = timed(DenseIndex, ids, vecs, "exact")
         n = len(ids)
         out.update(chunks=n, real_vectors=min(len(real), n), replicated_vectors=max(n - len(real), 0))
-        manifest = {**_settings(cfg, DEFAULT_EMBEDDER, "exact"), "docs_dir": str(docs_dir.resolve()),
+        manifest = {**index_settings(cfg, DEFAULT_EMBEDDER, "exact"), "docs_dir": str(docs_dir.resolve()),
                     "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "embedding_dim": vecs.shape[1], "n_chunks": n,
                     "documents": {d.id: {"sha256": d.sha256, "title": d.title, "mtime": d.mtime, "chunks": []}
                                   for d in docs}}
         for c in chunks:
             manifest["documents"][c.doc_id]["chunks"].append(c.id)
-        path, t["write"] = timed(_write, index_dir, manifest, chunks, tokens, vecs, dense)
+        path, t["write"] = timed(write_version, index_dir, manifest, chunks, tokens, vecs, dense)
         out["disk_mb"] = {"total": du_mb(path), **{f.name: du_mb(f) for f in sorted(path.iterdir())}}
         index, t["load"] = timed(Index.load, index_dir)
         out["seconds"] = {k: round(v, 3) for k, v in t.items()}

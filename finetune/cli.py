@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from finetune import train as T
 from finetune.data import DataConfig, build, load_built
-from finetune.evaluate import (
-    EvalConfig,
-    evaluate_model,
-    intervals,
-    learning_curve,
-    model_to_score,
-    plot_curve,
-    question_sets,
-    report_path,
-    split_by_base,
-)
+from finetune.evaluate import EvalConfig, compare, learning_curve, plot_curve, question_sets, report_path
 from finetune.export import OUTTYPES, export
-from finetune.lora import adapter_dir, merge
+from finetune.lora import merge
 from finetune.rows import load_data
 from finetune.sweep import sweep, sweep_lines
 from rag.config import (
@@ -43,28 +32,6 @@ from rag.models import DEFAULT_GENERATOR
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
            "constraint_adherence", "abstain_precision", "abstain_recall")
-
-
-def compare(cfg: EvalConfig, progress: bool = True, sets: dict | None = None) -> dict:
-    """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
-    sets = sets or question_sets(cfg)
-    base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
-    result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
-              "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
-    if cfg.adapter:
-        adapter = str(adapter_dir(cfg.adapter))
-        result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,
-                                         progress)
-        result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
-        result["intervals"] = intervals(result["base"], result["tuned"])
-        base_p, tuned_p = result["base"].get("probes", {}), result["tuned"].get("probes", {})
-        drops = {k: round((base_p[k] or 0) - (tuned_p[k] or 0), 4) for k in base_p}
-        result["probe_drop"] = drops.get("accuracy", 0.0)
-        # A gain in one skill can hide the loss of another (format training lifts instruction following), so a
-        # single skill losing twice the allowed drop counts too; 18 items per skill, one item is 0.056.
-        result["regressed_skills"] = [k for k, d in drops.items() if k != "accuracy" and d > 2 * cfg.max_probe_drop]
-        result["regression"] = result["probe_drop"] > cfg.max_probe_drop or bool(result["regressed_skills"])
-    return result
 
 
 def print_compare(result: dict) -> None:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
+from finetune.lora import adapter_dir
 from rag import metrics as M
 from rag.config import folder_name, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
@@ -241,3 +242,25 @@ def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def compare(cfg: EvalConfig, progress: bool = True, sets: dict | None = None) -> dict:
+    """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
+    sets = sets or question_sets(cfg)
+    base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
+    result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
+              "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
+    if cfg.adapter:
+        adapter = str(adapter_dir(cfg.adapter))
+        result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,
+                                         progress)
+        result["synthetic_by_base"] = split_by_base(result["base"], result["tuned"])
+        result["intervals"] = intervals(result["base"], result["tuned"])
+        base_p, tuned_p = result["base"].get("probes", {}), result["tuned"].get("probes", {})
+        drops = {k: round((base_p[k] or 0) - (tuned_p[k] or 0), 4) for k in base_p}
+        result["probe_drop"] = drops.get("accuracy", 0.0)
+        # A gain in one skill can hide the loss of another (format training lifts instruction following), so a
+        # single skill losing twice the allowed drop counts too; 18 items per skill, one item is 0.056.
+        result["regressed_skills"] = [k for k, d in drops.items() if k != "accuracy" and d > 2 * cfg.max_probe_drop]
+        result["regression"] = result["probe_drop"] > cfg.max_probe_drop or bool(result["regressed_skills"])
+    return result

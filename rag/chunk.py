@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rag.ingest import Document, heading_text
+from rag.formats import heading_text
+from rag.ingest import Document
 
 STRATEGIES = ("fixed", "semantic", "hierarchical")
 # '#'s, spaces or tabs (not newlines: '#\n\nfoo' is no heading), then text starting with a non-space; a space run

@@ -99,7 +99,7 @@ def export_onnx(name: str) -> Path | None:
         st.tokenizer.save_pretrained(str(tmp))
         (tmp / "settings.json").write_text(json.dumps({"inputs": names, "max_length": st.max_seq_length}))
         texts = ["The Pro plan costs EUR 49 per month.", "Returns within 30 days of delivery. " * 60]
-        gap = float(np.abs(_onnx_embed(tmp, texts) - st.encode(texts, normalize_embeddings=True)).max())
+        gap = float(np.abs(onnx_embed(tmp, texts) - st.encode(texts, normalize_embeddings=True)).max())
         if gap > 1e-4:
             raise ValueError(f"ONNX and sentence-transformers vectors differ by {gap:.1e}")
     except Exception as e:  # noqa: BLE001 -- any failure only costs speed: sentence-transformers stays in use
@@ -113,7 +113,7 @@ def export_onnx(name: str) -> Path | None:
     return out
 
 
-def _onnx_embed(folder: Path, texts: list[str], batch_size: int = 32) -> np.ndarray:
+def onnx_embed(folder: Path, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """Mean-pooled, unit-length vectors from the ONNX copy (what sentence-transformers computes for these models)."""
     key = ("onnx", str(folder))
     if key not in _LOADED:
@@ -149,7 +149,7 @@ def embed(name: str, texts: list[str], progress: bool = False, batch_size: int =
     """
     fast = _onnx_dir(name) if len(texts) <= 256 else None
     if fast is not None and (fast / "model.onnx").exists():
-        return _onnx_embed(fast, texts or ["x"], batch_size)[: len(texts)]  # ["x"]: the width of an empty result
+        return onnx_embed(fast, texts or ["x"], batch_size)[: len(texts)]  # ["x"]: the width of an empty result
     model = load_embedder(name)
     if not texts:
         return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)

@@ -143,7 +143,7 @@ class Index:
         return cls(path, manifest, chunks, tokens, vectors, dense)
 
 
-def _settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
+def index_settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
     return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
 
 
@@ -166,7 +166,7 @@ def _verify(path: Path, files: dict | None) -> None:
             raise ValueError(f"{name}: {what} differs from the manifest's")
 
 
-def _sweep(root: Path) -> None:
+def sweep_debris(root: Path) -> None:
     """Remove what failed or crashed writes left (a full disk stays full until they go) and old versions.
 
     Called under the writer lock, so no ``.tmp-*`` folder belongs to a live writer; ``CURRENT`` is read here, after
@@ -180,14 +180,15 @@ def _sweep(root: Path) -> None:
         live = None  # no version folder is known to be unused
     with contextlib.suppress(OSError):
         (root / ".CURRENT.tmp").unlink(missing_ok=True)
-    with readers_lock(root, exclusive=True) as no_readers, contextlib.suppress(OSError):  # unlistable: _write says
+    # an unlistable folder is skipped here: write_version says what is wrong with it
+    with readers_lock(root, exclusive=True) as no_readers, contextlib.suppress(OSError):
         for old in root.iterdir():
             stale = old.name.startswith("v-") and live and old.name != live and no_readers
             if old.name.startswith(".tmp-") or stale:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vectors: np.ndarray,
+def write_version(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vectors: np.ndarray,
            dense: DenseIndex) -> Path:
     """Write a new version folder, then publish it by atomically replacing CURRENT; the caller holds the lock."""
     name = f"v-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
@@ -219,7 +220,7 @@ def _write(root: Path, manifest: dict, chunks: list[Chunk], tokens: list, vector
             raise IndexWriteError(f"cannot write the index in {root} ({e.strerror or e}); free disk space or make "
                                   "the folder writable, or pass --index-dir elsewhere") from None
         raise
-    _sweep(root)
+    sweep_debris(root)
     return root / name
 
 
@@ -230,10 +231,11 @@ def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkCo
 
     One writer at a time: a second waits for the first (up to ``LOCK_TIMEOUT`` s), then sees its result."""
     root = Path(index_dir)
-    with contextlib.suppress(OSError):  # the lock file lives inside; a folder that cannot be made fails in _write
+    # the lock file lives inside; a folder that cannot be made fails in write_version, with its own message
+    with contextlib.suppress(OSError):
         root.mkdir(parents=True, exist_ok=True)
     with writer_lock(root, LOCK_TIMEOUT):
-        _sweep(root)  # what a crashed or killed run left, before anything is read or written
+        sweep_debris(root)  # what a crashed or killed run left, before anything is read or written
         return _update(docs_dir, root, chunk_cfg, embedder, faiss_kind, progress, hard_links)
 
 
@@ -241,7 +243,7 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
             progress: bool, hard_links: bool) -> tuple[Index, UpdateStats]:
     t0 = time.perf_counter()
     docs: list[Document] = load_folder(docs_dir, progress=progress, hard_links=hard_links)
-    settings = _settings(chunk_cfg, embedder, faiss_kind)
+    settings = index_settings(chunk_cfg, embedder, faiss_kind)
     try:
         old = Index.load(index_dir)
         if any(old.manifest.get(k) != v for k, v in settings.items()):
@@ -296,6 +298,6 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
     dense = DenseIndex(ids, vectors, faiss_kind)
     manifest = {**settings, "docs_dir": str(Path(docs_dir).resolve()), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "embedding_dim": dim, "n_chunks": len(ids), "documents": doc_meta}
-    path = _write(index_dir, manifest, chunks, tokens, vectors, dense)
+    path = write_version(index_dir, manifest, chunks, tokens, vectors, dense)
     stats.seconds, stats.wrote = time.perf_counter() - t0, True
     return Index(path, manifest, chunks, tokens, vectors, dense), stats

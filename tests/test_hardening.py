@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rag import ingest
+from rag import formats, ingest
 from rag.chunk import ChunkConfig
 from rag.ingest import IngestError, load_folder
 from tests.conftest import SMALL_CHUNKS, copy_index
@@ -85,7 +85,7 @@ def test_huge_colspan_is_clamped_with_a_warning(tmp_path, caplog):
     t0 = time.perf_counter()
     text = loaded(tmp_path)["t.html"].text
     assert time.perf_counter() - t0 < 5
-    assert text.split("\n")[0].count("| x") == ingest.MAX_SPAN
+    assert text.split("\n")[0].count("| x") == formats.MAX_SPAN
     assert [m for m in warnings(caplog) if m.startswith("t.html: a table cell spans over 1000 columns")]
 
 

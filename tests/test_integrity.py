@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rag.chunk import ChunkConfig
-from rag.index import FILES, Index, IndexDamaged, _sweep, update_index
+from rag.index import FILES, Index, IndexDamaged, sweep_debris, update_index
 from tests.conftest import SMALL_CHUNKS, TINY, copy_index, write_corpus
 
 CHUNKS = ChunkConfig(**SMALL_CHUNKS)
@@ -97,12 +97,12 @@ def test_cleanup_keeps_the_version_current_names(index):
     (index / "v-older").mkdir()
     (index / ".tmp-v-crashed").mkdir()
     (index / ".CURRENT.tmp").write_text("v-older\n")
-    _sweep(index)
+    sweep_debris(index)
     assert versions(index) == [name]
     # another writer switched CURRENT to a newer version after this one wrote its own: that one is kept
     shutil.copytree(index / name, index / "v-newer")
     (index / "CURRENT").write_text("v-newer\n")
-    _sweep(index)
+    sweep_debris(index)
     assert versions(index) == ["v-newer"] and Index.load(index).path.name == "v-newer"
 
 
@@ -139,11 +139,11 @@ RACER = textwrap.dedent("""
     from pathlib import Path
     import rag.index as ix
     from rag.cli import main
-    sweep = ix._sweep
+    sweep = ix.sweep_debris
     def slow_sweep(root):
         time.sleep({pause})
         sweep(root)
-    ix._sweep, ix.LOCK_TIMEOUT = slow_sweep, {timeout}
+    ix.sweep_debris, ix.LOCK_TIMEOUT = slow_sweep, {timeout}
     ready, go = Path(sys.argv[1]), Path(sys.argv[2])
     ready.touch()
     while not go.exists():

@@ -107,13 +107,13 @@ def test_hierarchical_hits_show_the_parent(tmp_path):
 
 
 def test_onnx_fast_path_gives_sentence_transformers_vectors():
-    from rag.dense import _onnx_embed, embed, export_onnx, load_embedder
+    from rag.dense import embed, export_onnx, load_embedder, onnx_embed
 
     folder = export_onnx("minilm")
     assert folder is not None and (folder / "model.onnx").exists()
     texts = ["How long is the return window?", "Customers may return a device within 45 days. " * 80, "x"]
     ref = load_embedder("minilm").encode(texts, normalize_embeddings=True)
-    fast = _onnx_embed(folder, texts)
+    fast = onnx_embed(folder, texts)
     assert fast.shape == ref.shape and np.abs(fast - ref).max() < 1e-4  # the long text is truncated alike
     assert np.allclose(embed("minilm", texts[:1]), ref[:1], atol=1e-4)  # a short call takes the ONNX path
     assert embed("minilm", []).shape == (0, ref.shape[1])
