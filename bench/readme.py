@@ -163,12 +163,25 @@ def reliability(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+def injection(d: dict) -> str:
+    """`python -m bench.injection`: planted documents that try to steer the reader, redaction off and on."""
+    kinds = ("instruction", "control", "correction", "leak", "all")
+    rows = ["| set | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    label = {"a": "a (the redaction patterns were fitted to it)", "b": "b (other wordings, written after)"}
+    for which, by in d["summary"].items():
+        cell = lambda s: (f"{s['plain']['attacked']} → **{s['guard']['attacked']}** of {s['retrieved']} "  # noqa: E731
+                          f"(correct {s['plain']['correct']} → {s['guard']['correct']} of {s['cases']})")
+        rows.append(f"| {label.get(which, which)} | " + " | ".join(cell(by[k]) for k in kinds) + " |")
+    return "\n".join([*rows, "", f"Reader {d['model']}, k={d['k']}, abstention off. " + source(d)])
+
+
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
           "chunking": ("chunking-demo.json", chunking),
           "compare": ("compare-demo.json", compare),
-          "reliability": ("fuzz.json", reliability)}
+          "reliability": ("fuzz.json", reliability),
+          "injection": ("injection-demo.json", injection)}
 
 
 def render(name: str, root: Path = RESULTS) -> str:

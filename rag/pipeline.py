@@ -25,7 +25,7 @@ from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
 from rag.fuse import rrf
-from rag.generate import IDK, Generator, citations, is_abstention
+from rag.generate import IDK, Generator, citations, is_abstention, prompt_id
 from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS, check_name
 from rag.runtime import BACKENDS, load_generator
@@ -205,7 +205,7 @@ class RagPipeline:
         adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
         c = self.cfg
         scorer = c.reranker if MODES[c.mode].rerank else c.embedder
-        return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}"
+        return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
 
     def judge(self, question: str, hits: list[Hit]) -> float:
         """The reader's log-odds that these passages state the answer (the ``judge`` abstention signal)."""
