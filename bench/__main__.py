@@ -6,8 +6,10 @@
     python -m bench --beir ~/beir/scifact # also retrieval quality on a BEIR-format folder
     python -m bench --report bench/results/2026-01-01-host.json   # re-render RESULTS.md from a JSON
 
-Full runs write ``bench/results/<date>-<host>.json`` and render ``bench/RESULTS.md`` from it; smoke runs write
-``…-smoke.json`` / ``…-smoke.md`` beside it and leave RESULTS.md alone (tiny sizes are not results).
+Full runs write ``bench/results/<date>T<time>-<host>[-<sections>].json`` (never over an older one) and render
+``bench/RESULTS.md`` with every section from the newest full-size run that measured it, so ``--sections`` re-runs
+one section without dropping the others; smoke runs write ``…-smoke.json`` / ``…-smoke.md`` beside it and leave
+RESULTS.md alone (tiny sizes are not results).
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ def run_all(sections: list[str], smoke: bool, beir: str | None, tier1_per_catego
     return out
 
 
+def newest_sections(out_dir: Path) -> tuple[dict, list[Path]]:
+    """The full-size results in ``out_dir`` merged, oldest first, so each section is the newest run's; the files
+    that gave a section. Each section keeps its run's date and host (``run_date``, ``run_host``)."""
+    merged, used = None, {}
+    for path in sorted(out_dir.glob("*.json")):  # names start with the UTC date and time
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if res.get("smoke") or "sections" not in res:  # smoke runs and one-off extras are not results
+            continue
+        for s in res["sections"].values():
+            s.setdefault("run_date", res["date"])
+            s.setdefault("run_host", res["host"].get("host"))
+        merged = res if merged is None else {**res, "sections": {**merged["sections"], **res["sections"]}}
+        used.update({name: path for name in res["sections"]})
+    return merged, sorted(set(used.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,12 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{res['host']['host'] or 'host'}" + ("-smoke" if a.smoke else "")
+    partial = "" if sections == list(SECTIONS) else "-" + "+".join(sections)
+    stem = (f"{time.strftime('%Y-%m-%dT%H%M%S', time.gmtime())}-{res['host']['host'] or 'host'}{partial}"
+            + ("-smoke" if a.smoke else ""))  # to the second: two runs never share a file
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    md = out_dir / f"{stem}.md" if a.smoke else Path(a.markdown)
-    md.write_text(render(res, source=str(json_path.relative_to(HERE.parent)
-                                         if json_path.is_relative_to(HERE.parent) else json_path)))
+    shown = lambda p: str(p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p)  # noqa: E731
+    if a.smoke:
+        md, table, source = out_dir / f"{stem}.md", res, shown(json_path)
+    else:  # RESULTS.md keeps every section, each from the newest full-size run that measured it
+        md, (table, files) = Path(a.markdown), newest_sections(out_dir)
+        source = ", ".join(shown(f) for f in files)
+    md.write_text(render(table, source=source))
     failed = [n for n, s in res["sections"].items() if "error" in s]
     print(f"wrote {json_path} and {md} in {res['total_seconds']:.0f} s" + (f"; FAILED: {', '.join(failed)}"
                                                                            if failed else ""))

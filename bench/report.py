@@ -202,7 +202,8 @@ def render(res: dict, source: str = "") -> str:
         if "error" in s:
             parts.append(f"Failed: `{s['error']}`\n")
             continue
-        meta = f"*{s.get('wall_seconds')} s wall, peak RSS {s.get('peak_rss_mb')} MB.*"
+        when = f"{s['run_date'][:10]}, host `{s.get('run_host')}`, " if "run_date" in s else ""
+        meta = f"*{when}{s.get('wall_seconds')} s wall, peak RSS {s.get('peak_rss_mb')} MB.*"
         try:
             body = fn(s) if fn else "```\n" + str(s)[:2000] + "\n```"
         except (KeyError, TypeError, StopIteration) as e:  # an older JSON: show the raw section, not a crash
