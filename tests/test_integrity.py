@@ -192,3 +192,60 @@ def test_a_writer_that_waits_too_long_gives_one_line(index, tmp_path):
     assert lines[0] == f"WARNING: waiting for another openbook writer on {index} (up to 1 s)"
     assert lines[-1] == (f"error: another openbook writer has held {index} for over 1 s; wait for it to finish, "
                          "or pass another --index-dir")
+
+
+# --- kill -9 in the middle of a write ------------------------------------------------------------------------------
+
+# a writer that stalls at one step of write_version (marking that it got there) so the test can SIGKILL it there
+KILLEE = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import numpy as np
+    import rag.index as ix
+    from rag.cli import main
+    point, marker = sys.argv[1], Path(sys.argv[2])
+    def stall():
+        marker.touch()
+        time.sleep(120)
+    save, replace, sweep, calls = np.save, os.replace, ix.sweep_debris, []
+    def half_save(path, arr, *a, **k):  # half the vectors on disk, then stop
+        with open(path, "wb") as f:
+            f.write(b"\\x93NUMPY" + b"\\0" * 64)
+            f.flush()
+        stall()
+    if point == "vectors":
+        np.save = half_save
+    elif point == "fsync":
+        ix.os.fsync = lambda fd: stall()
+    elif point == "current":
+        ix.os.replace = lambda src, dst: stall() if Path(dst).name == "CURRENT" else replace(src, dst)
+    elif point == "sweep":  # the first sweep clears debris before writing; the second follows the switch
+        ix.sweep_debris = lambda root: stall() if calls.append(root) or len(calls) > 1 else sweep(root)
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+@pytest.mark.parametrize("point,published", [("vectors", False), ("fsync", False), ("current", False),
+                                             ("sweep", True)])
+def test_kill_9_mid_write_leaves_a_loadable_index_and_the_next_run_mends_it(index, tmp_path, point, published):
+    docs, index = index
+    before = live(index)
+    (docs / "kill.md").write_text("# Zoo\n\nThe kill-test fact is 77 zebras.\n", encoding="utf-8")
+    marker = tmp_path / "stalled"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.Popen([sys.executable, "-c", KILLEE, point, str(marker), "index", "--docs", str(docs),
+                             "--index-dir", str(index), *FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "the writer never got there"
+    proc.kill()  # SIGKILL: no handler, no finally, no cleanup; the kernel drops its lock
+    proc.wait()
+    loaded = Index.load(index)  # CURRENT names a complete version, old or new: never a torn one
+    zebras = any("zebras" in c.text for c in loaded.chunks.values())
+    assert zebras == published and (loaded.path == before) != published
+    _, stats = update_index(docs, index, CHUNKS, "minilm", progress=False)  # clears the debris, finishes the job
+    final = Index.load(index)
+    assert any("zebras" in c.text for c in final.chunks.values())
+    assert versions(index) == [final.path.name]
