@@ -75,3 +75,18 @@ def trained():
 def test_trained_model_prefers_the_relevant_passage(trained, query, relevant, unrelated):
     good, bad = trained.predict([(query, relevant), (query, unrelated)])
     assert good > bad
+
+
+def test_bf16_reranker_orders_like_fp32_within_a_small_score_gap(trained):
+    from rag.rerank import load_reranker, rerank, rerank_precision
+
+    assert rerank_precision("fp32") == "fp32" and rerank_precision("bf16") == "bf16"
+    assert rerank_precision("auto") in ("fp32", "bf16")
+    query = "How long is the lid warranty?"
+    candidates = [("a", "Every lid carries a 7-year warranty against cracks."),
+                  ("b", "Lids come in green, grey and sand."),
+                  ("c", "The controller keeps time for 30 days without mains power.")]
+    fp32 = rerank(load_reranker(DEFAULT_RERANKER, precision="fp32"), query, candidates)
+    bf16 = rerank(load_reranker(DEFAULT_RERANKER, precision="bf16"), query, candidates)
+    assert [i for i, _ in bf16][0] == [i for i, _ in fp32][0] == "a"
+    assert max(abs(dict(fp32)[i] - s) for i, s in bf16) < 0.05  # bf16 keeps ~3 significant digits
