@@ -90,3 +90,36 @@ def test_bf16_reranker_orders_like_fp32_within_a_small_score_gap(trained):
     bf16 = rerank(load_reranker(DEFAULT_RERANKER, precision="bf16"), query, candidates)
     assert [i for i, _ in bf16][0] == [i for i, _ in fp32][0] == "a"
     assert max(abs(dict(fp32)[i] - s) for i, s in bf16) < 0.05  # bf16 keeps ~3 significant digits
+
+
+MIXED = """
+from rag.models import DEFAULT_RERANKER
+from rag.rerank import load_reranker, rerank
+from rag.runtime import load_generator
+ce = load_reranker(DEFAULT_RERANKER, precision="bf16")
+gen = load_generator("qwen-1.5b", 4, backend="llamacpp")  # its Q4_K weights take ggml's AMX kernels; SmolLM2's do not
+text = "Every lid carries a 7-year warranty against cracks. " * 20  # a prompt long enough for the tile kernels
+for _ in range(2):  # re-rank, then generate, in one process: where both use AMX they must not share a thread
+    rerank(ce, "How long is the lid warranty?", [("a", text), ("b", "Lids are green.")])
+    gen.judge("How long is the lid warranty?", [("lids.md", text)])
+    gen.answer("How long is the lid warranty?", [("lids.md", text)])
+print("ok")
+"""
+
+
+def test_bf16_reranking_and_llamacpp_generation_share_a_process(trained):
+    """On a CPU with AMX, bf16 re-ranking on the generating thread killed the next llama.cpp call with SIGILL."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    from rag.models import ModelNotFound, gguf_path
+
+    try:
+        gguf_path("qwen-1.5b")
+    except ModelNotFound as e:
+        pytest.skip(str(e))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", MIXED], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
