@@ -175,17 +175,90 @@ def injection(d: dict) -> str:
     return "\n".join([*rows, "", f"Reader {d['model']}, k={d['k']}, abstention off. " + source(d)])
 
 
+MODES = ("bm25", "dense", "hybrid", "hybrid+rerank")
+
+
+def retrieval(d: dict) -> str:
+    """Retrieval per mode on the golden test split (a hit is a passage from an expected document)."""
+    keys = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
+    r = d["retrieval"]
+    best = {k: max(r[m][k] for m in MODES if m in r) for k in keys}
+    rows = ["| mode | recall@1 | recall@5 | recall@10 | MRR | nDCG@10 |", "|---|---|---|---|---|---|"]
+    for m in (m for m in MODES if m in r):
+        rows.append(f"| {m} | " + " | ".join(f"**{r[m][k]:.3f}**" if r[m][k] == best[k] else f"{r[m][k]:.3f}"
+                                           for k in keys) + " |")
+    s = d["settings"]
+    return "\n".join([*rows, "", f"{s['n_questions']} questions ({s['n_answerable']} answerable). " + source(d)])
+
+
+def by_type(d: dict) -> str:
+    """Right answers per question type among the answerable questions, and why the others were missed."""
+    counts: dict[str, dict[str, int]] = {}
+    for q in d["per_question"]:
+        if q["expected_answer"]:
+            c = counts.setdefault(q["type"], {"n": 0, "right": 0, "retrieval": 0, "gate": 0, "generation": 0})
+            c["n"] += 1
+            c["right"] += q["contains"] == 1.0
+            if q["miss"]:
+                c[q["miss"]] += 1
+    return "; ".join(f"{t} {c['right']} of {c['n']} (misses {c['retrieval']} / {c['gate']} / {c['generation']})"
+                     for t, c in sorted(counts.items()))
+
+
+def answers(ds: list[dict]) -> str:
+    """Answer quality and latency per generator (hybrid+rerank, the run's abstention rule), one row per eval JSON."""
+    rows = ["| generator | contains | token F1 | citation acc. | abstain P | abstain R | misses: retrieval / gate / "
+            "generation | latency p50 (p95) |", "|---|---|---|---|---|---|---|---|"]
+    for d in ds:
+        a, lat, s = d["answers"], d["latency_ms"], d["settings"]
+        steps = " + ".join(f"{k} {lat[k]['p50'] / 1000:.2f} s" for k in ("rerank", "judge", "generate") if k in lat)
+        runtime = "" if s["backend"] == "auto" else f" ({s['backend']})"
+        rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]} | **{a['contains']:.3f}** | "
+                    f"{a['f1']:.3f} | {a['citation_accuracy']:.3f} | {num(a['abstain_precision'])} | "
+                    f"{num(a['abstain_recall'])} | {a['retrieval_misses']} / {a['gate_misses']} / "
+                    f"{a['generation_misses']} | {steps}; **end to end {lat['total']['p50'] / 1000:.1f} s** "
+                    f"({lat['total']['p95'] / 1000:.1f} s) |")
+    rows.append("")
+    for d in ds:
+        rule = d["settings"].get("calibration", {}).get("rule") or []
+        rows.append(f"{d['settings']['model']}: abstain when " + (" or ".join(f"{n} < {t:.3g}" for n, t in rule)
+                                                                   or "never (no rule)")
+                    + f"; by type: {by_type(d)}. " + source(d))
+        rows.append("")
+    return "\n".join(rows[:-1])
+
+
+SIGNALS = {"judge": "the reader's judgement (log-odds of \"Yes\" vs \"No\", asked on the answer prompt before "
+           "answering)", "bm25": "best BM25 score", "dense": "best cosine", "rerank": "best re-ranker score"}
+
+
+def signals(d: dict) -> str:
+    """ROC AUC of each abstention signal for "unanswerable scores lower", on the train (calibration) and test split."""
+    train = d["settings"].get("calibration", {}).get("train_auc", {})
+    rows = ["| signal | train | test |", "|---|---|---|"]
+    for n, label in SIGNALS.items():
+        if n in d.get("signal_auc", {}):
+            rows.append(f"| {label} | {num(train.get(n), 2)} | {num(d['signal_auc'][n], 2)} |")
+    return "\n".join([*rows, "", source(d)])
+
+
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
           "chunking": ("chunking-demo.json", chunking),
           "compare": ("compare-demo.json", compare),
           "reliability": ("fuzz.json", reliability),
-          "injection": ("injection-demo.json", injection)}
+          "injection": ("injection-demo.json", injection),
+          "retrieval": ("eval-demo.json", retrieval),
+          "answers": ("eval-demo*.json", answers),
+          "signals": ("eval-demo.json", signals)}
 
 
 def render(name: str, root: Path = RESULTS) -> str:
     file, fn = TABLES[name]
+    if "*" in file:  # one row per run: the default generator's file first, then the others by name
+        paths = sorted(root.glob(file), key=lambda p: (p.name != file.replace("*", ""), p.name))
+        return fn([json.loads(p.read_text(encoding="utf-8")) | {"_path": str(p)} for p in paths])
     path = root / file
     d = json.loads(path.read_text(encoding="utf-8")) | {"_path": str(path)}
     return fn(d)
