@@ -213,11 +213,14 @@ def answers(ds: list[dict]) -> str:
         a, lat, s = d["answers"], d["latency_ms"], d["settings"]
         steps = " + ".join(f"{k} {lat[k]['p50'] / 1000:.2f} s" for k in ("rerank", "judge", "generate") if k in lat)
         runtime = "" if s["backend"] == "auto" else f" ({s['backend']})"
+        # refusals cost no generation, so the median over all questions moves with how many the gate refuses
+        answered = sorted(q["latency_s"]["total"] for q in d["per_question"] if not q["abstained"])
         rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]} | **{a['contains']:.3f}** | "
                     f"{a['f1']:.3f} | {a['citation_accuracy']:.3f} | {num(a['abstain_precision'])} | "
                     f"{num(a['abstain_recall'])} | {a['retrieval_misses']} / {a['gate_misses']} / "
                     f"{a['generation_misses']} | {steps}; **end to end {lat['total']['p50'] / 1000:.1f} s** "
-                    f"({lat['total']['p95'] / 1000:.1f} s) |")
+                    f"({lat['total']['p95'] / 1000:.1f} s); the {len(answered)} answered "
+                    f"{answered[len(answered) // 2]:.1f} s |")
     rows.append("")
     for d in ds:
         rule = d["settings"].get("calibration", {}).get("rule") or []
@@ -228,8 +231,7 @@ def answers(ds: list[dict]) -> str:
     return "\n".join(rows[:-1])
 
 
-SIGNALS = {"judge": "the reader's judgement (log-odds of \"Yes\" vs \"No\", asked on the answer prompt before "
-           "answering)", "bm25": "best BM25 score", "dense": "best cosine", "rerank": "best re-ranker score"}
+SIGNALS = {"judge": "the reader's judgement (log-odds of \"Yes\" vs \"No\": do the sources state the answer?)", "bm25": "best BM25 score", "dense": "best cosine", "rerank": "best re-ranker score"}
 
 
 def signals(d: dict) -> str:
@@ -242,6 +244,21 @@ def signals(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+LAYOUTS = {"shipped": "two turns: the sources and the question with the yes/no question, then the answer (shipped)",
+           "appended": "the yes/no question appended to the answer prompt (before 2026-12-03)",
+           "alone": "the yes/no question alone: no system prompt, no example (a second reading of the sources)"}
+
+
+def judge(d: dict) -> str:
+    """`python -m bench.judge`: the reader's judgement per prompt layout, ROC AUC on one golden split."""
+    rows = [f"| judgement layout | ROC AUC, {d['split']} ({d['n']} questions, {d['n_unanswerable']} unanswerable) |",
+            "|---|---|"]
+    rows += [f"| {LAYOUTS.get(k, k)} | {num(v)} |" for k, v in d["auc"].items()]
+    tail = (f"Answers with the shipped prompt, no gate: contains {d['contains']:.3f} on the answerable questions. "
+            if d.get("contains") is not None else "")
+    return "\n".join([*rows, "", tail + source(d)])
+
+
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
@@ -251,7 +268,8 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "injection": ("injection-demo.json", injection),
           "retrieval": ("eval-demo.json", retrieval),
           "answers": ("eval-demo*.json", answers),
-          "signals": ("eval-demo.json", signals)}
+          "signals": ("eval-demo.json", signals),
+          "judge": ("judge-demo-train.json", judge)}
 
 
 def render(name: str, root: Path = RESULTS) -> str:

@@ -99,6 +99,10 @@ def provenance() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=5).stdout.strip() or None
+        # a run on edited tracked files is not that commit's: say so, or a result is credited to code it never ran
+        if commit and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=5).stdout.strip():
+            commit += "+changes"
     except (OSError, subprocess.SubprocessError):
         commit = None
     ram = first("/proc/meminfo", "MemTotal")

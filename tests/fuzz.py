@@ -5,8 +5,8 @@ Each case is a folder holding ``good.md`` and three kinds of bad input from ``KI
 first 12 cases hold all 22 kinds, and one drawn from a seeded ``random.Random``): encodings, hostile names, deep
 nesting, big, empty and binary files, FIFOs, symlinks in and out, hard links, archives named ``.md``, malformed
 HTML/PDF/Markdown, NULs, BOMs, CRLF. Next to the folder, never inside it, sits ``outside/secret.md`` holding a
-random sentinel that links point at. The bad input follows issue 17's list and what an adversary tries first;
-left out: coverage-guided mutation (AFL-style).
+random sentinel that links point at. The bad input follows the hardening list (README, Reliability) and what an
+adversary tries first; left out: coverage-guided mutation (AFL-style).
 
 `make fuzz` runs 120 cases and the web page's load test (``tests/load.py``) and writes
 ``.openbook/reports/fuzz.json``; ``tests/test_fuzz.py`` runs the first 12 of the same cases in `make test`::

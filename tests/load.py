@@ -1,4 +1,4 @@
-"""Load test of the web page (issue 17): N questions at once to `/api/ask` on a loopback port; p50/p95 and errors.
+"""Load test of the web page: N questions at once to `/api/ask` on a loopback port; p50/p95 and errors.
 
 Starts the real `python -m hybrid ui` on the demo corpus with the tiny SmolLM2-135M reader (llama.cpp on a CPU),
 waits for ``/api/status``, then N threads each ask one golden test question of the RAG system and read its

@@ -1,4 +1,4 @@
-"""The fast fuzz variant (issue 17): 12 hostile folders from ``tests/fuzz.py`` indexed by the real CLI (~40 s);
+"""The fast fuzz variant: 12 hostile folders from ``tests/fuzz.py`` indexed by the real CLI (~40 s);
 `make fuzz` runs 120 and the web page's load test."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hardening (issue 17): hostile or broken input gives one clear line or one warning, never a traceback or a hang.
+"""Hardening: hostile or broken input gives one clear line or one warning, never a traceback or a hang.
 
 One case per test, each on a tiny folder under tmp_path; the index cases build a tiny index with the packaged
 embedder (seconds).

@@ -47,8 +47,8 @@ def test_oracle_share_and_citations(raft):
     assert len(answerable) == 4 and stats["skipped"] == 0
     assert sum(r["oracle"] for r in answerable) == 2  # exactly (1 − 0.5) × 4
     for r in answerable:
-        passages = re.findall(r"Source (\d) \([^)]*\):\n(.*?)(?=\n\nSource \d|\n\nQuestion:)",
-                              r["messages"][-2]["content"], re.S)
+        turn = next(m["content"] for m in reversed(r["messages"]) if m["content"].startswith("Sources:"))
+        passages = re.findall(r"\[(\d)\] [^\n]*\n(.*?)(?=\n\n\[\d\]|\n\nQuestion:)", turn, re.S)
         assert len(passages) == 3
         holding = [int(n) for n, text in passages if contains(text, [r["answer"]])]
         if r["oracle"]:

@@ -1,4 +1,4 @@
-"""Index integrity (issue 17): concurrent writers serialise, cleanup spares what CURRENT names and what a reader is
+"""Index integrity: concurrent writers serialise, cleanup spares what CURRENT names and what a reader is
 loading, crashed runs' debris goes on the next run, and a flipped byte is caught by the manifest's checksums.
 
 The racing tests start real `python -m rag index` processes on one index folder (a few seconds each).
