@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path("docs/results")
-MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+MARKER = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
 def ci(v: list | None, digits: int = 3) -> str:
@@ -269,6 +269,8 @@ def judge(d: dict) -> str:
 
 TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
+          "finetune-1.5b-contains": ("finetune-1.5b-demo.json", finetune_contains),
+          "finetune-1.5b-scores": ("finetune-1.5b-demo.json", finetune_scores),
           "sweep": ("sweep-demo.json", sweep),
           "chunking": ("chunking-demo.json", chunking),
           "compare": ("compare-demo.json", compare),

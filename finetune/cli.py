@@ -110,8 +110,11 @@ def cmd_run(args) -> int:
     root = artefacts("finetune", args.docs)
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
                       synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"))
+    # with one wording per question the eval slice would hold whole facts out of training (each of its rows is the
+    # only one asking its fact), so there is none; re-wordings make its rows other phrasings of trained facts
     tcfg = T.TrainConfig(model=args.model, output_dir=str(run_dir("finetune", args.docs, args.model)),
-                         epochs=args.epochs, max_steps=args.steps)
+                         epochs=args.epochs, max_steps=args.steps,
+                         eval_fraction=T.TrainConfig.eval_fraction if args.paraphrases else 0.0)
     built = load_built(dcfg) if args.resume else None
     if args.resume and built is None:
         log.warning("--resume: no saved data built with these settings in %s; building it", dcfg.out)

@@ -163,7 +163,7 @@ def build(cfg: DataConfig, progress: bool = True, pipe: RagPipeline | None = Non
                          "--general-rows 0 trains without general replay)")
     rng = random.Random(cfg.seed)
     if pipe is None:
-        pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend="transformers"))
+        pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))  # llama.cpp if it can
         pipe.update_index(progress=progress)
     gen = pipe.generator
     train, test = [], []

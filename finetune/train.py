@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.lora import add_lora, load_base, load_tuned, save_atomically, use_qlora
+from finetune.lora import add_lora, frozen_bf16, load_base, load_tuned, save_atomically, use_qlora
 from finetune.rows import DataError, tokenize_example
 from rag.config import option
 from rag.models import DEFAULT_GENERATOR, GENERATORS, check_name, generator_path, pick_device
@@ -67,8 +67,10 @@ class TrainConfig:
     seed: int = option(0, "seeds the LoRA init, the eval split and the data order")
     threads: int = option(2, "torch CPU threads (CPU only)")
     qlora: str = option("auto", "4-bit base model: 'auto' (only with CUDA and bitsandbytes), 'yes' or 'no'")
-    precision: str = option("auto", "'auto' (bf16 mixed precision on a CUDA GPU that supports it, else fp32), "
-                            "'bf16' (mixed precision, also on a CPU) or 'fp32'")
+    precision: str = option("auto", "'auto': bf16 mixed precision on a CUDA GPU that supports it; on a CPU that "
+                            "multiplies bf16 natively, frozen bf16 base weights with fp32 adapters for models of 1B "
+                            "parameters or more (2.2x faster a step on the 1.5B); else fp32. 'bf16' forces that on "
+                            "any device, 'fp32' turns it off")
 
     def __post_init__(self):
         at_least_1 = ("lora_r", "batch_size", "grad_accum", "eval_steps", "save_total_limit", "logging_steps",
@@ -191,7 +193,8 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         torch.set_num_threads(cfg.threads)
     hf.set_seed(cfg.seed)  # before add_lora: the A matrices are drawn at random
     qlora = use_qlora(cfg.qlora, device)
-    model, tok = load_base(cfg.model, device, qlora)
+    bf16_base = not qlora and frozen_bf16(cfg.precision, device, cfg.model)
+    model, tok = load_base(cfg.model, device, qlora, bf16=bf16_base)
     tok.padding_side = "right"  # positions come from the sequence index, so pads must trail the tokens
     model = add_lora(model, cfg)
     model.print_trainable_parameters()
@@ -201,7 +204,9 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     n_eval = int(len(rows) * cfg.eval_fraction) if len(rows) >= MIN_EVAL_ROWS else 0
     split = rows.train_test_split(test_size=n_eval, seed=cfg.seed) if n_eval else None
     train_rows, eval_rows = (split["train"], split["test"]) if split else (rows, None)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    # mixed precision (autocast over fp32 weights) on CUDA; on a CPU a bf16 base is faster without autocast
+    bf16 = device != "cpu" and (cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda"
+                                                            and torch.cuda.is_bf16_supported()))
     max_steps = cfg.max_steps
     by_epochs = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum * cfg.epochs)
     if max_steps == -1 and by_epochs < cfg.min_steps:
@@ -210,7 +215,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         max_steps = cfg.min_steps
     resolved = {**asdict(cfg), "base_model_path": generator_path(cfg.model), "dataset_rows": len(rows),
                 "train_rows": len(train_rows), "eval_rows": n_eval, "device": device, "qlora_used": qlora,
-                "bf16": bf16}
+                "bf16": bf16, "bf16_base": bf16_base}
     log.info("config %s", json.dumps(resolved))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(resolved, indent=1))  # up front: a crashed run keeps it too

@@ -218,7 +218,7 @@ def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | Non
     ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
     def accuracy(adapter: str | None) -> float:
-        gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter)
+        gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter, backend="transformers")  # as its RAG arms
         return evaluate_model(gen, ecfg, {}, progress=False)["probes"]["accuracy"]
 
     base = accuracy(None) if base_acc is None else base_acc

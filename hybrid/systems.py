@@ -106,7 +106,8 @@ def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list
 
 
 def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dict]:
-    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system))  # RAG's answer budget
+    # RAG's answer budget, and its runtime: the comparison's RAG arms are pinned to transformers for now
+    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system), backend="transformers")
     convs = [closed_book_messages(q["question"]) for q in qs]
     n = min(cfg.latency_sample, len(qs))
     gens = [gen.chat(c) for c in convs[:n]] + gen.chat_batch(convs[n:], batch_size=8, desc=system)

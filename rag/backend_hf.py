@@ -38,7 +38,7 @@ class TransformersGenerator(Generator):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.name, self.max_new_tokens = name, max_new_tokens
+        self.name, self.max_new_tokens, self.adapter = name, max_new_tokens, adapter
         self.device = device or pick_device()
         path = generator_path(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

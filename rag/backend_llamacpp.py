@@ -18,10 +18,14 @@ load).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -55,6 +59,44 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@functools.cache
+def _llama_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="openbook-llamacpp")
+
+
+def on_llama_thread(fn: Callable):
+    """Run ``fn`` on the one thread that computes with llama.cpp. Its AMX kernels configure the tile registers
+    once per thread, and oneDNN's bf16 kernels (torch: a bf16 re-ranker, LoRA training on a frozen bf16 base)
+    release them after every call; a thread that did both died with SIGILL on llama.cpp's next tile load."""
+    if threading.current_thread().name.startswith("openbook-llamacpp"):
+        return fn()
+    return _llama_thread().submit(fn).result()
+
+
+_LOG_CALLBACK = None  # the ctypes callback must outlive every call llama.cpp makes to it
+
+
+def _quiet_lora_fallbacks() -> None:
+    """Print llama.cpp's errors as llama-cpp-python does without ``verbose``, except one per LoRA tensor that
+    cannot live in the AMX buffer: llama.cpp reports each as an error (196 lines for the 1.5B's adapter) and then
+    runs it from plain CPU memory, which is not one."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        msg = text.decode("utf-8", "replace")
+        if level == 3 and "fallback to CPU" not in msg:  # 3: GGML_LOG_LEVEL_ERROR
+            print(msg, end="", file=sys.stderr, flush=True)
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 class LlamaCppGenerator(Generator):
     """``Generator`` on llama.cpp, for GGUF files on a CPU."""
 
@@ -64,13 +106,14 @@ class LlamaCppGenerator(Generator):
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self.name, self.max_new_tokens, self.device = name, max_new_tokens, "cpu"
+        self.name, self.max_new_tokens, self.device, self.adapter = name, max_new_tokens, "cpu", adapter
         path = gguf_path(name)
         lora = None
         if adapter:
             from rag.gguf_lora import gguf_adapter
 
             lora = gguf_adapter(adapter, name)
+            _quiet_lora_fallbacks()
         try:
             self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
                              lora_path=lora, verbose=False)
@@ -108,6 +151,9 @@ class LlamaCppGenerator(Generator):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def _generate(self, prompt: list[int], max_new: int, stop: tuple[str, ...], on_token, **sampling) -> Generation:
+        return on_llama_thread(lambda: self._decode(prompt, max_new, stop, on_token, **sampling))
+
+    def _decode(self, prompt: list[int], max_new: int, stop: tuple[str, ...], on_token, **sampling) -> Generation:
         t0 = time.perf_counter()
         self._check_fits(prompt, max_new)
         import llama_cpp
@@ -154,12 +200,17 @@ class LlamaCppGenerator(Generator):
 
         prompt, llm = self.tokens(messages), self.llm
         self._check_fits(prompt, 1)
-        # re-read only what differs from the cached tokens (at least one token, for fresh logits of the last)
-        keep = min(llm.longest_token_prefix(llm._input_ids.tolist(), prompt), len(prompt) - 1)
-        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
-        llm.n_tokens = keep
-        llm.eval(prompt[keep:])
-        return yes_no_logodds(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)), self.yes_no_ids)
+
+        def read() -> float:
+            # re-read only what differs from the cached tokens (at least one token, for fresh logits of the last)
+            keep = min(llm.longest_token_prefix(llm._input_ids.tolist(), prompt), len(prompt) - 1)
+            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+            llm.n_tokens = keep
+            llm.eval(prompt[keep:])
+            return yes_no_logodds(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)),
+                                  self.yes_no_ids)
+
+        return on_llama_thread(read)
 
 
 def self_check(model: str = DEFAULT_GENERATOR) -> str:

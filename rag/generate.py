@@ -191,6 +191,7 @@ class Generator:
     guard = True  # ``redact`` the sources; off only to measure what it changes (bench/injection.py)
     name: str
     max_new_tokens: int
+    adapter: str | None  # the LoRA adapter folder applied, if any
     control_tokens: list[str]  # every special-token string a document could smuggle in, longest first
 
     def sanitize(self, text: str) -> str:

@@ -248,3 +248,31 @@ def test_export_writes_a_gguf_that_llamacpp_runs_like_the_merged_model(trained, 
     hf = load_generator("smollm2-135m", 16, adapter=str(out / "adapter"), backend="transformers")
     q = [{"role": "user", "content": FACTS[2][0]}]
     assert merged.chat(q).text == hf.chat(q).text  # f32 merge: the same weights, the same greedy answer
+
+
+def test_a_bf16_base_trains_fp32_adapters_and_small_models_keep_fp32(base, tmp_path):
+    from safetensors import safe_open
+
+    from finetune.lora import frozen_bf16, parameters
+
+    assert 130e6 < parameters("smollm2-135m") < 140e6  # from the safetensors headers
+    assert not frozen_bf16("auto", "cpu", "smollm2-135m")  # under 1B parameters: fp32, as its numbers were taken
+    assert frozen_bf16("bf16", "cpu", "smollm2-135m") and not frozen_bf16("fp32", "cpu", "smollm2-135m")
+    assert not frozen_bf16("bf16", "cuda", "smollm2-135m")  # mixed precision over fp32 weights there instead
+    run = train_lora(tiny_config(tmp_path, precision="bf16"),
+                     Dataset.from_dict({"messages": MESSAGES * 2}))
+    assert json.loads((tmp_path / "config.json").read_text())["bf16_base"] is True
+    assert next(run.model.parameters()).dtype == torch.bfloat16  # the frozen base
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as st:
+        assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float32}  # noqa: SIM118
+    assert answer_loss(run.model, run.tokenizer) < answer_loss(*base) - 0.3  # it learns as the fp32 run does
+
+
+def test_perplexity_of_a_llamacpp_generator_is_read_on_transformers():
+    from finetune.evaluate import perplexity
+    from rag.runtime import load_generator
+
+    text = "The river rose after three days of rain, and the town moved its market to the hill. " * 6
+    cpp = load_generator("smollm2-135m", 8, backend="llamacpp")
+    hf = load_generator("smollm2-135m", 8, backend="transformers")
+    assert cpp.backend == "llamacpp" and perplexity(cpp, text) == perplexity(hf, text)
