@@ -4,7 +4,8 @@ Each table sits in README.md between ``<!-- results:NAME -->`` and ``<!-- /resul
 in ``TABLES`` and the JSON file in ``docs/results/`` it reads (a copy of what the run wrote, with the run's
 provenance under "run"). ``python -m bench.readme`` (``make docs``) rewrites the marked sections;
 ``--check`` exits 1 when README and the JSON disagree (``tests/test_docs.py`` runs it). Tables without a marker
-are older measurements whose JSON was not kept; the README says so beside them.
+are older measurements whose JSON was not kept; the README says so beside them. A little over 300 lines on
+purpose: one small renderer per table, beside the one registry the README's markers name.
 """
 
 from __future__ import annotations
@@ -76,6 +77,29 @@ def finetune_scores(d: dict) -> str:
         rows.append(f"| perplexity on general text | {num(d['base']['perplexity_general'], 1)} | "
                     f"{num(d['tuned']['perplexity_general'], 1)} | | |")
     return "\n".join([*rows, "", source(d)])
+
+
+def finetune_runs(ds: list[dict]) -> str:
+    """One row per fine-tuning run of a model: its data and steps, closed-book contains, general skills."""
+    rows = ["| run | training | train contains | test contains | probes | instruction | knowledge | "
+            "perplexity |", "|---|---|---|---|---|---|---|---|"]
+    first = ds[0]
+    pb = first["base"]["probes"]
+    rows.append(f"| base model | – | {ci(first['intervals']['golden_train']['base'])} | "
+                f"{ci(first['intervals']['golden_test']['base'])} | {num(pb['accuracy'])} | "
+                f"{num(pb['instruction'], 2)} | {num(pb['knowledge'], 2)} | "
+                f"{num(first['base']['perplexity_general'], 1)} |")
+    for d in ds:
+        t, iv, m = d["tuned"], d["intervals"], d.get("training")
+        q = d["settings"]["questions"]
+        data = d.get("data") or {}
+        general = "with replay" if data.get("general") or "replay" in Path(d["_path"]).name else "no replay"
+        how = (f"{m['steps']} steps, {m['seconds'] / 60:.1f} min" if m else "see the text")
+        rows.append(f"| tuned, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
+                    f"**{ci(iv['golden_train']['tuned'])}** | **{ci(iv['golden_test']['tuned'])}** | "
+                    f"{num(t['probes']['accuracy'])} | {num(t['probes']['instruction'], 2)} | "
+                    f"{num(t['probes']['knowledge'], 2)} | {num(t['perplexity_general'], 1)} |")
+    return "\n".join([*rows, "", *(source(d) for d in ds)])
 
 
 def sweep(d: dict) -> str:
@@ -271,6 +295,7 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "finetune-scores": ("finetune-demo.json", finetune_scores),
           "finetune-1.5b-contains": ("finetune-1.5b-demo.json", finetune_contains),
           "finetune-1.5b-scores": ("finetune-1.5b-demo.json", finetune_scores),
+          "finetune-1.5b-runs": ("finetune-1.5b*.json", finetune_runs),
           "sweep": ("sweep-demo.json", sweep),
           "chunking": ("chunking-demo.json", chunking),
           "compare": ("compare-demo.json", compare),

@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
     ecfg = EvalConfig(docs=args.docs, model=args.model, adapter=tcfg.output_dir, data=dcfg.out)
     sets = question_sets(ecfg)
     result = compare(ecfg, sets=sets)
-    result["training"] = m
+    result["training"], result["data"] = m, stats
     curve = learning_curve(ecfg, sets, T.snapshot_dirs(tcfg.output_dir), result["base"], result["tuned"],
                            m["adapter_step"])
     result["contains_by_step"] = curve
