@@ -73,16 +73,11 @@ def on_llama_thread(fn: Callable):
     return _llama_thread().submit(fn).result()
 
 
-_LOG_CALLBACK = None  # the ctypes callback must outlive every call llama.cpp makes to it
-
-
-def _quiet_lora_fallbacks() -> None:
+@functools.cache  # once per process; the cache also keeps the ctypes callback alive while llama.cpp may call it
+def _quiet_lora_fallbacks():
     """Print llama.cpp's errors as llama-cpp-python does without ``verbose``, except one per LoRA tensor that
     cannot live in the AMX buffer: llama.cpp reports each as an error (196 lines for the 1.5B's adapter) and then
     runs it from plain CPU memory, which is not one."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is not None:
-        return
     import ctypes
 
     import llama_cpp
@@ -93,8 +88,8 @@ def _quiet_lora_fallbacks() -> None:
         if level == 3 and "fallback to CPU" not in msg:  # 3: GGML_LOG_LEVEL_ERROR
             print(msg, end="", file=sys.stderr, flush=True)
 
-    _LOG_CALLBACK = callback
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback
 
 
 class LlamaCppGenerator(Generator):

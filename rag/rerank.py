@@ -12,8 +12,6 @@ train-reranker`` builds (rag/train_reranker.py); any CrossEncoder path or hub id
 
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rag.models import not_local, pick_device, reranker_path
@@ -21,11 +19,6 @@ from rag.models import not_local, pick_device, reranker_path
 _LOADED: dict[tuple[str, str], object] = {}
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
-
-
-@functools.cache
-def _bf16_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="openbook-rerank-bf16")
 
 
 def rerank_precision(choice: str = "auto") -> str:
@@ -56,7 +49,6 @@ def load_reranker(name: str, max_length: int = 256, precision: str = "auto"):
             raise not_local("--reranker", name) from e
         if key[1] == "bf16":
             model.model.to(torch.bfloat16)
-            model.openbook_bf16 = True
         _LOADED[key] = model
     return _LOADED[key]
 
@@ -66,10 +58,8 @@ def rerank(model, query: str, candidates: list[tuple[str, str]], batch_size: int
     if not candidates:
         return []
     pairs = [(query, text) for _, text in candidates]
-    predict = lambda: model.predict(pairs, batch_size=batch_size, show_progress_bar=False,  # noqa: E731
-                                    convert_to_numpy=True).astype("float32")
-    # oneDNN's bf16 kernels use AMX tiles and release them after each call; llama.cpp's AMX kernels configure the
-    # tiles once per thread, so the two must never share a thread: bf16 re-ranking runs on a thread of its own
-    scores = _bf16_thread().submit(predict).result() if getattr(model, "openbook_bf16", False) else predict()
+    # bf16 scores use oneDNN's AMX kernels; llama.cpp's share no thread with them (rag.backend_llamacpp)
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=False,
+                           convert_to_numpy=True).astype("float32")
     ranked = sorted(zip((i for i, _ in candidates), scores.tolist(), strict=True), key=lambda x: -x[1])
     return [(i, float(s)) for i, s in ranked]

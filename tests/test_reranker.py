@@ -100,18 +100,14 @@ ce = load_reranker(DEFAULT_RERANKER, precision="bf16")
 gen = load_generator("qwen-1.5b", 4, backend="llamacpp")  # its Q4_K weights take ggml's AMX kernels; SmolLM2's do not
 text = "Every lid carries a 7-year warranty against cracks. " * 20  # a prompt long enough for the tile kernels
 for _ in range(2):  # re-rank, then generate, in one process: where both use AMX they must not share a thread
-    if DIRECT:  # bf16 torch on this thread (as LoRA training on a bf16 base does): llama.cpp has a thread of its own
-        ce.predict([("How long is the lid warranty?", text)])
-    else:
-        rerank(ce, "How long is the lid warranty?", [("a", text), ("b", "Lids are green.")])
+    rerank(ce, "How long is the lid warranty?", [("a", text), ("b", "Lids are green.")])  # bf16 on this thread
     gen.judge("How long is the lid warranty?", [("lids.md", text)])
     gen.answer("How long is the lid warranty?", [("lids.md", text)])
 print("ok")
 """
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_bf16_reranking_and_llamacpp_generation_share_a_process(trained, direct):
+def test_bf16_reranking_and_llamacpp_generation_share_a_process(trained):
     """On a CPU with AMX, bf16 torch work on the generating thread killed the next llama.cpp call with SIGILL."""
     import os
     import subprocess
@@ -125,6 +121,5 @@ def test_bf16_reranking_and_llamacpp_generation_share_a_process(trained, direct)
     except ModelNotFound as e:
         pytest.skip(str(e))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", f"DIRECT = {direct}\n" + MIXED], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", MIXED], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
