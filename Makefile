@@ -16,6 +16,7 @@ STEPS    ?=
 EPOCHS   ?=
 SEEDS    ?=
 GENERAL_ROWS ?=
+SNAPSHOTS ?=
 BEIR     ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(BACKEND),--backend $(BACKEND)) \
@@ -111,10 +112,11 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
 
-finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= PARAPHRASES= GENERAL_ROWS= RESUME=1)
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= PARAPHRASES= GENERAL_ROWS= SNAPSHOTS= RESUME=1)
 	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PARAPHRASES),--paraphrases $(PARAPHRASES)) \
-	  $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS)) $(if $(RESUME),--resume)
+	  $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS)) $(if $(SNAPSHOTS),--snapshots $(SNAPSHOTS)) \
+	  $(if $(RESUME),--resume)
 
 hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS= RESUME=1)
 	$(PY) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \

@@ -16,8 +16,12 @@ base model already knew the answer. Left out on purpose: LLM-as-judge scoring (n
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,9 +129,10 @@ def perplexity(gen: Generator, text: str, window: int = 256) -> float:
     return round(math.exp(nll / n), 3)
 
 
-def report_path(docs: str | Path) -> Path:
-    """Where ``make finetune`` writes its base-vs-tuned result for a docs folder (``hybrid compare`` reads it)."""
-    return Path(".openbook") / "reports" / f"finetune-eval-{folder_name(docs)}.json"
+def report_path(docs: str | Path, model: str) -> Path:
+    """Where ``make finetune`` writes its base-vs-tuned result for a docs folder and base model (``hybrid compare``
+    reads it; one file per model, so fine-tuning another base model does not overwrite the report of the first)."""
+    return Path(".openbook") / "reports" / f"finetune-eval-{folder_name(docs)}-{Path(model).name}.json"
 
 
 def question_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
@@ -248,12 +253,36 @@ def plot_curve(rows: list[dict], path: str | Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def base_scores(cfg: EvalConfig, sets: dict[str, list[dict]], progress: bool = True) -> dict:
+    """``evaluate_model`` for the base model, re-used while the model, questions, probes, text and prompt are the
+    same: greedy decoding gives the same replies, and on the 1.5B they take ~6 minutes of every `make finetune`.
+    Kept in ``.openbook/cache/finetune-base/``; delete it to measure again."""
+    local = Path(cfg.model).expanduser()  # a packaged name is sha-pinned; a re-saved local model is another model
+    model, mtime = (str(local.resolve()), local.stat().st_mtime) if local.exists() else (cfg.model, 0)
+    texts = [Path(f).read_text(encoding="utf-8") if f and Path(f).exists() else "" for f in (cfg.probes,
+                                                                                            cfg.general_text)]
+    key = hashlib.sha256(json.dumps([str(model), mtime, cfg.max_new_tokens, sets, texts,
+                                     closed_book_messages("?")], sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(".openbook") / "cache" / "finetune-base" / f"{Path(cfg.model).name}-{key[:16]}.json"
+    if path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            log.info("base model scores re-used from %s (same model, questions and probes)", path)
+            return cached
+    base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
+    scores = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(scores, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)  # a run killed mid-write leaves no half file to be read as scores
+    return scores
+
+
 def compare(cfg: EvalConfig, progress: bool = True, sets: dict | None = None) -> dict:
     """Base and (when ``cfg.adapter`` is set) tuned model on the same questions, probes and text."""
     sets = sets or question_sets(cfg)
-    base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
     result = {"settings": asdict(cfg) | {"questions": {k: len(v) for k, v in sets.items()}},
-              "base": evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)}
+              "base": base_scores(cfg, sets, progress)}
     if cfg.adapter:
         adapter = str(adapter_dir(cfg.adapter))
         result["tuned"] = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens, adapter), cfg, sets,

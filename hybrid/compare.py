@@ -189,7 +189,7 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
 def forgetting(cfg: CompareConfig, systems) -> dict:
     """General-probe accuracy change (tuned − base): the closed-book adapter's from ``make finetune``'s report,
     the RAFT adapter's measured here (``raft_probe_change``); 0 for the untouched base model by construction."""
-    report = report_path(cfg.docs)
+    report = report_path(cfg.docs, cfg.model)
     out = {s: 0.0 for s in ("base", "rag") if s in systems}
     base_acc = None
     if report.exists():

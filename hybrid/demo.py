@@ -187,7 +187,7 @@ class Demo:
             return {"chunk_id": cid, "doc": ch.doc_id, "section": ch.section, "score": score, "text": ch.text,
                     "chosen": cid in chosen, "ranks": {k: ranks[k].get(cid) for k in ("bm25", "dense", "rerank")}}
 
-        return {"mode": c.mode, "k": c.k, "rrf_k": c.rrf_k, "rerank_n": c.rerank_n, "fusion": c.rerank_fusion,
+        return {"mode": self.rag.mode, "k": c.k, "rrf_k": c.rrf_k, "rerank_n": c.rerank_n, "fusion": c.rerank_fusion,
                 "timings": timings, "signals": signals, "rule": self.rag.rule(),
                 "lists": {name: [row(cid, s) for cid, s in lst[:show]] for name, lst in lists.items()},
                 "generator": [hit_json(h) for h in hits]}

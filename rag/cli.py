@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, subcommands, write_report
-from rag.evaluate import GoldenError, calibrate, evaluate, golden_for, load_golden
+from rag.evaluate import GoldenError, calibrate, choose_mode, evaluate, golden_for, load_golden
 from rag.pipeline import Answer, RagConfig, RagPipeline
 
 log = logging.getLogger("rag")
@@ -103,7 +103,7 @@ def print_eval(result: dict) -> None:
     con.print(t)
     if "answers" in result:
         a = result["answers"]
-        t = Table(title=f"answers ({s['mode']}, model {s['model']}, {s['n_questions']} questions)")
+        t = Table(title=f"answers ({s.get('mode_used', s['mode'])}, model {s['model']}, {s['n_questions']} questions)")
         t.add_column("metric")
         t.add_column("value", justify="right")
         for c, v in a.items():
@@ -133,7 +133,8 @@ def cmd_demo(args) -> int:
     golden_file = _golden_path(args)
     golden = load_golden(golden_file, args.docs) if golden_file else []
     if golden:
-        # calibrate first, so the example answers already abstain as the evaluation will (cached for it)
+        # calibrate first, so the example answers already retrieve and abstain as the evaluation will (cached for it)
+        choose_mode(pipe, golden)
         if pipe.cfg.abstain == "calibrated":
             calibrate(pipe, golden)
         test = [q for q in golden if q["split"] == "test"] or golden

@@ -42,6 +42,9 @@ class Mode:
 
 MODES = {"bm25": Mode(bm25=True, dense=False), "dense": Mode(bm25=False, dense=True),
          "hybrid": Mode(bm25=True, dense=True), "hybrid+rerank": Mode(bm25=True, dense=True, rerank=True)}
+# --mode auto: the mode rag.evaluate.choose_mode picked on the folder's golden train split (saved beside the index),
+# else this one; fusion with re-ranking is the safe choice where nothing was measured
+AUTO, DEFAULT_MODE = "auto", "hybrid+rerank"
 
 @dataclass
 class RagConfig:
@@ -51,7 +54,8 @@ class RagConfig:
     index_dir: str = option("", "where the index lives (default .openbook/index/<folder name>)")
     hard_links: bool = option(False, "also index files with hard links the --docs walk did not find (other names "
                                      "may be outside --docs); off: skipped with a warning")
-    mode: str = option("hybrid+rerank", f"retrieval mode: {', '.join(MODES)}")
+    mode: str = option(AUTO, f"retrieval mode: {', '.join(MODES)}, or 'auto': the one with the best recall@k on the "
+                       f"folder's golden train split (chosen by `rag eval`), else {DEFAULT_MODE}")
     k: int = option(3, "passages given to the generator")
     chunker: str = option("semantic", f"chunking strategy: {', '.join(STRATEGIES)}")
     chunk_size: int = option(120, "words per chunk (child chunk for hierarchical)")
@@ -81,8 +85,8 @@ class RagConfig:
     def __post_init__(self):
         if not self.docs.strip():  # Path("") is the current folder
             raise ValueError("--docs is empty; pass a folder of documents, e.g. --docs data/demo")
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
+        if self.mode not in (*MODES, AUTO):
+            raise ValueError(f"--mode must be one of {', '.join(MODES)} or {AUTO}, not '{self.mode}'")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'")
         if self.abstain not in ("calibrated", "none"):
@@ -172,6 +176,7 @@ class RagPipeline:
         self.cfg, self.index = cfg, index
         self._generator: Generator | None = None
         self._reranker = None
+        self._mode: str | None = None
 
     def update_index(self, progress: bool = True) -> UpdateStats:
         c = self.cfg
@@ -194,6 +199,25 @@ class RagPipeline:
             self._reranker = load_reranker(self.cfg.reranker, precision=self.cfg.rerank_precision)
         return self._reranker
 
+    def mode_key(self) -> str:
+        """What a chosen mode depends on: the retrieval settings other than the mode."""
+        c = self.cfg
+        return f"mode|{c.embedder}|{c.reranker}|{c.chunker}|{c.contextual}|k={c.k}"
+
+    @property
+    def mode(self) -> str:
+        """The retrieval mode in use: ``--mode``; for 'auto' the one chosen on the golden train split, if any."""
+        if self.cfg.mode != AUTO:
+            return self.cfg.mode
+        if self._mode is None:
+            entry = calibration.load(self.cfg.index_dir).get(self.mode_key(), {})
+            self._mode = entry.get("mode") if entry.get("mode") in MODES else DEFAULT_MODE
+        return self._mode
+
+    def forget_mode(self) -> None:
+        """Read the chosen mode again (after ``rag.evaluate.choose_mode`` saved a new choice)."""
+        self._mode = None
+
     def rule(self) -> Rule | None:
         """When to abstain before generating: the ``--abstain`` rule, else the calibration saved beside the index."""
         c = self.cfg
@@ -208,13 +232,13 @@ class RagPipeline:
         """What a calibrated rule depends on: retrieval settings, and the reader whose judgement it may use (an
         adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
         c = self.cfg
-        if MODES[c.mode].rerank:  # bf16 scores differ from fp32 ones by up to 0.02: a threshold holds for one
+        if MODES[self.mode].rerank:  # bf16 scores differ from fp32 ones by up to 0.02: a threshold holds for one
             from rag.rerank import rerank_precision
 
             scorer = f"{c.reranker}:{rerank_precision(c.rerank_precision)}"
         else:
             scorer = c.embedder
-        return f"{c.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
+        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
 
     def judge(self, question: str, hits: list[Hit]) -> float:
         """The reader's log-odds that these passages state the answer (the ``judge`` abstention signal)."""
@@ -225,7 +249,7 @@ class RagPipeline:
         """Best-first distinct passages, seconds spent per stage, and the abstention signals (``SIGNALS``).
         ``trace``: a dict that receives each stage's best-first ``[(chunk_id, score)]`` list (bm25, dense, fused,
         rerank, final) for inspection."""
-        c, mode, k = self.cfg, mode or self.cfg.mode, k or self.cfg.k
+        c, mode, k = self.cfg, mode or self.mode, k or self.cfg.k
         use = MODES[mode]
         n = max(c.k * c.fetch_factor, c.rerank_n)  # the configured k: a longer cut sees the same candidates
         t0 = time.perf_counter()

@@ -276,3 +276,22 @@ def test_perplexity_of_a_llamacpp_generator_is_read_on_transformers():
     cpp = load_generator("smollm2-135m", 8, backend="llamacpp")
     hf = load_generator("smollm2-135m", 8, backend="transformers")
     assert cpp.backend == "llamacpp" and perplexity(cpp, text) == perplexity(hf, text)
+
+
+def test_base_scores_are_reused_until_the_questions_change(tmp_path, monkeypatch):
+    import json
+
+    from finetune.evaluate import EvalConfig, base_scores
+
+    monkeypatch.chdir(tmp_path)  # the cache lives under ./.openbook
+    (tmp_path / "docs").mkdir()
+    cfg = EvalConfig(docs="docs", model="smollm2-135m", max_new_tokens=8, probes="", general_text="")
+    sets = {"facts": [{"id": "q0", "question": FACTS[0][0], "answer": FACTS[0][1].split()[-1].rstrip("."),
+                       "aliases": [], "sources": ["x.md"]}]}
+    first = base_scores(cfg, sets)
+    (cached,) = (tmp_path / ".openbook" / "cache" / "finetune-base").glob("smollm2-135m-*.json")
+    assert json.loads(cached.read_text()) == first and first["qa"]["facts"]["n"] == 1
+    cached.write_text(json.dumps(first | {"marker": 1}))
+    assert base_scores(cfg, sets)["marker"] == 1  # read back, not recomputed
+    sets["facts"][0]["question"] += "?"
+    assert "marker" not in base_scores(cfg, sets)  # other questions: scored again

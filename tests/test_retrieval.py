@@ -117,3 +117,30 @@ def test_onnx_fast_path_gives_sentence_transformers_vectors():
     assert fast.shape == ref.shape and np.abs(fast - ref).max() < 1e-4  # the long text is truncated alike
     assert np.allclose(embed("minilm", texts[:1]), ref[:1], atol=1e-4)  # a short call takes the ONNX path
     assert embed("minilm", []).shape == (0, ref.shape[1])
+
+
+def test_auto_mode_is_the_best_on_the_train_split_and_kept_beside_the_index(tmp_path):
+    from rag.evaluate import choose_mode
+    from rag.pipeline import DEFAULT_MODE, RagConfig, RagPipeline
+    from tests.conftest import write_corpus
+
+    cfg = dict(docs=str(write_corpus(tmp_path / "docs")), index_dir=str(tmp_path / "ix"), chunk_size=40, overlap=5,
+               k=1, model="smollm2-135m")
+    pipe = RagPipeline(RagConfig(**cfg))
+    pipe.update_index(progress=False)
+    assert pipe.cfg.mode == "auto" and pipe.mode == DEFAULT_MODE  # nothing measured yet
+
+    def golden(questions: dict) -> list[dict]:
+        return [{"id": f"q{i}", "question": q, "answer": "x", "aliases": [], "sources": [doc], "type": "lookup",
+                 "split": "train"} for i, (q, doc) in enumerate(questions.items())]
+
+    # every mode finds these first: the tie goes to the default
+    assert choose_mode(pipe, golden(QUESTIONS), progress=False)["mode"] == DEFAULT_MODE
+    # a paraphrase BM25 cannot match: whatever wins (a lead of one question is enough here), it is the best
+    # measured, and it is what the pipeline uses
+    entry = choose_mode(pipe, golden({"Which year did the firm start?": "history.md"}), progress=False, margin=1)
+    recall = {m: v["recall@1"] for m, v in entry["train"].items()}
+    assert recall["bm25"] == 0.0 and recall[entry["mode"]] == max(recall.values()) == 1.0
+    assert pipe.mode == entry["mode"] == RagPipeline(RagConfig(**cfg)).mode  # saved beside the index
+    assert RagPipeline(RagConfig(**cfg, mode="bm25")).mode == "bm25"  # an explicit --mode is never overridden
+    assert choose_mode(RagPipeline(RagConfig(**cfg, mode="dense")), golden(QUESTIONS), progress=False) is None
