@@ -16,7 +16,7 @@ by "contains". Choose on the ``train`` split; ``test`` is for reporting what was
 
     python -m bench.judge --split train --answers --json .openbook/reports/judge-train.json   # ~10 min, 1.5B
 
-Left out: picking thresholds (``rag.evaluate.calibrate`` does that for the shipped layout).
+Left out: picking thresholds (``rag.choose.calibrate`` does that for the shipped layout).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from rag import metrics as M
 from rag.config import setup_logging, write_report
 from rag.evaluate import golden_for, load_golden
 from rag.generate import ASK, DEMO, SYSTEM, redact
-from rag.pipeline import RagConfig, RagPipeline, sources
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import sources
 
 
 def layouts(gen) -> dict:

@@ -93,7 +93,9 @@ def finetune_runs(ds: list[dict]) -> str:
         t, iv, m = d["tuned"], d["intervals"], d.get("training")
         q = d["settings"]["questions"]
         data = d.get("data") or {}
-        general = "with replay" if data.get("general") or "replay" in Path(d["_path"]).name else "no replay"
+        # runs from before finetune run saved its data stats say so in their file name
+        replay = data.get("general") if data else "-replay-" in Path(d["_path"]).name
+        general = "with replay" if replay else "no replay"
         how = (f"{m['steps']} steps, {m['seconds'] / 60:.1f} min" if m else "see the text")
         rows.append(f"| tuned, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
                     f"**{ci(iv['golden_train']['tuned'])}** | **{ci(iv['golden_test']['tuned'])}** | "

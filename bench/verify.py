@@ -28,7 +28,8 @@ from rag import metrics as M
 from rag.config import setup_logging, write_report
 from rag.evaluate import golden_for, load_golden
 from rag.generate import is_abstention
-from rag.pipeline import RagConfig, RagPipeline, sources
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import sources
 
 VERIFY = "Is that answer stated in the sources? Answer Yes or No."
 _FIGURE = re.compile(r"[\w.,/-]*\d[\w.,/-]*")

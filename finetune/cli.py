@@ -1,8 +1,9 @@
 """Command line for fine-tuning: ``python -m finetune {data,train,eval,merge,run,sweep}``.
 
 Thin like ``rag.cli``: one function per verb, one ``--flag`` per config field (DataConfig, TrainConfig,
-EvalConfig), user mistakes as one ``error:`` line and exit 2. ``run`` is what ``make finetune`` calls:
-data → train → eval with settings shared by the three steps; ``sweep`` runs ``finetune.sweep``.
+EvalConfig), settable from ``--config FILE``, user mistakes as one ``error:`` line and exit 2. ``run`` is what
+``make finetune`` calls: data → train → eval with settings shared by the three steps; ``sweep`` runs
+``finetune.sweep``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from finetune.rows import load_data
 from finetune.sweep import sweep, sweep_lines
 from rag.config import (
     add_config_flags,
+    add_file_flags,
     artefacts,
     config_from,
     run_command,
     run_dir,
     setup_logging,
+    subcommands,
     write_report,
 )
+from rag.config_file import parse_args, print_config
 from rag.models import DEFAULT_GENERATOR
 
 log = logging.getLogger("finetune")
@@ -195,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
                     "%(default)s; each costs one closed-book pass over the golden questions, ~3 min on the 1.5B)")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted run: re-use its saved data "
                     "(when built with the same settings) and train on from the last checkpoint")
+    add_file_flags(sp)  # a config file's keys for `run` are the flag names above (epochs, steps, paraphrases …)
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
     sp.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model (default: {DEFAULT_GENERATOR})")
@@ -213,5 +218,12 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "merge": cmd_merge, "export": 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = parser().parse_args(argv)
-    return run_command(COMMANDS[args.command], args)
+    p = parser()
+
+    def go(argv: list[str] | None) -> int:
+        args = parse_args(p, argv, "finetune")  # --config FILE's settings, then the flags given
+        if getattr(args, "print_config", False):
+            return print_config(args, subcommands(p).choices[args.command])
+        return COMMANDS[args.command](args)
+
+    return run_command(go, argv)

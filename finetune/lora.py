@@ -1,19 +1,22 @@
 """The model side of LoRA: load a base model (fp32, frozen bf16 on CPUs, or 4-bit for QLoRA), attach fresh LoRA
 layers, load a trained adapter back onto its base, and merge it into a standalone model.
 
-``finetune/train.py`` runs the training loop around these; ``finetune/export.py`` and the comparison load the
-results. Left out on purpose: anything that changes weights (that is training's job).
+A saved adapter names its base model as the user gave it (a registry name such as ``smollm2-135m``, a hub id, a
+path), never a folder in openbook's cache, so the adapter folder can be copied or shared; a merged model needs
+nothing but its own folder. ``finetune/train.py`` runs the training loop around these; ``finetune/export.py`` and
+the comparison load the results. Left out on purpose: anything that changes weights (that is training's job).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import shutil
 from pathlib import Path
 
 from rag.atomic import replace_dir
-from rag.models import generator_path, pick_device
+from rag.models import generator_path, model_name, pick_device
 
 # Attention projections per architecture; other model types get peft's own per-architecture table.
 TARGET_MODULES = {"llama": "q_proj,k_proj,v_proj,o_proj", "qwen2": "q_proj,k_proj,v_proj,o_proj",
@@ -86,13 +89,29 @@ def add_lora(model, cfg):
                                             lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
 
 
-def save_atomically(dest: Path, *objects) -> None:
-    """``save_pretrained`` each object into a temp folder renamed to ``dest``: never half a model on disk."""
+def save_atomically(dest: Path, *objects, base: str = "") -> None:
+    """``save_pretrained`` each object into a temp folder renamed to ``dest``: never half a model on disk. With
+    ``base`` (the ``--model`` trained from), a saved adapter records it by that name (``record_base``)."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for obj in objects:
         obj.save_pretrained(str(tmp))
+    if base:
+        record_base(tmp, base)
     replace_dir(tmp, dest)
+
+
+def record_base(folder: Path, model: str) -> None:
+    """Make a saved adapter name its base model as ``model_name`` does (``smollm2-135m``, a hub id, the user's own
+    path), not by the cache folder peft loaded it from, so the folder works when copied or shared. Rewritten after
+    saving rather than set on the model: peft checks the recorded name for a config.json at every save and warns
+    when a registry name has none."""
+    cfg, card, name = folder / "adapter_config.json", folder / "README.md", model_name(model)
+    meta = json.loads(cfg.read_text())
+    local = meta["base_model_name_or_path"]
+    cfg.write_text(json.dumps(meta | {"base_model_name_or_path": name}, indent=2, sort_keys=True) + "\n")
+    if card.exists() and local:  # peft's model card names it too: `base_model:` and a tag
+        card.write_text(card.read_text().replace(local, name))
 
 
 def adapter_dir(path: str | Path) -> Path:
@@ -112,8 +131,8 @@ def load_tuned(path: str | Path, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = adapter_dir(path)
-    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(str(d)).base_model_name_or_path,
-                                                dtype=torch.float32)
+    recorded = PeftConfig.from_pretrained(str(d)).base_model_name_or_path  # a registry name, or an old cache path
+    base = AutoModelForCausalLM.from_pretrained(generator_path(model_name(recorded)), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()
     return model, AutoTokenizer.from_pretrained(str(d))
 

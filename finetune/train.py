@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.lora import add_lora, frozen_bf16, load_base, load_tuned, save_atomically, use_qlora
+from finetune.lora import add_lora, frozen_bf16, load_base, load_tuned, record_base, save_atomically, use_qlora
 from finetune.rows import DataError, tokenize_example
 from rag.config import option
 from rag.models import DEFAULT_GENERATOR, GENERATORS, check_name, generator_path, pick_device
@@ -128,14 +128,16 @@ def _callbacks():
         """The adapter alone (no optimiser state, a few MB) at ``n`` evenly spaced steps before the last, so
         evaluation can score the model as it learned; checkpoints are rotated away and much larger."""
 
-        def __init__(self, folder: Path, n: int):
-            self.folder, self.n = folder, n
+        def __init__(self, folder: Path, n: int, base: str):
+            self.folder, self.n, self.base = folder, n, base
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             every = state.max_steps / (self.n + 1)
             if self.n and state.global_step < state.max_steps and \
                     int(state.global_step / every) > int((state.global_step - 1) / every):
-                model.save_pretrained(str(self.folder / f"step-{state.global_step}"))
+                snapshot = self.folder / f"step-{state.global_step}"
+                model.save_pretrained(str(snapshot))
+                record_base(snapshot, self.base)
 
     return QuietBar(), ThroughputLog(), Snapshots
 
@@ -233,7 +235,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
     bar, throughput, snapshots = _callbacks()
-    callbacks = [throughput, snapshots(out / SNAPSHOTS, cfg.snapshots)]
+    callbacks = [throughput, snapshots(out / SNAPSHOTS, cfg.snapshots, cfg.model)]
     if n_eval and cfg.early_stopping_patience:
         callbacks.append(hf.EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = hf.Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
@@ -250,7 +252,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     state = trainer.state
     session_tokens = state.num_input_tokens_seen - throughput.start_tokens
 
-    save_atomically(out / "adapter", model, tok)
+    save_atomically(out / "adapter", model, tok, base=cfg.model)  # named as given, not by its cache folder
 
     train_hist = [[h["step"], h["loss"]] for h in state.log_history if "loss" in h]
     eval_hist = [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]

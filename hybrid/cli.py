@@ -21,7 +21,8 @@ from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
 from hybrid.systems import CompareConfig
 from hybrid.ui import serve
 from rag import cli as rag_cli
-from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging
+from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging, subcommands
+from rag.config_file import parse_args, print_config
 from rag.models import DEFAULT_GENERATOR
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
@@ -89,28 +90,32 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("ui", help="side-by-side web demo on http://127.0.0.1:7860 (`make ui`): streamed answers, "
                         "sources, retrieval inspector, corpus, report")
     add_config_flags(sp, UiConfig)
+    rag_p = rag_cli.parser()
     for verb in RAG_VERBS:
-        sub.add_parser(verb, add_help=False, help=f"`python -m rag {verb}` with the RAFT adapter (same flags)"
-                       ).add_argument("rest", nargs=argparse.REMAINDER)
+        # rag's own flags (copied from its parser); only the defaults differ: the model RAFT trains, and its adapter
+        sp = sub.add_parser(verb, parents=[rag_cli.verb_parser(rag_p, verb)], add_help=False,
+                            help=f"`python -m rag {verb}` with the RAFT adapter (same flags)",
+                            description=f"`python -m rag {verb}` with the RAFT adapter of `make hybrid` as the "
+                            f"generator (default --model {DEFAULT_GENERATOR}, --adapter "
+                            ".openbook/hybrid/<folder>/<model>/adapter)")
+        sp.set_defaults(model=DEFAULT_GENERATOR)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in RAG_VERBS:
-        # rag's own parser and verb; only the defaults differ: the model RAFT trains, and its adapter
-        p = rag_cli.parser()
-        sp = rag_cli.verb_parser(p, argv[0])
-        sp.prog = f"python -m hybrid {argv[0]}"
-        sp.description = (f"`python -m rag {argv[0]}` with the RAFT adapter of `make hybrid` as the generator "
-                          f"(default --model {DEFAULT_GENERATOR}, --adapter .openbook/hybrid/<folder>/<model>/adapter)")
-        sp.set_defaults(model=DEFAULT_GENERATOR)
-        args = p.parse_args(argv)
-        args.adapter = args.adapter or str(default_adapter(args.docs, args.model))
-        return rag_cli.run(args)
-    args = parser().parse_args(argv)
-    return run_command(COMMANDS[args.command], args)
+    p = parser()
+
+    def go(argv: list[str] | None) -> int:
+        args = parse_args(p, argv, "hybrid")  # --config FILE's settings, then the flags given
+        if args.command in RAG_VERBS:
+            args.adapter = args.adapter or str(default_adapter(args.docs, args.model))
+            return rag_cli.run(args)
+        if getattr(args, "print_config", False):
+            return print_config(args, subcommands(p).choices[args.command])
+        return COMMANDS[args.command](args)
+
+    return run_command(go, argv)
 
 
 if __name__ == "__main__":

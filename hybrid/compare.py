@@ -40,9 +40,10 @@ from hybrid.systems import (
     run_retrieval,
 )
 from rag import metrics as M
-from rag.evaluate import calibrate
+from rag.choose import calibrate
 from rag.index import update_index
-from rag.pipeline import RagConfig, RagPipeline, Ranking
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import Ranking
 
 log = logging.getLogger(__name__)
 def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:

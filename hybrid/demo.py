@@ -26,7 +26,8 @@ from rag.evaluate import load_golden
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
 from rag.models import DEFAULT_GENERATOR
-from rag.pipeline import Hit, RagConfig, RagPipeline
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import Hit
 
 log = logging.getLogger(__name__)
 LOCAL = ("127.0.0.1", "localhost", "::1")

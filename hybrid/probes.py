@@ -15,7 +15,7 @@ import random
 import re
 
 from rag import metrics as M
-from rag.pipeline import Ranking
+from rag.ranking import Ranking
 
 
 def _counterfactual(answer: str, others: list[str], rng: random.Random) -> str | None:

@@ -35,7 +35,8 @@ from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.metrics import SENTENCE_BREAK, normalize
 from rag.models import DEFAULT_GENERATOR
-from rag.pipeline import RagConfig, RagPipeline, sources
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import sources
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")
@@ -126,7 +127,7 @@ def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_orac
 
 
 def _as_hit(pipe: RagPipeline, chunk):
-    from rag.pipeline import Hit
+    from rag.ranking import Hit
 
     shown = pipe.index.chunks[chunk.parent_id] if chunk.parent_id else chunk
     return Hit(chunk.id, chunk.doc_id, chunk.section, shown.text, 0.0)

@@ -20,7 +20,8 @@ from rag.config import folder_name, option, run_dir
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, is_abstention
 from rag.models import DEFAULT_GENERATOR
-from rag.pipeline import RagConfig, RagPipeline, Ranking
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import Ranking
 
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
 SYSTEMS = (*CLOSED_BOOK, *RETRIEVAL)

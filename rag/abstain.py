@@ -5,7 +5,7 @@ below its threshold abstains. The signals are the best re-ranker, BM25 and cosin
 (retrieval computes them anyway) and the reader's own judgement of whether the passages state the answer
 (``Generator.judge``), asked only when the rule uses it and the retrieval signals have passed, since it costs a
 forward pass over the prompt. Left to others: choosing the thresholds on the golden train split
-(``rag.evaluate.calibrate``), storing them (``rag/calibration.py``) and building the abstaining answer
+(``rag.choose.calibrate``), storing them (``rag/calibration.py``) and building the abstaining answer
 (``RagPipeline``).
 """
 

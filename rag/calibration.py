@@ -2,7 +2,7 @@
 
 ``calibration.json`` maps a pipeline's ``calibration_key()`` (retrieval settings and reader) to the rule chosen
 on the golden train split, its train F1, each signal's ROC AUC and a stamp of the index version and questions it
-was computed from. Choosing the rule is ``rag.evaluate.calibrate``; this module only stores it.
+was computed from. Choosing the rule is ``rag.choose.calibrate``; this module only stores it.
 """
 
 from __future__ import annotations

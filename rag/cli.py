@@ -1,8 +1,9 @@
 """Command line for the RAG pipeline: ``python -m rag {index,ask,chat,eval,demo,train-reranker}``.
 
 Thin by design (litgpt style): one function per verb in ``COMMANDS``, and one ``--flag`` per ``RagConfig``
-field, generated from the dataclass so help text and defaults live in one place. User mistakes (a wrong
-folder, a missing model, a bad golden file) print one ``error:`` line and exit 2, never a traceback.
+field, generated from the dataclass so help text and defaults live in one place (``--config FILE`` sets them
+from a TOML file, ``--print-config`` shows the result). User mistakes (a wrong folder, a missing model, a bad
+golden file) print one ``error:`` line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from rag.choose import calibrate, choose_mode
 from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, subcommands, write_report
-from rag.evaluate import GoldenError, calibrate, choose_mode, evaluate, golden_for, load_golden
-from rag.pipeline import Answer, RagConfig, RagPipeline
+from rag.config_file import parse_args, print_config
+from rag.evaluate import GoldenError, evaluate, golden_for, load_golden
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import Answer
 
 log = logging.getLogger("rag")
 
@@ -231,13 +235,16 @@ def run(args) -> int:
     def go(a) -> int:
         if a.command != "train-reranker":
             _config(a)
+        if getattr(a, "print_config", False):
+            return print_config(a, verb_parser(parser(), a.command))
         return COMMANDS[a.command](a)
 
     return run_command(go, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parser().parse_args(argv))
+    # parse_args reads --config FILE; a bad file is a user mistake like a bad flag: one error line, exit 2
+    return run_command(lambda a: run(parse_args(parser(), a, "rag")), argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Plumbing every package's command line shares: config fields with help, one ``--flag`` per field, where a
-folder's artefacts go, one-line user errors, report writing, JSON-lines reading and logging set-up.
+"""Plumbing every package's command line shares: config fields with help, one ``--flag`` per field (plus
+``--config FILE`` and ``--print-config``, which ``rag/config_file.py`` reads), where a folder's artefacts go,
+one-line user errors, report writing, JSON-lines reading and logging set-up.
 
 The configs themselves live beside the code they configure (``RagConfig`` in ``rag/pipeline.py``,
 ``TrainConfig`` in ``finetune/train.py`` …); this module imports nothing from openbook, so any module may use it.
@@ -52,7 +53,8 @@ def run_dir(kind: str, docs: str | Path, model: str) -> Path:
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata."""
+    """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata, plus ``--config`` and
+    ``--print-config``."""
     for f in fields(cls):
         flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if f.type in ("bool", bool):
@@ -60,6 +62,17 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")
+    add_file_flags(p)
+    p.set_defaults(config_class=cls)  # so --print-config validates what it prints, as a run would
+
+
+def add_file_flags(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--print-config`` on a sub-parser whose flags are settings."""
+    if "--config" in p._option_string_actions:
+        return
+    p.add_argument("--config", default="", metavar="FILE", help="TOML file of settings, keys named like these "
+                   "flags (top level, or in a [group] or [group.verb] table); flags given here override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
 
 
 def config_from(args, cls):

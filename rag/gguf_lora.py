@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from rag.models import ModelNotFound, cache_dir, config_dir
+from rag.models import ModelNotFound, cache_dir, config_dir, model_name
 
 log = logging.getLogger(__name__)
 VERSION = "0.3.36"  # the llama-cpp-python release `make setup` builds; its converter matches its runtime
@@ -120,6 +120,7 @@ def check_base(adapter: str | Path, base_dir: str | Path) -> None:
     layers = {int(m.group(1)) for k in shapes if (m := re.search(r"\.layers\.(\d+)\.", k))}
     misfit = [k for k, shape in shapes.items() if "lora_A" in k and shape[-1] not in widths]
     if misfit or (layers and max(layers) >= base.get("num_hidden_layers", 10**6)):
-        recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path", "?")
+        meta = json.loads((adapter / "adapter_config.json").read_text())
+        recorded = model_name(meta.get("base_model_name_or_path") or "?")  # old adapters recorded a cache path
         raise WrongBase(f"{adapter} was trained on another base model ({recorded}), not on {base_dir.name}; "
                            "pass the --model it was trained on, or train it again for this one")

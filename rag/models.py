@@ -185,6 +185,22 @@ def generator_path(name: str) -> str:
     return _gguf_to_hf(_gguf_file(GENERATORS[name]), out)
 
 
+def model_name(name_or_path: str) -> str:
+    """The name a saved adapter records for its base model, so the folder can be copied or shared: a packaged
+    model's de-quantised folder (``generator_path``) back to its registry name — on this machine, or a missing
+    one from another machine's cache, which adapters saved before these names recorded — and anything else as
+    given. ``generator_path(model_name(p))`` loads what ``p`` named.
+
+    >>> model_name(str(cache_dir() / "models" / "smollm2-135m")), model_name("/gone/openbook/models/qwen-1.5b")
+    ('smollm2-135m', 'qwen-1.5b')
+    >>> model_name("HuggingFaceTB/SmolLM2-135M"), model_name("smollm2-135m")
+    ('HuggingFaceTB/SmolLM2-135M', 'smollm2-135m')
+    """
+    p = Path(name_or_path)
+    cached = p.parent == cache_dir() / "models" or (p.parent.name == "models" and not p.exists())
+    return p.name if p.name in GENERATORS and cached else name_or_path
+
+
 def config_dir(name: str) -> str:
     """A folder with the model's config and tokenizer (no weights): enough for llama.cpp's LoRA converter and
     for shape checks. The full HF folder when it exists; for a GGUF file, read from its metadata once (seconds,

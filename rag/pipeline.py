@@ -6,16 +6,16 @@ joins the BM25 and dense lists in a second fusion, and the best ``k`` distinct p
 With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
 generating, the abstention rule (rag/abstain.py: the retrieval scores and the reader's judgement against
 thresholds calibrated by rag/evaluate.py) may answer "I don't know"; the generator can still abstain by itself.
-Left out: the index (rag/index.py), the scoring models (rag/rerank.py, the generator backends) and evaluation.
-A little over 300 lines on purpose: config, retrieval and gating are the ``ask`` path, read top to bottom.
+Left out: the index (rag/index.py), the scoring models (rag/rerank.py, the generator backends), the types it
+hands back (rag/ranking.py) and evaluation, which also makes the choices ``--mode auto`` and ``--abstain
+calibrated`` read (rag/choose.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -28,23 +28,9 @@ from rag.fuse import rrf
 from rag.generate import IDK, Generator, citations, is_abstention, prompt_id
 from rag.index import Index, UpdateStats, update_index
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS, check_name
+from rag.ranking import AUTO, DEFAULT_MODE, MODES, Answer, Gate, Hit, Ranking, sources
 from rag.runtime import BACKENDS, load_generator
 
-
-@dataclass(frozen=True)
-class Mode:
-    """Which retrievers a retrieval mode runs: the lists it fuses, and whether the cross-encoder re-ranks them."""
-
-    bm25: bool
-    dense: bool
-    rerank: bool = False
-
-
-MODES = {"bm25": Mode(bm25=True, dense=False), "dense": Mode(bm25=False, dense=True),
-         "hybrid": Mode(bm25=True, dense=True), "hybrid+rerank": Mode(bm25=True, dense=True, rerank=True)}
-# --mode auto: the mode rag.evaluate.choose_mode picked on the folder's golden train split (saved beside the index),
-# else this one; fusion with re-ranking is the safe choice where nothing was measured
-AUTO, DEFAULT_MODE = "auto", "hybrid+rerank"
 
 @dataclass
 class RagConfig:
@@ -116,59 +102,6 @@ class RagConfig:
         return ChunkConfig(self.chunker, self.chunk_size, self.overlap, self.parent_size, self.contextual)
 
 
-@dataclass
-class Hit:
-    chunk_id: str  # the indexed chunk that matched
-    doc_id: str
-    section: str
-    text: str  # what the generator sees (the parent section for hierarchical chunks)
-    score: float  # final ranking score (mode-dependent scale)
-    rerank: float | None = None  # cross-encoder probability, when re-ranked
-
-    @property
-    def label(self) -> str:
-        return f"{self.doc_id} › {self.section}" if self.section else self.doc_id
-
-
-def sources(hits: list[Hit]) -> list[tuple[str, str]]:
-    """The ``(label, text)`` pairs the generator numbers as sources."""
-    return [(h.label, h.text) for h in hits]
-
-
-class Ranking(NamedTuple):
-    """What ``RagPipeline.ranked`` returns for one question."""
-
-    hits: list[Hit]  # best-first distinct passages (parents for hierarchical chunks)
-    timings: dict[str, float]  # seconds per stage: retrieve, rerank
-    signals: dict[str, float]  # abstention signals (``SIGNALS``) this mode computed
-
-
-class Gate(NamedTuple):
-    """A question after the abstention rule: its passages, timings and signals so far, and the abstaining
-    ``Answer`` when a signal was below its threshold (``early``; None when the question goes to the reader)."""
-
-    hits: list[Hit]
-    timings: dict[str, float]
-    signals: dict[str, float]
-    early: Answer | None
-
-
-@dataclass
-class Answer:
-    question: str
-    text: str
-    abstained: bool
-    reason: str  # "", "low-confidence" or "model"
-    sources: list[Hit]  # the passages shown to the generator, numbered from 1
-    cited: list[Hit]  # the sources the answer cites (or the top source when it cites none)
-    explicit_citation: bool
-    confidence: float | None  # the value of the rule's first signal
-    timings: dict = field(default_factory=dict)  # seconds per stage
-    signals: dict = field(default_factory=dict)  # every abstention signal computed for this question
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-
-
 class RagPipeline:
     """Loads models lazily, so retrieval-only work (eval of modes, the index) never loads the generator."""
 
@@ -215,7 +148,7 @@ class RagPipeline:
         return self._mode
 
     def forget_mode(self) -> None:
-        """Read the chosen mode again (after ``rag.evaluate.choose_mode`` saved a new choice)."""
+        """Read the chosen mode again (after ``rag.choose.choose_mode`` saved a new choice)."""
         self._mode = None
 
     def rule(self) -> Rule | None:

