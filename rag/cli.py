@@ -138,9 +138,10 @@ def cmd_demo(args) -> int:
     golden = load_golden(golden_file, args.docs) if golden_file else []
     if golden:
         # calibrate first, so the example answers already retrieve and abstain as the evaluation will (cached for it)
-        choose_mode(pipe, golden)
         if pipe.cfg.abstain == "calibrated":
-            calibrate(pipe, golden)
+            calibrate(pipe, golden)  # chooses the retrieval mode first
+        else:
+            choose_mode(pipe, golden)
         test = [q for q in golden if q["split"] == "test"] or golden
         picks = [q for q in test if q["answer"] is not None][:2] + [q for q in test if q["answer"] is None][:1]
         questions = [q["question"] for q in picks]

@@ -129,9 +129,11 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
     qs = [q for q in golden if split == "all" or q["split"] == split]
     if not qs:
         raise GoldenError(f"no questions with split '{split}'; use --split all|train|test")
-    if answers:
+    cal = None
+    if answers and pipe.cfg.abstain == "calibrated":
+        cal = calibrate(pipe, golden, progress)  # chooses the retrieval mode first
+    elif answers:
         choose_mode(pipe, golden, progress)
-    cal = calibrate(pipe, golden, progress) if answers and pipe.cfg.abstain == "calibrated" else None
     stages = ("retrieve", "rerank", "judge", "generate", "total")
     per_q, retrieval, lat = [], {m: [] for m in modes}, {s: [] for s in stages}
     for q in tqdm(qs, desc=f"eval ({len(qs)} questions)", disable=not progress):
