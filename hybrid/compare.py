@@ -132,8 +132,8 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
                 raise  # the user asked for this system by name
             log.warning("leaving out %s", e)
     cfg.systems = ",".join(systems)
-    # transformers for every arm, so the adapters' arms and the plain ones differ only by the adapter
-    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend="transformers"))
+    # one runtime for every arm, so the adapters' arms and the plain ones differ only by the adapter
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
     base.update_index(progress=progress)
     calibration = calibrate(base, golden, progress) if golden else None
     t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | Non
     ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
     def accuracy(adapter: str | None) -> float:
-        gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter, backend="transformers")  # as its RAG arms
+        gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter, backend=cfg.backend)  # as its RAG arms
         return evaluate_model(gen, ecfg, {}, progress=False)["probes"]["accuracy"]
 
     base = accuracy(None) if base_acc is None else base_acc

@@ -165,8 +165,7 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k,
-                                 backend="transformers"))
+    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k))
     pipe.update_index(progress=progress)
     dcfg = DataConfig(docs=cfg.docs, golden=cfg.golden, out=str(Path(cfg.out).parent / "qa"),
                       index_dir=cfg.index_dir, model=cfg.model, paraphrases=cfg.paraphrases,

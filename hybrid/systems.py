@@ -22,6 +22,7 @@ from rag.generate import IDK, is_abstention
 from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Ranking
+from rag.runtime import BACKENDS
 
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
 SYSTEMS = (*CLOSED_BOOK, *RETRIEVAL)
@@ -38,6 +39,8 @@ class CompareConfig:
     split: str = option("test", "golden split to answer")
     index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
     model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
+    backend: str = option("auto", "generation runtime for every arm: 'auto' (llama.cpp for GGUF models on a CPU, "
+                          "adapters as GGUF LoRAs; else transformers), 'llamacpp' or 'transformers'")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
     systems: str = option(",".join(SYSTEMS), "comma-separated systems to run")
@@ -54,6 +57,8 @@ class CompareConfig:
     def __post_init__(self):
         if self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, not {self.seeds}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'")
         unknown = set(self.system_list) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
@@ -107,8 +112,8 @@ def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list
 
 
 def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dict]:
-    # RAG's answer budget, and its runtime: the comparison's RAG arms are pinned to transformers for now
-    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system), backend="transformers")
+    # RAG's answer budget and runtime, so closed-book and retrieval arms differ only by their prompts
+    gen = model_to_score(cfg.model, RagConfig.max_new_tokens, cfg.adapter(system), backend=cfg.backend)
     convs = [closed_book_messages(q["question"]) for q in qs]
     n = min(cfg.latency_sample, len(qs))
     gens = [gen.chat(c) for c in convs[:n]] + gen.chat_batch(convs[n:], batch_size=8, desc=system)
