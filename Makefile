@@ -27,7 +27,7 @@ HF_HUB_OFFLINE ?= 1
 TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 
-.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui bench bench-smoke fuzz docs pdfs clean
+.PHONY: help setup setup-large test test-slow lint rag index eval chat finetune hybrid hybrid-eval compare ui serve bench bench-smoke fuzz docs pdfs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -132,6 +132,9 @@ compare: ## base / fine-tuned / RAG / fine-tuned+RAG / hybrid side by side on DO
 ui: ## side-by-side web demo on http://127.0.0.1:7860 (PORT=): base / RAG / fine-tuned / hybrid answers with sources
 	$(PY) -m hybrid ui --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
 
+serve: ## OpenAI-compatible API on http://127.0.0.1:8000/v1 (PORT=): the systems as models, cited answers
+	$(PY) -m hybrid serve --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
+
 bench: ## benchmarks (≤ 45 min): fitz-gov retrieval + governance, scale, BM25/FAISS backends, generation, training
 	$(PY) -m bench $(if $(BEIR),--beir $(BEIR))
 
@@ -141,8 +144,10 @@ bench-smoke: ## every benchmark section on tiny sizes (≤ 2 min)
 fuzz: ## 120 hostile folders through `rag index`, then 50 questions at once to the web page; .openbook/reports/fuzz.json (CASES=)
 	$(PY) -m tests.fuzz --cases $(or $(CASES),120) --load 50 --json .openbook/reports/fuzz.json
 
-docs: ## re-render the README's result tables from docs/results/*.json (the JSON the runs wrote)
+docs: ## re-render the README's result tables and abstention plot, and bench/RESULTS.md with its charts, from the runs' JSON
 	$(PY) -m bench.readme
+	$(PY) -m rag.plots docs/results/eval-demo.json docs/abstention-pr.png
+	$(PY) -m bench --report bench/results
 
 pdfs: ## rebuild the demo PDFs from data/pdf_src (reproducible)
 	$(PY) data/make_pdfs.py

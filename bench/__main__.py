@@ -5,11 +5,13 @@
     python -m bench --sections scale,backends
     python -m bench --beir ~/beir/scifact # also retrieval quality on a BEIR-format folder
     python -m bench --report bench/results/2026-01-01-host.json   # re-render RESULTS.md from a JSON
+    python -m bench --report bench/results                        # … from the newest full run of each section
 
 Full runs write ``bench/results/<date>T<time>-<host>[-<sections>].json`` (never over an older one) and render
 ``bench/RESULTS.md`` with every section from the newest full-size run that measured it, so ``--sections`` re-runs
 one section without dropping the others; smoke runs write ``…-smoke.json`` / ``…-smoke.md`` beside it and leave
-RESULTS.md alone (tiny sizes are not results).
+RESULTS.md alone (tiny sizes are not results). Each render also draws the charts (bench/charts.py) beside its
+markdown — ``RESULTS-scale.png``, ``-generation.png``, ``-training.png`` — and links them under their tables.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.charts import write_charts
 from bench.measure import cores, host, isolated, run_section
 from bench.report import render
 
@@ -84,6 +87,12 @@ def newest_sections(out_dir: Path) -> tuple[dict, list[Path]]:
     return merged, sorted(set(used.values()))
 
 
+def _shown(p: Path) -> str:
+    """A results path as RESULTS.md names it: relative to the repository when inside it."""
+    p = p.resolve()
+    return str(p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset (default: all)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
     p.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="where full runs render the tables")
-    p.add_argument("--report", help="only render --markdown from this results JSON")
+    p.add_argument("--report", help="only render --markdown (and its charts) from this results JSON, or from a "
+                   "folder of them (each section from the newest full run that measured it)")
     p.add_argument("--tier1-per-category", type=int, metavar="N",
                    help="governance: score N tier 1 cases per category (default 30, 180 of 2,920 cases; 0 = all "
                         "2,920, about an hour more on 2 cores)")
@@ -105,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.report:
         try:
-            res = json.loads(Path(a.report).read_text())
+            if Path(a.report).is_dir():
+                res, files = newest_sections(Path(a.report))
+                if res is None:
+                    raise ValueError("no full-size results JSON in this folder")
+                source = ", ".join(_shown(f) for f in files)
+            else:
+                res, source = json.loads(Path(a.report).read_text()), a.report
         except (OSError, ValueError) as e:
             print(f"error: --report {a.report}: {e}", file=sys.stderr)
             return 2
-        Path(a.markdown).write_text(render(res, source=a.report))
+        Path(a.markdown).write_text(render(res, source=source, charts=write_charts(res, a.markdown)))
         print(f"wrote {a.markdown}")
         return 0
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
@@ -140,13 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             + ("-smoke" if a.smoke else ""))  # to the second: two runs never share a file
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    shown = lambda p: str(p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p)  # noqa: E731
     if a.smoke:
-        md, table, source = out_dir / f"{stem}.md", res, shown(json_path)
+        md, table, source = out_dir / f"{stem}.md", res, _shown(json_path)
     else:  # RESULTS.md keeps every section, each from the newest full-size run that measured it
         md, (table, files) = Path(a.markdown), newest_sections(out_dir)
-        source = ", ".join(shown(f) for f in files)
-    md.write_text(render(table, source=source))
+        source = ", ".join(_shown(f) for f in files)
+    md.write_text(render(table, source=source, charts=write_charts(table, md)))
     failed = [n for n, s in res["sections"].items() if "error" in s]
     print(f"wrote {json_path} and {md} in {res['total_seconds']:.0f} s" + (f"; FAILED: {', '.join(failed)}"
                                                                            if failed else ""))

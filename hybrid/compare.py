@@ -35,6 +35,7 @@ from hybrid.systems import (
     RETRIEVAL,
     SYSTEMS,
     CompareConfig,
+    judged,
     questions,
     run_closed_book,
     run_retrieval,
@@ -146,6 +147,7 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
             per_system[s] = run_closed_book(cfg, s, qs)
         else:
             per_system[s], pipes[s] = run_retrieval(cfg, s, base, qs, rankeds)
+            rankeds = judged(rankeds, per_system[s])
     ref = "rag" if "rag" in per_system else systems[0]
     result = {"settings": asdict(cfg) | {"questions": source, "n": len(qs),
                                          "n_answerable": sum(q["answer"] is not None for q in qs),

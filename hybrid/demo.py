@@ -6,8 +6,9 @@ RAG), the systems ``hybrid.compare`` measures; a system whose adapter is missing
 it. Each answer carries its latency, token counts and the passages it cites. Models load lazily, once per
 adapter: base and RAG share one generator, fine-tuned and fine-tuned + RAG another. Systems answer one after
 another, one question at a time (a lock): on a 2-core CPU parallel generations would each run slower, not finish
-sooner. Left out on purpose: several questions at once, and stopping a generation half-way (a closed page stops
-the systems not yet asked).
+sooner. A question may follow earlier ones: the plain reader first makes it standalone (``rag/rewrite.py``), and
+every system answers that. Left out on purpose: several questions at once, and stopping a generation half-way (a
+closed page stops the systems not yet asked).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from hybrid.freshness import freshness
 from hybrid.systems import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
 from rag.config import load_jsonl, option
 from rag.evaluate import load_golden
+from rag.filters import HELP as WHERE_HELP
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
+from rag.metadata import tags
 from rag.models import DEFAULT_GENERATOR
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Hit
+from rag.rewrite import Rewrite, standalone
 
 log = logging.getLogger(__name__)
 LOCAL = ("127.0.0.1", "localhost", "::1")
@@ -48,8 +52,10 @@ class UiConfig:
     model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
-    report: str = option("", "the `make compare` report folder (default .openbook/reports/compare-<folder>)")
+    report: str = option("", "the `make compare` report folder (default: the one `make compare` writes "
+                         "for this folder and model)")
     max_new_tokens: int = option(RagConfig.max_new_tokens, "generated tokens per answer at most")
+    where: list[str] = option((), WHERE_HELP)
     host: str = option("127.0.0.1", "address to listen on; anything but localhost needs --allow-remote")
     port: int = option(7860, "port to listen on")
     allow_remote: bool = option(False, "allow --host to be reachable from other machines (no login: anyone who "
@@ -68,9 +74,19 @@ class UiConfig:
                              raft=self.raft, systems=systems, out=self.report)
 
 
+def meta_json(meta: dict) -> dict:
+    """What the page shows of a document's metadata (``rag/metadata.py``): its date and front matter tags."""
+    return {"date": meta.get("date"), "tags": tags(meta)}
+
+
 def hit_json(h: Hit) -> dict:
     return {"chunk_id": h.chunk_id, "doc": h.doc_id, "section": h.section, "text": h.text, "score": h.score,
-            "rerank": h.rerank}
+            "rerank": h.rerank} | meta_json(h.meta)
+
+
+def rewrite_json(rw: Rewrite) -> dict:
+    return {"question": rw.question, "query": rw.query, "rewritten": rw.rewritten, "reason": rw.reason,
+            "seconds": rw.seconds}
 
 
 class Demo:
@@ -79,7 +95,7 @@ class Demo:
     def __init__(self, cfg: UiConfig, progress: bool = False):
         self.cfg, self.compare = cfg, cfg.compare_config()
         self.rag = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model,
-                                         max_new_tokens=cfg.max_new_tokens))
+                                         max_new_tokens=cfg.max_new_tokens, where=cfg.where))
         self.last_update = self.rag.update_index(progress=progress)
         self.pipes = {"": self.rag}  # adapter folder → pipeline (its generator loads on first use)
         self.lock = threading.Lock()
@@ -97,9 +113,15 @@ class Demo:
     def pipe(self, system: str) -> RagPipeline:
         adapter = self.compare.adapter(system) or ""
         if adapter not in self.pipes:
+            # the base model judges for every system (the calibrated rule is its), loaded once for all
             self.pipes[adapter] = RagPipeline(RagConfig(**{**asdict(self.rag.cfg), "adapter": adapter}),
-                                              index=self.rag.index)
+                                              index=self.rag.index, judge_by=self.rag.generator)
         return self.pipes[adapter]
+
+    def standalone(self, messages: list[dict]) -> Rewrite:
+        """The last of ``messages`` (``{role, content}``) as a standalone question, rewritten by the plain reader
+        when earlier turns exist (``rag/rewrite.py``); the caller holds the lock."""
+        return standalone(self.rag.generator, messages)
 
     def status(self) -> dict:
         systems = [{"name": s, "label": LABELS[s][0], "about": LABELS[s][1], "missing": self.missing(s)}
@@ -158,9 +180,14 @@ class Demo:
         return out | {"system": system, "seconds": time.perf_counter() - t0,
                       "first_token_s": first[0] if first else None}
 
-    def ask(self, question: str, systems: list[str], emit, stopped: threading.Event) -> None:
+    def ask(self, question: str, systems: list[str], emit, stopped: threading.Event, history: list[dict] = ()
+            ) -> None:
+        """Every system's answer to ``question``, a follow-up of the ``history`` turns (``{role, content}``)."""
         with self.lock:
-            ranked = None
+            rw = self.standalone([*history, {"role": "user", "content": question}])
+            if history:  # a first question's events are as they were: start, token, done
+                emit("rewritten", rewrite_json(rw))
+            question, ranked = rw.query, None
             if set(systems) & set(RETRIEVAL):  # one ranking shared by every retrieval system, as in compare
                 ranked = self.rag.ranked(question)
                 emit("ranked", {"timings": ranked.timings, "signals": ranked.signals})
@@ -175,21 +202,24 @@ class Demo:
                     log.exception("system %s failed", s)
                     emit("error", {"system": s, "message": f"{type(e).__name__}: {e}"})
 
-    def inspect(self, question: str, show: int = 10) -> dict:
-        """Each retrieval stage's best-first list (``RagPipeline.ranked``'s trace) and what the generator got."""
+    def inspect(self, question: str, show: int = 10, history: list[dict] = ()) -> dict:
+        """Each retrieval stage's best-first list (``RagPipeline.ranked``'s trace) and what the generator got, for
+        ``question`` made standalone from the ``history`` turns as ``ask`` makes it."""
         c, ix, lists = self.rag.cfg, self.rag.index, {}
         with self.lock:
-            hits, timings, signals = self.rag.ranked(question, trace=lists)
+            rw = self.standalone([*history, {"role": "user", "content": question}])
+            hits, timings, signals = self.rag.ranked(rw.query, trace=lists)
         ranks = {name: {cid: i for i, (cid, _) in enumerate(lst, 1)} for name, lst in lists.items()}
         chosen = {h.chunk_id for h in hits}
 
         def row(cid: str, score: float) -> dict:
             ch = ix.chunks[cid]
             return {"chunk_id": cid, "doc": ch.doc_id, "section": ch.section, "score": score, "text": ch.text,
-                    "chosen": cid in chosen, "ranks": {k: ranks[k].get(cid) for k in ("bm25", "dense", "rerank")}}
+                    "chosen": cid in chosen, "ranks": {k: ranks[k].get(cid) for k in ("bm25", "dense", "rerank")}
+                    } | meta_json(ch.meta)
 
-        return {"mode": self.rag.mode, "k": c.k, "rrf_k": c.rrf_k, "rerank_n": c.rerank_n, "fusion": c.rerank_fusion,
-                "timings": timings, "signals": signals, "rule": self.rag.rule(),
+        return {**rewrite_json(rw), "mode": self.rag.mode, "k": c.k, "rrf_k": c.rrf_k, "rerank_n": c.rerank_n,
+                "fusion": c.rerank_fusion, "timings": timings, "signals": signals, "rule": self.rag.rule(),
                 "lists": {name: [row(cid, s) for cid, s in lst[:show]] for name, lst in lists.items()},
                 "generator": [hit_json(h) for h in hits]}
 

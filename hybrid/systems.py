@@ -52,7 +52,8 @@ class CompareConfig:
     seed: int = option(0, "seeds the bootstrap and the probes")
     seeds: int = option(1, "training seeds for the adapter systems: 1 = the adapters as trained; N > 1 also "
                         "trains N-1 more per adapter on the same data (minutes each) and reports the spread")
-    out: str = option("", "report folder (default .openbook/reports/compare-<folder>)")
+    out: str = option("", "report folder (default .openbook/reports/compare-<folder>, -<model> added for a "
+                     "model other than the default)")
 
     def __post_init__(self):
         if self.seeds < 1:
@@ -64,7 +65,9 @@ class CompareConfig:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
         self.finetuned = self.finetuned or str(run_dir("finetune", self.docs, self.model))
         self.raft = self.raft or str(run_dir("hybrid", self.docs, self.model))
-        self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}")
+        # one report per base model, so comparing on another model does not overwrite the default model's report
+        suffix = "" if self.model == DEFAULT_GENERATOR else f"-{Path(self.model).name}"
+        self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}{suffix}")
         self.golden = golden_for(self.docs, self.golden)
 
     @property
@@ -128,8 +131,11 @@ def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dic
 
 
 def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPipeline:
-    """``base``'s pipeline and index with the system's generator (its adapter, or the plain model)."""
-    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": cfg.adapter(system) or ""}), index=base.index)
+    """``base``'s pipeline and index with the system's generator (its adapter, or the plain model); the base
+    model judges for every system, so all are gated alike (``RagPipeline.judge_generator``)."""
+    adapter = cfg.adapter(system) or ""
+    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": adapter}), index=base.index,
+                       judge_by=base.generator if adapter else None)
 
 
 def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:
@@ -143,5 +149,13 @@ def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[d
         row = score(q, a.text, a.abstained, a.cited[0].doc_id if a.cited else None, [h.text for h in a.cited])
         row["format_ok"] = a.abstained or a.explicit_citation  # RAG's format: cite a source as [n], or abstain
         rows.append(row | {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                           "abstain_reason": a.reason, "latency_s": a.timings if i < n else None})
+                           "abstain_reason": a.reason, "signals": a.signals,
+                           "latency_s": a.timings if i < n else None})
     return rows, pipe
+
+
+def judged(rankeds: list[Ranking], rows: list[dict]) -> list[Ranking]:
+    """``rankeds`` with the judgements a retrieval system's ``rows`` asked for: the base model's, the same for
+    every system, so the next system is gated without asking again (~4 s a question for the 1.5B)."""
+    return [Ranking(r.hits, r.timings, r.signals | {"judge": row["signals"]["judge"]})
+            if "judge" in row["signals"] else r for r, row in zip(rankeds, rows, strict=True)]

@@ -13,14 +13,24 @@ that up), and the API should be scriptable: ``curl -N 'http://127.0.0.1:7860/api
 Left out on purpose: logins.
 
     GET  /api/status            systems (or how to create them), corpus, report, example questions
-    GET  /api/ask?q=&systems=   events: ranked, start, token, done (answer, sources, latency, tokens), end
-    GET  /api/inspect?q=        the retrieval lists with scores, and the passages given to the generator
+    GET  /api/ask?q=&systems=&history=
+                                events: rewritten (a follow-up), ranked, start, token, done (answer, sources,
+                                latency, tokens), end
+    GET  /api/inspect?q=&history=
+                                the query searched for, the retrieval lists with scores, and the passages given
+                                to the generator
+
+``history`` is the conversation so far as JSON, ``[{"role": "user"|"assistant", "content": ...}]``: a follow-up
+("and for the TW-300?") is rewritten into a standalone question before retrieval (``rag/rewrite.py``), and the
+``rewritten`` event and the inspector say what was searched for.
     POST /api/reindex           incremental re-index of --docs
     POST /api/freshness         edits applied to a copy, re-indexed, changed facts re-asked (hybrid.freshness)
     GET  /report                the latest `make compare` report.html
 
 The POST routes refuse (403) a request whose ``Origin`` is another site: a page anywhere on the web can send
-a form POST to 127.0.0.1 without a CORS pre-flight, and each of these starts minutes of work.
+a form POST to 127.0.0.1 without a CORS pre-flight, and each of these starts minutes of work. That guard, the
+port check and the thread-to-stream bridge are ``hybrid/web.py``'s, shared with the OpenAI-compatible API
+(``hybrid/serve.py``).
 """
 
 from __future__ import annotations
@@ -28,15 +38,11 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
-import queue
 import secrets
-import socket
-import threading
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
+from hybrid import web
 from hybrid.demo import Demo, UiConfig
 from hybrid.systems import SYSTEMS
 
@@ -44,42 +50,22 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("ui.html")
 
 
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
 def events(job) -> Iterator[str]:
     """Server-sent events from ``job(emit, stopped)`` run in a thread; a closed page sets ``stopped``."""
-    q: queue.Queue = queue.Queue()
-    stopped = threading.Event()
-
-    def run():
-        try:
-            job(lambda event, data: q.put(f"event: {event}\ndata: {json.dumps(data)}\n\n"), stopped)
-        except Exception as e:
-            log.exception("request failed")
-            q.put(f"event: error\ndata: {json.dumps({'message': f'{type(e).__name__}: {e}'})}\n\n")
-        q.put("event: end\ndata: {}\n\n")
-        q.put(None)
-
-    threading.Thread(target=run, daemon=True).start()
-    try:
-        while (item := q.get()) is not None:
-            yield item
-    finally:
-        stopped.set()
+    return web.threaded(lambda put, stopped: job(lambda event, data: put(sse(event, data)), stopped),
+                        error=lambda e: sse("error", {"message": f"{type(e).__name__}: {e}"}), last=sse("end", {}))
 
 
 def create_app(demo: Demo):
-    from fastapi import Depends, FastAPI, Header, HTTPException
+    from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="openbook demo", docs_url=None, redoc_url=None)  # the Swagger page needs a CDN
-    if not demo.cfg.allow_remote:  # a web page elsewhere cannot reach this server by DNS rebinding
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
-    own = {f"http://{host}:{demo.cfg.port}" for host in ("127.0.0.1", "localhost", "[::1]")}
-
-    def same_origin(origin: str | None = Header(None), host: str | None = Header(None)) -> None:
-        """No Origin (curl, scripts) or this page's own; anything else is a cross-site request."""
-        if origin is not None and origin not in own | {f"http://{host}"}:
-            raise HTTPException(403, f"cross-site request from {origin[:100]} refused")
+    same_origin = web.guard(app, demo.cfg)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -93,20 +79,32 @@ def create_app(demo: Demo):
     def status():
         return demo.status()
 
+    def turns(history: str) -> list[dict]:
+        """The earlier turns the page sends, or a 400."""
+        try:
+            out = json.loads(history or "[]")
+        except json.JSONDecodeError:
+            raise HTTPException(400, "history is not JSON") from None
+        if not isinstance(out, list) or not all(isinstance(t, dict) and t.get("role") in ("user", "assistant")
+                                                and isinstance(t.get("content"), str) for t in out):
+            raise HTTPException(400, 'history must be a list of {"role": "user" or "assistant", "content": text}')
+        return [{"role": t["role"], "content": t["content"]} for t in out]
+
     @app.get("/api/ask")
-    def ask(q: str, systems: str = ""):
+    def ask(q: str, systems: str = "", history: str = ""):
         wanted = [s for s in systems.split(",") if s] if systems else [s for s in SYSTEMS if not demo.missing(s)]
         bad = [s for s in wanted if s not in SYSTEMS or demo.missing(s)]
         if not q.strip() or bad:
             raise HTTPException(400, f"unknown or unavailable systems: {', '.join(bad)}" if bad else "empty question")
-        return StreamingResponse(events(lambda emit, stopped: demo.ask(q.strip(), wanted, emit, stopped)),
+        before = turns(history)
+        return StreamingResponse(events(lambda emit, stopped: demo.ask(q.strip(), wanted, emit, stopped, before)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/inspect")
-    def inspect(q: str):
+    def inspect(q: str, history: str = ""):
         if not q.strip():
             raise HTTPException(400, "empty question")
-        return demo.inspect(q.strip())
+        return demo.inspect(q.strip(), history=turns(history))
 
     @app.post("/api/reindex", dependencies=[Depends(same_origin)])
     def reindex():
@@ -132,22 +130,6 @@ def create_app(demo: Demo):
 
 def serve(cfg: UiConfig) -> None:
     """Build or update the index, then serve the page until Ctrl-C."""
-    import uvicorn
-
-    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closed port may linger
-        try:  # one clear line instead of uvicorn's log lines when the port is taken
-            s.bind((cfg.host, cfg.port))
-        except OSError as e:
-            raise ValueError(f"--port {cfg.port}: cannot listen on {cfg.host} ({e.strerror}); pick another "
-                             "port") from None
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as `python -m rag`: no bar per model load
-    print("config: " + json.dumps(asdict(cfg)))
-    demo = Demo(cfg, progress=True)  # a first run builds the index (about 30 s for the demo corpus)
-    c = demo.corpus()
-    print(f"index {demo.rag.cfg.index_dir}: {c['documents']} documents, {c['chunks']} chunks")
-    for s in SYSTEMS:
-        print(f"  {s:14s} {demo.missing(s) or 'ready'}")
-    print(f"openbook demo on http://{cfg.host if ':' not in cfg.host else f'[{cfg.host}]'}:{cfg.port} "
-          "(Ctrl-C stops it)")
-    uvicorn.run(create_app(demo), host=cfg.host, port=cfg.port, log_level="warning")
+    demo = web.start(cfg)
+    print(f"openbook demo on {web.url(cfg)} (Ctrl-C stops it)")
+    web.run(create_app(demo), cfg)

@@ -45,16 +45,19 @@ def format_rule(rule: Rule | None) -> str:
 
 def below(rule: Rule | None, signals: dict[str, float], timings: dict[str, float], judge: Callable[[], float]) -> bool:
     """Whether a signal of ``rule`` is below its threshold. ``judge()`` is called, and its value and seconds added
-    to ``signals`` and ``timings``, only when the rule uses it and every retrieval signal has passed.
+    to ``signals`` and ``timings``, only when the rule uses it, every retrieval signal has passed and ``signals``
+    holds no judgement yet (the comparison hands one system's judgements to the next: the same base model's).
 
     >>> below([("bm25", 4.0)], {"bm25": 3.2}, {}, judge=lambda: 1.0)
     True
+    >>> below([("judge", 0.5)], {"judge": 0.9}, {}, judge=lambda: -1.0)  # a judgement given is not asked again
+    False
     """
     failed = False
     for name, threshold in sorted(rule or [], key=lambda r: r[0] == "judge"):  # the costly signal last
         if failed:
             break
-        if name == "judge":
+        if name == "judge" and "judge" not in signals:
             t0 = time.perf_counter()
             signals["judge"] = judge()
             timings["judge"] = time.perf_counter() - t0

@@ -117,8 +117,12 @@ class BM25:
         q = tokenize(query)
         return np.asarray(self._bm25.get_scores(q), dtype=np.float32) if q and self.ids else np.zeros(len(self.ids))
 
-    def search(self, query: str, k: int) -> list[tuple[str, float]]:
+    def search(self, query: str, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """The ``k`` best chunks with a positive score; ``allow``: a boolean mask over ``ids``, the only candidates
+        (the rest score 0, so a filter never costs a slot of the k)."""
         s = self.scores(query)
+        if allow is not None:
+            s = np.where(allow, s, 0.0)
         if k < len(s):  # sort only the candidates: at 100k chunks a full sort cost more than bm25s's scoring
             kth = np.partition(s, len(s) - k)[len(s) - k]
             cand = np.flatnonzero(s >= kth)  # ties at the cut included, in index order, as a full sort keeps them

@@ -60,8 +60,9 @@ def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02) -> tuple[
 
 def _stamp(pipe: RagPipeline, questions: list[dict]) -> str:
     """The index version and questions a choice was made from: the same ones give the same choice."""
-    return hashlib.sha256(json.dumps([pipe.index.path.name, [(q["question"], q["answer"]) for q in questions]])
-                          .encode()).hexdigest()[:16]
+    made = [pipe.index.path.name, [(q["question"], q["answer"]) for q in questions]]
+    # a choice made under --where saw other passages: it must not pass for the whole folder's (nor the reverse)
+    return hashlib.sha256(json.dumps(made + [pipe.cfg.where] if pipe.cfg.where else made).encode()).hexdigest()[:16]
 
 
 def choose_mode(pipe: RagPipeline, golden: list[dict], progress: bool = True, margin: int = 2) -> dict | None:

@@ -17,7 +17,7 @@ chunk under MiniLM's 256-piece limit. Chunk ids are ``<doc id>#<kind><n>``: stab
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rag.formats import heading_text
 from rag.ingest import Document
@@ -44,6 +44,8 @@ class Chunk:
     parent_id: str | None = None  # hierarchical children point at the parent the generator sees
     header: str = ""  # contextual header; empty when contextual headers are off
     indexed: bool = True  # parents of hierarchical chunking are stored but not indexed
+    # the document's metadata (rag/metadata.py), shared by its chunks; saved once per document in the manifest
+    meta: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def index_text(self) -> str:
@@ -149,7 +151,8 @@ def chunk_document(doc: Document, cfg: ChunkConfig) -> list[Chunk]:
 
     def make(kind: str, i: int, a: int, b: int, path: str, **kw) -> Chunk:
         header = " › ".join(x for x in (doc.title, path) if x) if cfg.contextual else ""
-        return Chunk(f"{doc.id}#{kind}{i}", doc.id, text[a:b], a, b, path, doc.title, header=header, **kw)
+        return Chunk(f"{doc.id}#{kind}{i}", doc.id, text[a:b], a, b, path, doc.title, header=header, meta=doc.meta,
+                     **kw)
 
     if cfg.strategy == "fixed":
         sections = _sections(text)

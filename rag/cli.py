@@ -19,8 +19,11 @@ from rag.choose import calibrate, choose_mode
 from rag.config import UserError, add_config_flags, config_from, run_command, setup_logging, subcommands, write_report
 from rag.config_file import parse_args, print_config
 from rag.evaluate import GoldenError, evaluate, golden_for, load_golden
+from rag.filters import summary
+from rag.metadata import describe
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Answer
+from rag.rewrite import standalone
 
 log = logging.getLogger("rag")
 
@@ -33,8 +36,11 @@ def _pipeline(args, progress: bool = True) -> RagPipeline:
     pipe = RagPipeline(_config(args))
     s = pipe.update_index(progress=progress)
     what = (f"{s.added} added, {s.changed} changed, {s.removed} removed, {s.unchanged} unchanged; "
-            f"{s.embedded_chunks} chunks embedded" if s.wrote else "up to date")
+            f"{s.embedded_chunks} chunks embedded" + (f", {s.metadata} with new metadata only" if s.metadata else "")
+            if s.wrote else "up to date")
     print(f"index {pipe.cfg.index_dir}: {s.documents} documents, {s.chunks} chunks ({what}) in {s.seconds:.1f} s")
+    if pipe.cfg.where:
+        print(summary(pipe.index, pipe.cfg.where))
     return pipe
 
 
@@ -45,13 +51,15 @@ def _print_answer(a: Answer, streamed: bool) -> None:
         print()
     if a.abstained:
         signals = ", ".join(f"{k} {v:.3f}" for k, v in a.signals.items())
-        why = ("the passages did not pass the abstention rule, so nothing was generated" if a.reason == "low-confidence"
-               else "the model said the passages do not hold the answer")
+        why = ("no passage was retrieved (none matched the question and --where, if given)" if not a.sources
+               else "the passages did not pass the abstention rule, so nothing was generated"
+               if a.reason == "low-confidence" else "the model said the passages do not hold the answer")
         print(f"  (abstained: {why}; signals: {signals or 'none'})")
         return
     for h in a.cited:
         n = a.sources.index(h) + 1
-        print(f"  [{n}] {h.label}" + ("" if a.explicit_citation else "  (top source; the model cited none)"))
+        about = f"  ({describe(h.meta)})" if describe(h.meta) else ""
+        print(f"  [{n}] {h.label}{about}" + ("" if a.explicit_citation else "  (top source; the model cited none)"))
     t = a.timings
     print(f"  ({' · '.join(f'{k} {v * 1000:.0f} ms' for k, v in t.items())}; {a.prompt_tokens} prompt tokens)")
 
@@ -74,7 +82,9 @@ def cmd_ask(args) -> int:
 
 def cmd_chat(args) -> int:
     pipe = _pipeline(args, progress=False)
-    print("Ask about the documents; an empty line or Ctrl-D quits.")
+    print("Ask about the documents; an empty line or Ctrl-D quits." + (" A follow-up ('and for the TW-300?') is "
+          "rewritten into a standalone question first." if args.rewrite else ""))
+    history: list[dict] = []  # earlier turns, for rewriting follow-ups (rag/rewrite.py)
     while True:
         try:
             q = input("\n> ").strip()
@@ -82,8 +92,17 @@ def cmd_chat(args) -> int:
             break
         if not q:
             break
-        print("", end="", flush=True)
-        _print_answer(pipe.answer(q, on_token=lambda t: print(t, end="", flush=True)), streamed=True)
+        if args.rewrite:
+            rw = standalone(pipe.generator, [*history, {"role": "user", "content": q}])
+            if rw.rewritten:
+                print(f"  (searching for: {rw.query})")
+            elif rw.reason not in ("first turn", "unchanged"):
+                print(f"  (the rewrite was not used: {rw.reason}; searching for the question as asked)")
+            q = rw.query
+        a = pipe.answer(q, on_token=lambda t: print(t, end="", flush=True))
+        _print_answer(a, streamed=True)
+        # the standalone form goes into the history, so a chain of follow-ups keeps its subject
+        history += [{"role": "user", "content": q}, {"role": "assistant", "content": a.text}]
     return 0
 
 
@@ -127,7 +146,10 @@ def cmd_eval(args) -> int:
     result["settings"]["golden"] = str(golden_file)
     print_eval(result)
     if args.json:
+        from rag.plots import plot_beside
+
         write_report(result, args.json)
+        plot_beside(result, args.json)
     return 0
 
 
@@ -155,7 +177,11 @@ def cmd_demo(args) -> int:
         print(f"\nevaluating on {golden_file} ...")
         result = evaluate(pipe, golden, split="test")
         print_eval(result)
-        write_report(result, Path(".openbook") / "reports" / f"rag-eval-{Path(pipe.cfg.index_dir).name}.json")
+        from rag.plots import plot_beside
+
+        report = Path(".openbook") / "reports" / f"rag-eval-{Path(pipe.cfg.index_dir).name}.json"
+        write_report(result, report)
+        plot_beside(result, report)
     return 0
 
 
@@ -212,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
         add_config_flags(sp, RagConfig)
         if name == "ask":
             sp.add_argument("question", nargs="+", help="one or more questions")
+        if name == "chat":
+            sp.add_argument("--rewrite", action=argparse.BooleanOptionalAction, default=True, help="rewrite a "
+                            "follow-up into a standalone question with the generator before retrieval (default: on)")
         if name in ("eval", "demo"):
             sp.add_argument("--golden", default="", help="golden JSONL file (default: <docs>/golden.jsonl)")
         if name == "eval":

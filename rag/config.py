@@ -59,6 +59,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        elif str(f.type).startswith("list"):  # a repeatable flag: each use adds one item
+            p.add_argument(flag, action="append", default=list(f.default), metavar=f.name.upper(), help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")

@@ -113,6 +113,11 @@ def file_settings(path: str, known: dict[str, dict[str, argparse.Action]], group
 
 def typed(value, action: argparse.Action, what: str):
     """``value`` from a file as the type ``action``'s flag parses to, or a ``ConfigFileError`` saying which."""
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag (--where): a list of strings, or one string
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigFileError(f"{what} must be a string or a list of strings, not {json.dumps(value, default=str)}")
+        return items
     kind = bool if action.nargs == 0 else action.type if action.type in (int, float) else str
     if kind is float and type(value) is int:
         value = float(value)
@@ -148,7 +153,7 @@ def toml_value(v) -> str:
     """One value in TOML: strings as JSON writes them (TOML's escapes are JSON's), numbers as Python does."""
     if isinstance(v, bool):
         return "true" if v else "false"
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else repr(v)
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (str, list)) else repr(v)  # a list: of strings
 
 
 def print_config(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:

@@ -3,7 +3,10 @@
 Vectors are L2-normalised, so inner product is cosine similarity. ``exact`` (IndexFlatIP) is the default:
 at 10k chunks a query costs about a millisecond on one thread. ``hnsw`` (IndexHNSWFlat, M=32) trades a little
 recall for sub-linear search on large corpora. FAISS's OpenMP threads are set to 1 for single queries, which
-on a 2-core machine is far faster than 2 (MODELS.md). Left out on purpose: IVF/PQ compression and GPU FAISS.
+on a 2-core machine is far faster than 2 (MODELS.md). A ``--where`` filter (``rag/filters.py``) restricts the
+search itself to the allowed chunks with FAISS's ``IDSelectorBitmap``; HNSW, whose graph walk can come back short
+when few chunks are allowed, is topped up by scoring every allowed vector exactly. Left out on purpose: IVF/PQ
+compression and GPU FAISS.
 """
 
 from __future__ import annotations
@@ -175,11 +178,32 @@ class DenseIndex:
         if len(vectors):
             self.index.add(vectors)
 
-    def search_vector(self, q: np.ndarray, k: int) -> list[tuple[str, float]]:
-        if not self.ids:
+    def search_vector(self, q: np.ndarray, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """The ``k`` nearest chunks; ``allow``: a boolean mask over ``ids``, the only candidates, searched by FAISS
+        with an ``IDSelectorBitmap`` (so k allowed chunks come back whenever k exist)."""
+        import faiss
+
+        q = q.reshape(1, -1).astype(np.float32)
+        if allow is None:
+            if not self.ids:
+                return []
+            scores, idx = self.index.search(q, min(k, len(self.ids)))
+            return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0], strict=True) if i >= 0]
+        rows = np.flatnonzero(allow)
+        k = min(k, len(rows))
+        if k == 0:
             return []
-        scores, idx = self.index.search(q.reshape(1, -1).astype(np.float32), min(k, len(self.ids)))
-        return [(self.ids[i], float(s)) for s, i in zip(scores[0], idx[0], strict=True) if i >= 0]
+        bitmap = np.packbits(allow, bitorder="little")  # referenced until the search returns: FAISS reads it
+        sel = faiss.IDSelectorBitmap(bitmap)
+        params = (faiss.SearchParameters(sel=sel) if self.kind == "exact" else
+                  faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.index.hnsw.efSearch, k)))
+        scores, idx = self.index.search(q, k, params=params)
+        found = [(int(i), float(s)) for s, i in zip(scores[0], idx[0], strict=True) if i >= 0]
+        if len(found) < k:  # HNSW's walk can miss allowed vectors when few are allowed: score each of them instead
+            sims = self.index.reconstruct_batch(rows) @ q[0]
+            top = np.argsort(-sims, kind="stable")[:k]
+            found = [(int(rows[j]), float(sims[j])) for j in top]
+        return [(self.ids[i], s) for i, s in found]
 
     def save(self, path: Path) -> None:
         import faiss

@@ -1,5 +1,6 @@
 """File formats to normalised Markdown: the reader for each extension (text, HTML, PDF) and the text clean-up.
 
+YAML front matter is taken off Markdown and text files before their reader runs (``rag/metadata.py``).
 Every format ends up in one shape for the chunkers: '#'-prefixed heading lines and paragraphs separated
 by blank lines. Markdown and plain text are kept, with setext headings ('Title' over '===') turned into
 '#' lines. HTML keeps the reader's view: scripts, navigation, asides and the page header/footer are
@@ -15,8 +16,8 @@ read, size limits and the folder walk are in `rag/ingest.py`.
 Left out on purpose: OCR of scanned PDFs, PDF table/column layout (rows come out as lines), .docx and charset
 sniffing beyond UTF-8 -> cp1252/Latin-1.
 
-    >>> READERS[".md"](b"---\\ndraft: true\\n---\\n# Notes ##", "notes.md")
-    ('# Notes ##', 'Notes')
+    >>> READERS[".md"](b"# Notes ##\\n\\nBody.", "notes.md")
+    ('# Notes ##\\n\\nBody.', 'Notes')
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ def atx_title(text: str) -> str | None:
 
 def _read_text(raw: bytes, rel: str) -> tuple[str, str | None]:
     text = tidy(decode(raw, rel))
-    text = re.sub(r"\A---\n.*?\n(---|\.\.\.)\n", "", text, flags=re.S)  # YAML front matter is not prose
     text = SETEXT.sub(lambda m: ("# " if m[2][0] == "=" else "## ") + m[1].strip() + "\n", text)
     return text, atx_title(text)
 

@@ -2,7 +2,10 @@
 
 Incremental by content hash: on re-index, documents whose sha256 is unchanged keep their chunks, tokens and
 vectors; only new or edited documents are chunked and embedded, and removed ones disappear. A change of
-chunker, embedder or FAISS settings rebuilds everything (old vectors would no longer match).
+chunker, embedder or FAISS settings rebuilds everything (old vectors would no longer match). Each document's
+metadata (``rag/metadata.py``) is kept once, in the manifest, and put on its chunks at load. Metadata changes alone
+(a touched file; an index from before metadata, which loads without front matter) write a version, with nothing
+re-embedded.
 
 Atomic by construction: each build is written to a fresh ``v-*`` folder and only then published by
 ``os.replace`` of the one-line ``CURRENT`` file, so a crash at any point leaves the previous version loadable.
@@ -33,7 +36,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ from rag.chunk import Chunk, ChunkConfig, chunk_document
 from rag.config import UserError
 from rag.dense import DenseIndex, embed
 from rag.ingest import Document, load_folder
+from rag.metadata import legacy_meta
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -76,6 +80,7 @@ class UpdateStats:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
+    metadata: int = 0  # unchanged documents whose metadata alone changed (file time; an index from before metadata)
     embedded_chunks: int = 0
     seconds: float = 0.0
     wrote: bool = False
@@ -97,11 +102,14 @@ class Index:
     def embedder(self) -> str:
         return self.manifest["embedder"]
 
-    def search_bm25(self, query: str, k: int) -> list[tuple[str, float]]:
-        return self.bm25.search(query, k)
+    def search_bm25(self, query: str, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """``allow``: a boolean mask over ``ids``; only those chunks are candidates (``rag.filters``)."""
+        return self.bm25.search(query, k, allow)
 
-    def search_dense(self, query: str, k: int) -> list[tuple[str, float]]:
-        return self.dense.search_vector(embed(self.embedder, [query])[0], k)
+    def search_dense(self, query: str, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]:
+        if allow is not None and not allow.any():
+            return []  # nothing to search: no need to embed the query
+        return self.dense.search_vector(embed(self.embedder, [query])[0], k, allow)
 
     @classmethod
     def load(cls, index_dir: str | Path) -> Index:
@@ -124,8 +132,10 @@ class Index:
             if manifest.get("format") != FORMAT:
                 raise IndexMissing(f"index at {root} has an old format; rebuild with `python -m rag index`")
             _verify(path, manifest.get("files"))
+            # metadata is kept once per document; a version written before it was gets the folder and file time
+            metas = {d: legacy_meta(d, entry) for d, entry in manifest["documents"].items()}
             with open(path / "chunks.jsonl", encoding="utf-8") as f:
-                chunks = [Chunk(**json.loads(line)) for line in f]
+                chunks = [Chunk(**row, meta=metas.get(row["doc_id"], {})) for row in map(json.loads, f)]
             tokens = json.loads((path / "tokens.json").read_text(encoding="utf-8"))
             vectors = np.load(path / "vectors.npy")
             ids = [c.id for c in chunks if c.indexed]
@@ -198,7 +208,8 @@ def write_version(root: Path, manifest: dict, chunks: list[Chunk], tokens: list,
         tmp.mkdir()
         with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
             for c in chunks:
-                f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+                row = {k: v for k, v in asdict(c).items() if k != "meta"}  # the manifest holds it, once per document
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "tokens.json").write_text(json.dumps(tokens), encoding="utf-8")
         np.save(tmp / "vectors.npy", vectors)
         dense.save(tmp / "faiss.index")
@@ -255,6 +266,9 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
     except IndexMissing:
         old = None
     old_docs = old.manifest["documents"] if old else {}
+    if any("meta" not in entry for entry in old_docs.values()):
+        log.info("index at %s predates document metadata (front matter, dates): adding it, nothing re-embedded",
+                 index_dir)
     stats = UpdateStats(documents=len(docs))
     stats.removed = len(set(old_docs) - {d.id for d in docs})
     old_row = {cid: i for i, cid in enumerate(old.ids)} if old else {}
@@ -265,12 +279,13 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
         keep = prev is not None and prev["sha256"] == d.sha256
         if keep:
             stats.unchanged += 1
-            dchunks = [old.chunks[cid] for cid in prev["chunks"]]
+            stats.metadata += prev.get("meta") != d.meta
+            dchunks = [replace(old.chunks[cid], meta=d.meta) for cid in prev["chunks"]]
         else:
             stats.added += prev is None
             stats.changed += prev is not None
             dchunks = chunk_document(d, chunk_cfg)
-        doc_meta[d.id] = {"sha256": d.sha256, "title": d.title, "mtime": d.mtime,
+        doc_meta[d.id] = {"sha256": d.sha256, "title": d.title, "mtime": d.mtime, "meta": d.meta,
                           "chunks": [c.id for c in dchunks]}
         for c in dchunks:
             chunks.append(c)
@@ -284,10 +299,12 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
                 fresh.append(c)
                 tokens.append(tokenize(c.index_text))
     stats.chunks = len(rows)
-    if old and not (stats.added or stats.changed or stats.removed):
+    if old and not (stats.added or stats.changed or stats.removed or stats.metadata):
         stats.seconds = time.perf_counter() - t0
         return old, stats
-    new_vecs = embed(embedder, [c.index_text for c in fresh], progress=progress and len(fresh) > 64)
+    # only metadata changed: no embedder to load (seconds on a cold CPU) for zero texts
+    new_vecs = old.vectors[:0] if old and not fresh else embed(embedder, [c.index_text for c in fresh],
+                                                                  progress=progress and len(fresh) > 64)
     stats.embedded_chunks = len(fresh)
     dim = new_vecs.shape[1]
     vectors = np.zeros((len(rows), dim), dtype=np.float32)

@@ -1,7 +1,8 @@
 """Load a folder of .md/.txt/.html/.pdf files into `Document`s whose text is normalised Markdown.
 
 Each file's bytes become Markdown in `rag/formats.py` (one reader per extension); this module decides which
-files are read: the walk, names, sizes, links.
+files are read: the walk, names, sizes, links. YAML front matter of Markdown and text files is taken off before
+the reader sees them and kept, with the folder and file time, as the document's ``meta`` (``rag/metadata.py``).
 
 A bad file never stops a run: it is skipped with one warning that names it and says what to do.
 
@@ -23,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from rag.config import UserError
 from rag.formats import READERS, Skip, tidy
+from rag.metadata import SUFFIXES, doc_meta, split_front_matter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class Document:
     text: str     # normalised Markdown: '#'-prefixed heading lines, paragraphs separated by blank lines
     sha256: str   # hex sha256 of the raw file bytes
     mtime: float
+    # folder, file time, date and YAML front matter (rag/metadata.py); not compared, so a Document stays hashable
+    meta: dict = field(default_factory=dict, compare=False)
 
 
 class IngestError(UserError, ValueError):
@@ -92,7 +96,8 @@ def load_file(path: Path, root: Path) -> Document | None:
         raw = path.read_bytes()
         if not raw.strip():
             raise Skip("empty file; add text to it or delete it")
-        text, title = READERS[path.suffix.lower()](raw, name)
+        front, body = split_front_matter(raw, name) if path.suffix.lower() in SUFFIXES else ({}, raw)
+        text, title = READERS[path.suffix.lower()](body, name)
         if pdf:
             _check_size(len(text.encode()), name, "its text")
         if not (text := tidy(text)):
@@ -106,7 +111,7 @@ def load_file(path: Path, root: Path) -> Document | None:
         return None
     first_line = next(ln for ln in text.split("\n") if ln.strip()).lstrip("#").strip()[:120]
     return Document(id=rel, path=str(path.absolute()), title=title or first_line or path.stem, text=text,
-                    sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime)
+                    sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime, meta=doc_meta(rel, mtime, front, name))
 
 
 def _entries(folder: Path, root: Path) -> list[Path]:

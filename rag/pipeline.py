@@ -1,8 +1,9 @@
 """The RAG pipeline: one config, then index → retrieve (bm25 | dense | hybrid | hybrid+rerank) → gate → answer.
 
 Retrieval follows "fetch wide, fuse, re-rank, cut": each retriever returns max(k × fetch_factor, rerank_n)
-results, reciprocal rank fusion merges them, the cross-encoder scores the fused top ``rerank_n`` and its order
-joins the BM25 and dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
+results (only from the chunks ``--where`` allows, rag/filters.py: filtering before fusion keeps k), reciprocal
+rank fusion merges them, the cross-encoder scores the fused top ``rerank_n`` and its order joins the BM25 and
+dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
 With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
 generating, the abstention rule (rag/abstain.py: the retrieval scores and the reader's judgement against
 thresholds calibrated by rag/evaluate.py) may answer "I don't know"; the generator can still abstain by itself.
@@ -24,6 +25,8 @@ from rag.abstain import SIGNALS, Rule, below, confidence, parse_rule
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
+from rag.filters import HELP as WHERE_HELP
+from rag.filters import allowed, parse_where
 from rag.fuse import rrf
 from rag.generate import IDK, Generator, citations, is_abstention, prompt_id
 from rag.index import Index, UpdateStats, update_index
@@ -43,6 +46,7 @@ class RagConfig:
     mode: str = option(AUTO, f"retrieval mode: {', '.join(MODES)}, or 'auto': the one with the best recall@k on the "
                        f"folder's golden train split (chosen by `rag eval`), else {DEFAULT_MODE}")
     k: int = option(3, "passages given to the generator")
+    where: list[str] = option((), WHERE_HELP)
     chunker: str = option("semantic", f"chunking strategy: {', '.join(STRATEGIES)}")
     chunk_size: int = option(120, "words per chunk (child chunk for hierarchical)")
     overlap: int = option(20, "words shared by neighbouring fixed/child chunks")
@@ -77,6 +81,8 @@ class RagConfig:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'")
         if self.abstain not in ("calibrated", "none"):
             parse_rule(self.abstain)  # names the flag when malformed
+        self.where = [self.where] if isinstance(self.where, str) else list(self.where or [])
+        parse_where(self.where)  # a malformed clause raises an error that names --where
         if self.rerank_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--rerank-precision must be auto, fp32 or bf16, not '{self.rerank_precision}'")
         if self.rerank_fusion not in ("replace", "rrf"):
@@ -105,9 +111,10 @@ class RagConfig:
 class RagPipeline:
     """Loads models lazily, so retrieval-only work (eval of modes, the index) never loads the generator."""
 
-    def __init__(self, cfg: RagConfig, index: Index | None = None):
+    def __init__(self, cfg: RagConfig, index: Index | None = None, judge_by: Generator | None = None):
         self.cfg, self.index = cfg, index
         self._generator: Generator | None = None
+        self._judge_by = judge_by  # the base model, already loaded, for an adapter's pipeline (``judge_generator``)
         self._reranker = None
         self._mode: str | None = None
 
@@ -173,9 +180,21 @@ class RagPipeline:
             scorer = c.embedder
         return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
 
+    @property
+    def judge_generator(self) -> Generator:
+        """The model whose yes/no judgement gates answers: the base model, also when an adapter generates. The rule
+        an adapter shares (``calibration_key``) was fitted to the base model's judgement, and a LoRA moves the
+        log-odds: judged by their own adapters, the 1.5B's closed-book and RAFT adapters fell below the base's
+        threshold on almost every demo test question (contains 0.03 and 0.00 in `make compare`, 2026-12-03)."""
+        if not self.cfg.adapter:
+            return self.generator
+        if self._judge_by is None:
+            self._judge_by = load_generator(self.cfg.model, 1, backend=self.cfg.backend)
+        return self._judge_by
+
     def judge(self, question: str, hits: list[Hit]) -> float:
         """The reader's log-odds that these passages state the answer (the ``judge`` abstention signal)."""
-        return self.generator.judge(question, sources(hits))
+        return self.judge_generator.judge(question, sources(hits))
 
     def ranked(self, query: str, mode: str | None = None, k: int | None = None, trace: dict | None = None
                ) -> Ranking:
@@ -187,10 +206,11 @@ class RagPipeline:
         n = max(c.k * c.fetch_factor, c.rerank_n)  # the configured k: a longer cut sees the same candidates
         t0 = time.perf_counter()
         named = {}  # retriever name → its best-first [(chunk_id, score)]
+        allow = allowed(self.index, c.where)  # --where, applied inside each retriever: before fusion, k stays k
         if use.bm25:
-            named["bm25"] = self.index.search_bm25(query, n)
+            named["bm25"] = self.index.search_bm25(query, n, allow)
         if use.dense:
-            named["dense"] = self.index.search_dense(query, n)
+            named["dense"] = self.index.search_dense(query, n, allow)
         signals = {name: found[0][1] for name, found in named.items() if found}  # best score of each
         lists = list(named.values())
         fused = lists[0] if len(lists) == 1 else rrf(lists, c.rrf_k)
@@ -220,7 +240,7 @@ class RagPipeline:
             if shown.id in seen:
                 continue
             seen.add(shown.id)
-            hits.append(Hit(cid, chunk.doc_id, chunk.section, shown.text, score, ce.get(cid)))
+            hits.append(Hit(cid, chunk.doc_id, chunk.section, shown.text, score, ce.get(cid), chunk.meta))
             if len(hits) == k:
                 break
         if ce:

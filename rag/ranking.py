@@ -35,6 +35,7 @@ class Hit:
     text: str  # what the generator sees (the parent section for hierarchical chunks)
     score: float  # final ranking score (mode-dependent scale)
     rerank: float | None = None  # cross-encoder probability, when re-ranked
+    meta: dict = field(default_factory=dict)  # the document's metadata (rag/metadata.py): date, tags, folder
 
     @property
     def label(self) -> str:

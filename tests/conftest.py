@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,27 @@ def small_index(tmp_path_factory) -> tuple[Path, Path]:
     docs = write_corpus(root / "docs")
     update_index(docs, root / "index", ChunkConfig(**SMALL_CHUNKS), "minilm", progress=False)
     return docs, root / "index"
+
+
+@contextmanager
+def serving(app):
+    """``app`` served for real by uvicorn on a free local port, in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def copy_index(built: tuple[Path, Path], dest: Path) -> tuple[Path, Path]:

@@ -10,7 +10,9 @@ import pytest
 
 from hybrid.compare import compare
 from hybrid.freshness import apply_edits
-from hybrid.systems import SYSTEMS, CompareConfig
+from hybrid.systems import SYSTEMS, CompareConfig, judged, with_generator
+from rag.pipeline import RagConfig, RagPipeline
+from rag.ranking import Ranking
 from tests.test_hybrid_raft import GOLDEN
 
 EDITS = [{"id": "e-01", "path": "returns.md", "find": "within 45 days", "replace": "within 60 days",
@@ -155,3 +157,24 @@ def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(resu
     assert "## Over 2 training seeds" in md and "| hybrid | " in md.split("## Over 2 training seeds")[1]
     with pytest.raises(ValueError, match="--seeds"):
         CompareConfig(docs=cfg.docs, seeds=0)
+
+
+def test_the_base_model_judges_for_adapter_systems(result):
+    """The calibrated rule is the base model's, so an adapter's pipeline is gated by the base model's judgement,
+    not its own (a LoRA moves the yes/no log-odds: the 1.5B's adapters fell below the base's threshold on almost
+    every question when they judged themselves)."""
+    _, cfg = result
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
+    base.update_index(progress=False)
+    tuned = with_generator(base, cfg, "finetuned+rag")
+    assert tuned.generator.adapter and tuned.judge_generator is base.generator  # one base model judges for all
+    alone = RagPipeline(RagConfig(**{**vars(tuned.cfg)}), index=base.index)  # e.g. `hybrid ask`: loads the base
+    assert alone.judge_generator.adapter is None and alone.generator.adapter == tuned.generator.adapter
+    # (values are not compared: llama.cpp's logits for a prompt depend slightly on what its cache already held)
+    q = "How many days do customers have to return a device?"
+    hits = base.ranked(q).hits[: base.cfg.k]
+    assert math.isfinite(alone.judge(q, hits))
+    # a later system re-uses the judgements an earlier one asked for; questions not judged stay as they were
+    r = Ranking(hits, {}, {"bm25": 1.0})
+    again = judged([r, r], [{"signals": {"bm25": 1.0, "judge": 0.25}}, {"signals": {"bm25": 1.0}}])
+    assert again[0].signals == {"bm25": 1.0, "judge": 0.25} and again[1] is r

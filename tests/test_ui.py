@@ -8,13 +8,11 @@ import json
 import os
 import shutil
 import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, write_corpus
+from tests.conftest import TINY, serving, write_corpus
 from tests.test_hybrid_compare import CHANGED, EDITS
 
 # a document that tries to inject markup: the page must show it as text
@@ -97,22 +95,10 @@ def test_cli_refuses_remote_host_and_busy_port(capsys):
 
 @pytest.fixture
 def server(demo):
-    import uvicorn
-
     from hybrid.ui import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(demo), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(demo)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +159,14 @@ def test_page_in_headless_chromium(chromium, server, demo):
                 pipe.cfg.abstain = "calibrated"
         expect(rag.locator(".idk")).to_have_text("I don't know")
         expect(rag).to_contain_text("below the threshold")
+        # the second ask is a follow-up of the first; the same question again is searched for as asked
+        expect(page.locator("#convo")).to_contain_text("Follow-up to 1 earlier question · searched for the question "
+                                                       "as asked (asked before)")
 
         page.click("#inspect-btn")  # why a passage won: every stage's list, the generator's passages marked
         expect(page.locator("[data-list]")).to_have_count(5, timeout=60_000)
         expect(page.locator("[data-list=bm25] tr.chosen").first).to_contain_text("notes.md")
+        expect(page.locator("#searched")).to_contain_text(f"searched for: {QUESTION} (as asked: asked before)")
 
         page.click("nav button[data-tab=report]")
         expect(page.frame_locator("#report iframe").locator("h1")).to_have_text("openbook comparison — stand-in")
