@@ -115,7 +115,7 @@ class Demo:
         if adapter not in self.pipes:
             # the base model judges for every system (the calibrated rule is its), loaded once for all
             self.pipes[adapter] = RagPipeline(RagConfig(**{**asdict(self.rag.cfg), "adapter": adapter}),
-                                              index=self.rag.index, judge_by=self.rag.generator)
+                                              index=self.rag.index, judge_by=self.rag)
         return self.pipes[adapter]
 
     def standalone(self, messages: list[dict]) -> Rewrite:

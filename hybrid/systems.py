@@ -133,9 +133,10 @@ def run_closed_book(cfg: CompareConfig, system: str, qs: list[dict]) -> list[dic
 def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPipeline:
     """``base``'s pipeline and index with the system's generator (its adapter, or the plain model); the base
     model judges for every system, so all are gated alike (``RagPipeline.judge_generator``)."""
-    adapter = cfg.adapter(system) or ""
-    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": adapter}), index=base.index,
-                       judge_by=base.generator if adapter else None)
+    adapter = cfg.adapter(system)
+    if not adapter:
+        return base  # the plain model: base's own pipeline, so one instance of it serves RAG and every judgement
+    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": adapter}), index=base.index, judge_by=base)
 
 
 def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:

@@ -15,7 +15,7 @@ calibrated`` read (rag/choose.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -111,10 +111,10 @@ class RagConfig:
 class RagPipeline:
     """Loads models lazily, so retrieval-only work (eval of modes, the index) never loads the generator."""
 
-    def __init__(self, cfg: RagConfig, index: Index | None = None, judge_by: Generator | None = None):
+    def __init__(self, cfg: RagConfig, index: Index | None = None, judge_by: RagPipeline | None = None):
         self.cfg, self.index = cfg, index
         self._generator: Generator | None = None
-        self._judge_by = judge_by  # the base model, already loaded, for an adapter's pipeline (``judge_generator``)
+        self._judge_by = judge_by  # an adapter's pipeline: the base model's, whose generator judges (loaded lazily)
         self._reranker = None
         self._mode: str | None = None
 
@@ -189,8 +189,8 @@ class RagPipeline:
         if not self.cfg.adapter:
             return self.generator
         if self._judge_by is None:
-            self._judge_by = load_generator(self.cfg.model, 1, backend=self.cfg.backend)
-        return self._judge_by
+            self._judge_by = RagPipeline(replace(self.cfg, adapter=""), index=self.index)
+        return self._judge_by.generator
 
     def judge(self, question: str, hits: list[Hit]) -> float:
         """The reader's log-odds that these passages state the answer (the ``judge`` abstention signal)."""
