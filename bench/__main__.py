@@ -34,9 +34,11 @@ SECTIONS = {
     "quality": ("bench.quality", "fitz-gov retrieval quality per mode, contextual header on/off"),
     "governance": ("bench.governance", "fitz-gov governance suite (tier 0 + tier 1 sample), FitzGovEvaluator"),
     "scale": ("bench.scale", "index build rates, disk, RSS, query latency, incremental update at 1k/10k/100k"),
+    "store": ("bench.store", "embedded index vs Milvus Lite at 100k/1M chunks: build, latency, recall, RSS, disk"),
     "backends": ("bench.backends", "rank-bm25 vs bm25s; FAISS exact vs HNSW vs IVF"),
     "generation": ("bench.generation", "generator prefill/decode tokens/s vs the bandwidth bound, variants"),
     "training": ("bench.training", "LoRA training tokens/s, s/step, FLOP ratio"),
+    "ray_index": ("bench.ray_index", "indexing on Ray Data: chunks/s at 1 and 2 workers, a 10M-chunk sizing estimate"),
 }
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench")

@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from rag.abstain import parse_rule
+
 RESULTS = Path("docs/results")
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -237,6 +239,16 @@ def median(latencies: list[dict], stage: str) -> float:
     return xs[len(xs) // 2] if xs else 0.0
 
 
+def run_rule(settings: dict) -> list:
+    """The abstention rule an eval ran with: the calibrated one, else the one it names (``--abstain`` or, since
+    2026-12-03, ``rule``: the judge<0 default of a folder without a golden train split)."""
+    calibrated = (settings.get("calibration") or {}).get("rule")
+    if calibrated:
+        return calibrated
+    text = settings.get("rule") or settings.get("abstain", "none")
+    return [] if text in ("none", "calibrated") else parse_rule(text)
+
+
 def answers(ds: list[dict]) -> str:
     """Answer quality and latency per generator (hybrid+rerank, the run's abstention rule), one row per eval JSON."""
     rows = ["| generator | contains | token F1 | citation acc. | abstain P | abstain R | misses: retrieval / gate / "
@@ -248,7 +260,9 @@ def answers(ds: list[dict]) -> str:
         # the stages are the answered questions' medians, the end to end is shown both ways
         done = [q["latency_s"] for q in d["per_question"] if not q["abstained"]]
         steps = " + ".join(f"{k} {median(done, k):.2f} s" for k in ("rerank", "judge", "generate") if k in lat)
-        rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]} | **{a['contains']:.3f}** | "
+        label = "" if s.get("calibration") else ", " + " or ".join(f"{n} < {t:g}" for n, t in run_rule(s)) + \
+            " (no calibrated rule)"
+        rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]}{label} | **{a['contains']:.3f}** | "
                     f"{a['f1']:.3f} | {a['citation_accuracy']:.3f} | {num(a['abstain_precision'])} | "
                     f"{num(a['abstain_recall'])} | {a['retrieval_misses']} / {a['gate_misses']} / "
                     f"{a['generation_misses']} | **all {len(d['per_question'])}: {lat['total']['p50'] / 1000:.1f} s** "
@@ -256,7 +270,7 @@ def answers(ds: list[dict]) -> str:
                     f"{median(done, 'total'):.1f} s |")
     rows.append("")
     for d in ds:
-        rule = d["settings"].get("calibration", {}).get("rule") or []
+        rule = run_rule(d["settings"])
         rows.append(f"{d['settings']['model']}: abstain when " + (" or ".join(f"{n} < {t:.3g}" for n, t in rule)
                                                                    or "never (no rule)")
                     + f"; by type: {by_type(d)}. " + source(d))

@@ -9,6 +9,7 @@ not targets: most were taken on other data or another machine.
 from __future__ import annotations
 
 from bench.backends import verdict
+from bench.ray_index import report as ray_report
 
 ANCHORS = {
     "quality": [("BEIR SciFact nDCG@10, BM25 (Pyserini flat / rank-bm25)", "67.9 / 68.5", "published"),
@@ -169,8 +170,10 @@ def generation(s: dict) -> str:
             [name, v["threads"], v["prompt_tokens"], v["prefill_tok_s"], v["decode_tok_s"], v["bandwidth_bound_tok_s"],
              v["ratio_to_bound"]] for name, v in s["llamacpp"].items()]
     return (out + "\n\n**llama.cpp** (the CPU default; 4-bit GGUF files as packaged; bound = bandwidth ÷ file "
-            "bytes):\n\n" + table(["model", "threads", "prompt tokens", "prefill tok/s", "decode tok/s",
-                                    "bound tok/s", "decode/bound"], rows))
+            "bytes; the rows on 1 thread show whether decoding is limited by memory bandwidth, which one thread "
+            "would nearly saturate, or by compute, which halves with the threads):\n\n"
+            + table(["model", "threads", "prompt tokens", "prefill tok/s", "decode tok/s", "bound tok/s",
+                     "decode/bound"], rows))
 
 
 def training(s: dict) -> str:
@@ -183,11 +186,47 @@ def training(s: dict) -> str:
                         "tokens/s (padded)", "tokens/s (trainer, non-pad)", "GFLOP/s", "÷ matmul rate"], rows)
 
 
+def store(s: dict) -> str:
+    """bench/store.py: the embedded index vs Milvus Lite, one row per size and store."""
+    out = f"{s['engine']}. {s['vectors']}. k={s['k']}, {s['queries']} fitz-gov queries, one at a time.\n\n"
+    if "fitzgov" in s:
+        a = s["fitzgov"]
+        out += (f"Same answers: fitz-gov test split, {a['queries']} queries over {a['chunks']:,} real chunks, by "
+                "document (Milvus − embedded, 95% paired bootstrap):\n\n")
+        out += table(["mode", "nDCG@10 embedded", "nDCG@10 Milvus", "difference", "recall@5 embedded",
+                      "recall@5 Milvus", "difference"],
+                     [[m, a[m]["ndcg@10"]["embedded"], a[m]["ndcg@10"]["milvus"],
+                       _ci(a[m]["ndcg@10"], "milvus_minus_embedded"), a[m]["recall@5"]["embedded"],
+                       a[m]["recall@5"]["milvus"], _ci(a[m]["recall@5"], "milvus_minus_embedded")]
+                      for m in ("bm25", "dense", "hybrid")]) + "\n\n"
+    rows = []
+    for size, by in s["sizes"].items():
+        if "skipped" in by:
+            rows.append([size, "skipped: " + by["skipped"]])
+            continue
+        for name, r in by.items():
+            if "error" in r:
+                rows.append([size, name, "failed: " + r["error"]])
+                continue
+            b, v, q = r["build"], r["serve"], r["serve"]["query_ms"]
+            engine = v.get("engine", {}).get("peak_mb")
+            rows.append([b["chunks"], name, b["chunks_per_second"], b["seconds"], v["load_seconds"],
+                         f"{q['bm25']['p50_ms']:.1f} / {q['bm25']['p95_ms']:.1f}",
+                         f"{q['dense']['p50_ms']:.1f} / {q['dense']['p95_ms']:.1f}", v["dense_recall@10_vs_exact"],
+                         v.get("bm25_top10_scores_match", "(reference)"), b["disk_mb"], b["client_rss_mb"]["peak"],
+                         v["client_rss_mb"]["peak"], engine if engine is not None else "–"])
+    return out + table(["chunks", "store", "build ch/s", "build s", "open s", "bm25 p50/p95 ms", "dense p50/p95 ms",
+                        "dense recall@10 vs exact", "BM25 top-10 scores = embedded", "disk MB", "build peak RSS MB",
+                        "serve peak RSS MB", "+ engine peak RSS MB"], rows)
+
+
 TITLES = {"quality": ("1a. Retrieval quality — fitz-gov test split", quality),
           "governance": ("1b. Governance — fitz-gov tier 0 + tier 1 sample", governance),
           "beir": ("1c. Retrieval quality — BEIR-format folder", quality),
-          "scale": ("2. Scale and speed", scale), "backends": ("3. Backends", backends),
-          "generation": ("4. Generation", generation), "training": ("5. Fine-tuning", training)}
+          "scale": ("2. Scale and speed", scale), "store": ("2b. Stores — embedded vs Milvus", store),
+          "backends": ("3. Backends", backends),
+          "generation": ("4. Generation", generation), "training": ("5. Fine-tuning", training),
+          "ray_index": ("6. Indexing on Ray Data", ray_report)}
 
 
 def render(res: dict, source: str = "", charts: dict[str, str] | None = None) -> str:

@@ -12,6 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from finetune import distributed as D
 from finetune import train as T
 from finetune.data import DataConfig, build, load_built
 from finetune.evaluate import EvalConfig, compare, learning_curve, plot_curve, question_sets, report_path
@@ -83,7 +84,9 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = config_from(args, T.TrainConfig)
-    m = T.train(cfg, load_data(args.data), resume=args.resume).metrics
+    m = T.train(cfg, load_data(args.data), resume=args.resume).metrics  # under accelerate launch: every process
+    if not D.is_main():
+        return 0
     ev = "-" if m["final_eval_loss"] is None else f"{m['final_eval_loss']:.4f}"
     print(f"adapter in {Path(cfg.output_dir) / 'adapter'}: {m['steps']} steps, last train loss "
           f"{m['final_train_loss']:.4f}, eval loss {ev}, {m['seconds']:.0f} s")
@@ -122,11 +125,15 @@ def cmd_run(args) -> int:
     built = load_built(dcfg) if args.resume else None
     if args.resume and built is None:
         log.warning("--resume: no saved data built with these settings in %s; building it", dcfg.out)
-    train, heldout, stats = built or build(dcfg)
-    print(f"dataset: {len(train)} training rows, {len(heldout)} held-out questions; {stats}"
-          + (" (saved, re-used)" if built else ""))
+    # under accelerate launch process 0 builds (LM calls, one saved folder) and the others load what it saved
+    train, heldout, stats = built or D.once(lambda: build(dcfg), lambda: load_built(dcfg))
+    if D.is_main():
+        print(f"dataset: {len(train)} training rows, {len(heldout)} held-out questions; {stats}"
+              + (" (saved, re-used)" if built else ""))
     run = T.train(tcfg, train, resume=args.resume)
     m = run.metrics
+    if not D.is_main():  # evaluation and the report are process 0's
+        return 0
     print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; "
           f"loss curve {Path(tcfg.output_dir) / 'loss.png'}")
     del run
@@ -218,6 +225,7 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "merge": cmd_merge, "export": 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    D.quiet_replicas()
     p = parser()
 
     def go(argv: list[str] | None) -> int:

@@ -74,7 +74,9 @@ def load_base(model: str, device: str, qlora: bool = False, bf16: bool = False):
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0})
+    # the current GPU: under accelerate launch each process's own (a 4-bit model cannot be moved after loading)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q,
+                                                device_map={"": torch.cuda.current_device()})
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), tok
 
 

@@ -6,9 +6,9 @@ so at step 0 B·A = 0 and the tuned model *is* the base model; only A and B trai
 Follows the HF `Trainer` + peft recipe (loss on the answer tokens only, cosine schedule with warm-up,
 held-out eval loss with early stopping, resumable checkpoints) and QLoRA (Dettmers et al., 2023: 4-bit base,
 bf16 compute) when CUDA and bitsandbytes are there. Left out on purpose: packing several examples per row,
-gradient checkpointing (the default models are small), multi-GPU (`accelerate launch` would run this file
-unchanged), and generation-based evaluation (finetune/evaluate.py). Loading and tokenising the examples (loss on
-the answer tokens only) is finetune/rows.py.
+gradient checkpointing (the default models are small), and generation-based evaluation (finetune/evaluate.py).
+Under ``accelerate launch`` (data-parallel, finetune/distributed.py) every process trains and process 0 alone
+writes and logs. Loading and tokenising the examples (loss on the answer tokens only) is finetune/rows.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune import distributed as D
 from finetune.lora import add_lora, frozen_bf16, load_base, load_tuned, record_base, save_atomically, use_qlora
 from finetune.rows import DataError, tokenize_example
 from rag.config import option
@@ -50,8 +51,9 @@ class TrainConfig:
     # a small folder's few rows gave 20 updates at 2 epochs, too few to learn even the answer format
     min_steps: int = option(100, "with --epochs, train at least this many optimiser steps (more passes over a "
                             "small data set); 0: no minimum")
-    batch_size: int = option(4, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimiser step (effective batch = batch_size × grad_accum)")
+    batch_size: int = option(4, "examples per micro-batch (per process under accelerate launch)")
+    grad_accum: int = option(1, "micro-batches per optimiser step (effective batch = batch_size × processes × "
+                             "grad_accum)")
     learning_rate: float = option(1e-3, "peak AdamW learning rate (cosine decay after warm-up)")
     warmup: float = option(0.1, "linear warm-up as a fraction of all optimiser steps")
     max_length: int = option(256, "tokens per example at most (the prompt's left side is cut first)")
@@ -65,7 +67,8 @@ class TrainConfig:
     snapshots: int = option(3, "adapters saved at evenly spaced steps before the end, in <output-dir>/snapshots, "
                             "for the accuracy-against-steps curve (0: none)")
     seed: int = option(0, "seeds the LoRA init, the eval split and the data order")
-    threads: int = option(2, "torch CPU threads (CPU only)")
+    threads: int = option(2, "torch CPU threads (CPU only), shared among the processes accelerate launch starts "
+                          "on one machine")
     qlora: str = option("auto", "4-bit base model: 'auto' (only with CUDA and bitsandbytes), 'yes' or 'no'")
     precision: str = option("auto", "'auto': bf16 mixed precision on a CUDA GPU that supports it; on a CPU that "
                             "multiplies bf16 natively, frozen bf16 base weights with fp32 adapters for models of 1B "
@@ -113,6 +116,8 @@ def _callbacks():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             now, logs = time.perf_counter(), logs or {}
+            if not state.is_world_process_zero:
+                return
             if "loss" in logs:
                 tps = (state.num_input_tokens_seen - self.last[1]) / max(now - self.last[0], 1e-9)
                 self.last = (now, state.num_input_tokens_seen)
@@ -133,7 +138,7 @@ def _callbacks():
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             every = state.max_steps / (self.n + 1)
-            if self.n and state.global_step < state.max_steps and \
+            if self.n and state.is_world_process_zero and state.global_step < state.max_steps and \
                     int(state.global_step / every) > int((state.global_step - 1) / every):
                 snapshot = self.folder / f"step-{state.global_step}"
                 model.save_pretrained(str(snapshot))
@@ -180,10 +185,12 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     if "messages" not in dataset.column_names:
         raise DataError(f"the training data needs a 'messages' column, it has {dataset.column_names}")
     out, device = Path(cfg.output_dir), pick_device()
-    ckpt_dir = out / "checkpoints"
-    if not resume:  # a fresh run: stale checkpoints would be rotated, or resumed, as if they were its own
+    ckpt_dir, main, world = out / "checkpoints", D.is_main(), D.world_size()
+    D.quiet_replicas()
+    if not resume and main:  # a fresh run: stale checkpoints would be rotated, or resumed, as if they were its own
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(out / SNAPSHOTS, ignore_errors=True)
+    D.barrier()  # with several processes: also starts the process group, and with it each one's own GPU
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
@@ -192,14 +199,15 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         log.info("--resume: %s is the end of a finished run; loading its adapter", last)
         return TrainRun(*load_tuned(out, device), json.loads((out / "metrics.json").read_text()))
     if device == "cpu":
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(D.cpu_threads(cfg.threads))
     hf.set_seed(cfg.seed)  # before add_lora: the A matrices are drawn at random
     qlora = use_qlora(cfg.qlora, device)
     bf16_base = not qlora and frozen_bf16(cfg.precision, device, cfg.model)
     model, tok = load_base(cfg.model, device, qlora, bf16=bf16_base)
     tok.padding_side = "right"  # positions come from the sequence index, so pads must trail the tokens
     model = add_lora(model, cfg)
-    model.print_trainable_parameters()
+    if main:
+        model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
 
     rows = Dataset.from_list([tokenize_example(tok, m, cfg.max_length) for m in dataset["messages"]])
@@ -210,17 +218,22 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     bf16 = device != "cpu" and (cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda"
                                                             and torch.cuda.is_bf16_supported()))
     max_steps = cfg.max_steps
-    by_epochs = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum * cfg.epochs)
+    effective_batch = cfg.batch_size * world * cfg.grad_accum  # rows per optimiser step
+    by_epochs = math.ceil(math.ceil(len(train_rows) / (cfg.batch_size * world)) / cfg.grad_accum * cfg.epochs)
     if max_steps == -1 and by_epochs < cfg.min_steps:
         log.info("%g epochs over %d rows are %d steps; training --min-steps %d instead", cfg.epochs,
                  len(train_rows), by_epochs, cfg.min_steps)
         max_steps = cfg.min_steps
     resolved = {**asdict(cfg), "base_model_path": generator_path(cfg.model), "dataset_rows": len(rows),
                 "train_rows": len(train_rows), "eval_rows": n_eval, "device": device, "qlora_used": qlora,
-                "bf16": bf16, "bf16_base": bf16_base}
+                "bf16": bf16, "bf16_base": bf16_base, "processes": world, "effective_batch": effective_batch,
+                "threads_per_process": torch.get_num_threads() if device == "cpu" else None}
     log.info("config %s", json.dumps(resolved))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(resolved, indent=1))  # up front: a crashed run keeps it too
+    log.info("effective batch %d = %d rows per micro-batch × %d processes × %d accumulation steps",
+             effective_batch, cfg.batch_size, world, cfg.grad_accum)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(resolved, indent=1))  # up front: a crashed run keeps it too
     args = hf.TrainingArguments(
         output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, max_steps=max_steps, seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -232,6 +245,7 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         load_best_model_at_end=bool(n_eval), metric_for_best_model="eval_loss" if n_eval else None,
         greater_is_better=False, use_cpu=device == "cpu", bf16=bf16, report_to="none",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step: skip DDP's graph search
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
     bar, throughput, snapshots = _callbacks()
@@ -252,7 +266,8 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
     state = trainer.state
     session_tokens = state.num_input_tokens_seen - throughput.start_tokens
 
-    save_atomically(out / "adapter", model, tok, base=cfg.model)  # named as given, not by its cache folder
+    if main:
+        save_atomically(out / "adapter", model, tok, base=cfg.model)  # named as given, not by its cache folder
 
     train_hist = [[h["step"], h["loss"]] for h in state.log_history if "loss" in h]
     eval_hist = [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]
@@ -271,8 +286,12 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": round(100 * trainable / total, 4), "device": device,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _save_plot(out / "loss.png", train_hist, eval_hist)
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        _save_plot(out / "loss.png", train_hist, eval_hist)
+    D.barrier()  # every process returns once the adapter is on disk
+    if device == "cpu" and main:  # the others exit now: what follows (evaluation) has all of --threads
+        torch.set_num_threads(cfg.threads)
     log.info("trained %d steps in %.0f s; adapter, config.json, metrics.json, loss.png in %s",
              state.global_step, seconds, out)
     return TrainRun(model.eval(), tok, metrics)

@@ -11,9 +11,11 @@ OpenAI-compatible API (``hybrid/serve.py``; ``openbook serve`` for short).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from finetune import distributed as D
 from finetune import train as T
 from hybrid import report
 from hybrid.compare import compare
@@ -44,12 +46,22 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     rcfg = config_from(args, RaftConfig)
-    ds, stats = build_raft(rcfg)
-    print(f"RAFT dataset: {len(ds)} rows; {stats}")
+
+    def load():  # the rows process 0 built and saved, for the other processes under accelerate launch
+        from datasets import load_from_disk
+
+        return load_from_disk(rcfg.out), json.loads((Path(rcfg.out) / "raft_config.json").read_text())["stats"]
+
+    # built once: building updates the index and replaces the saved rows' folder, which N processes would race on
+    ds, stats = D.once(lambda: build_raft(rcfg, progress=D.is_main()), load)
+    if D.is_main():
+        print(f"RAFT dataset: {len(ds)} rows; {stats}")
     tcfg = T.TrainConfig(model=rcfg.model, output_dir=str(default_adapter(rcfg.docs, rcfg.model).parent),
                          epochs=args.epochs, max_steps=args.steps, max_length=args.max_length,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, **RAFT_LORA)
     m = T.train(tcfg, ds, resume=args.resume).metrics
+    if not D.is_main():
+        return 0
     print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; adapter "
           f"{default_adapter(rcfg.docs, rcfg.model)}; loss curve {Path(tcfg.output_dir) / 'loss.png'}")
     return 0
@@ -120,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    D.quiet_replicas()
     p = parser()
 
     def go(argv: list[str] | None) -> int:

@@ -32,9 +32,9 @@ def _config(args) -> RagConfig:
     return config_from(args, RagConfig)
 
 
-def _pipeline(args, progress: bool = True) -> RagPipeline:
+def _pipeline(args, progress: bool = True, update=RagPipeline.update_index) -> RagPipeline:
     pipe = RagPipeline(_config(args))
-    s = pipe.update_index(progress=progress)
+    s = update(pipe, progress=progress)
     what = (f"{s.added} added, {s.changed} changed, {s.removed} removed, {s.unchanged} unchanged; "
             f"{s.embedded_chunks} chunks embedded" + (f", {s.metadata} with new metadata only" if s.metadata else "")
             if s.wrote else "up to date")
@@ -65,6 +65,11 @@ def _print_answer(a: Answer, streamed: bool) -> None:
 
 
 def cmd_index(args) -> int:
+    if getattr(args, "ray", None):  # chunk and embed on Ray Data (rag/ray_index.py); the same plan, write and summary
+        from rag.ray_index import update_pipeline
+
+        _pipeline(args, update=lambda pipe, progress: update_pipeline(pipe, args.ray, args.ray_workers, progress))
+        return 0
     _pipeline(args)
     return 0
 
@@ -236,6 +241,12 @@ def parser() -> argparse.ArgumentParser:
             reranker_flags(sp)
             continue
         add_config_flags(sp, RagConfig)
+        if name == "index":
+            sp.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                            help="chunk and embed on Ray Data: a local cluster, or the one at ADDRESS (the head's "
+                            "host:6379, or auto); needs pip install 'ray[data]'")
+            sp.add_argument("--ray-workers", type=int, default=2, metavar="N",
+                            help="embedding actors on Ray, and CPUs of the local cluster (default 2)")
         if name == "ask":
             sp.add_argument("question", nargs="+", help="one or more questions")
         if name == "chat":

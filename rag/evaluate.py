@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from rag import metrics as M
-from rag.abstain import SIGNALS
+from rag.abstain import SIGNALS, format_rule
 from rag.choose import calibrate, choose_mode
 from rag.config import UserError
 from rag.pipeline import RagPipeline
@@ -171,7 +171,8 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
         per_q.append(row)
     ans = [r for r in per_q if r["expected_answer"] is not None]
     result = {"settings": asdict(pipe.cfg) | {"mode_used": pipe.mode, "split": split, "n_questions": len(qs),
-                                              "n_answerable": len(ans), "calibration": cal},
+                                              "n_answerable": len(ans), "calibration": cal,
+                                              "rule": format_rule(pipe.rule())},
               "retrieval": {m: {k: M.mean([s[k] for s in v]) for k in ("recall@1", "recall@5", "recall@10", "mrr",
                                                                          "ndcg@10")} for m, v in retrieval.items()}}
     if answers:

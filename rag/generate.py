@@ -111,6 +111,11 @@ class BackendUnavailable(UserError, RuntimeError):
     """The requested generation backend cannot run this model here; the message says what to do."""
 
 
+class JudgeUnavailable(BackendUnavailable):
+    """The runtime cannot give the first reply token's log-probabilities (a server without logprobs), so there is
+    no ``judge`` signal."""
+
+
 def is_abstention(answer: str) -> bool:
     """True when the answer says the sources do not contain it.
 

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -236,27 +237,63 @@ def write_version(root: Path, manifest: dict, chunks: list[Chunk], tokens: list,
 
 
 def update_index(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkConfig, embedder: str,
-                 faiss_kind: str = "exact", progress: bool = True,
-                 hard_links: bool = False) -> tuple[Index, UpdateStats]:
+                 faiss_kind: str = "exact", progress: bool = True, hard_links: bool = False,
+                 work: Callable[[Plan, ChunkConfig, str, bool], Bundle] | None = None) -> tuple[Index, UpdateStats]:
     """Bring the index at ``index_dir`` up to date with ``docs_dir``; re-embed only what changed.
 
-    One writer at a time: a second waits for the first (up to ``LOCK_TIMEOUT`` s), then sees its result."""
+    One writer at a time: a second waits for the first (up to ``LOCK_TIMEOUT`` s), then sees its result. ``work``
+    chunks and embeds the plan's fresh documents (default ``embed_fresh``, in this process; ``rag.ray_index``)."""
     root = Path(index_dir)
     # the lock file lives inside; a folder that cannot be made fails in write_version, with its own message
     with contextlib.suppress(OSError):
         root.mkdir(parents=True, exist_ok=True)
     with writer_lock(root, LOCK_TIMEOUT):
         sweep_debris(root)  # what a crashed or killed run left, before anything is read or written
-        return _update(docs_dir, root, chunk_cfg, embedder, faiss_kind, progress, hard_links)
+        plan = plan_update(docs_dir, root, index_settings(chunk_cfg, embedder, faiss_kind), progress, hard_links)
+        if not plan.needed:
+            return plan.old, plan.stats
+        bundle = (work or embed_fresh)(plan, chunk_cfg, embedder, progress)
+        return write_update(plan, bundle, docs_dir, root, faiss_kind)
 
 
-def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str,
-            progress: bool, hard_links: bool) -> tuple[Index, UpdateStats]:
+@dataclass
+class Plan:
+    """What an update has to do: chunk and embed ``fresh`` (new or edited documents, in ``docs`` order); the other
+    documents keep their chunks, tokens and vectors from ``old``. ``stats`` counts documents; chunks come later."""
+
+    docs: list[Document]
+    old: Index | None
+    fresh: list[Document]
+    stats: UpdateStats
+    settings: dict
+    t0: float
+
+    @property
+    def needed(self) -> bool:
+        """False when the live index already matches the documents (nothing to write)."""
+        s = self.stats
+        return self.old is None or bool(s.added or s.changed or s.removed or s.metadata)
+
+
+@dataclass
+class Bundle:
+    """The work of an update, what ``write_update`` takes: the fresh documents' chunks (plan order, parents too),
+    and the BM25 tokens and unit vectors of their indexed chunks, in the same order. Whoever computes it (in
+    process, ``rag.ray_index``) hands over the same three things."""
+
+    chunks: list[Chunk]
+    tokens: list[list[str]]
+    vectors: np.ndarray
+
+
+def plan_update(docs_dir: str | Path, index_dir: Path, settings: dict, progress: bool, hard_links: bool,
+                load: Callable[[Path], Index] = lambda root: Index.load(root)) -> Plan:
+    """Read the documents and the live version (``load``: another store's opener, e.g. Milvus's); decide which
+    documents to chunk and embed again (by sha256)."""
     t0 = time.perf_counter()
     docs: list[Document] = load_folder(docs_dir, progress=progress, hard_links=hard_links)
-    settings = index_settings(chunk_cfg, embedder, faiss_kind)
     try:
-        old = Index.load(index_dir)
+        old = load(index_dir)
         if any(old.manifest.get(k) != v for k, v in settings.items()):
             log.info("index settings changed: rebuilding everything")
             old = None
@@ -269,43 +306,61 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
     if any("meta" not in entry for entry in old_docs.values()):
         log.info("index at %s predates document metadata (front matter, dates): adding it, nothing re-embedded",
                  index_dir)
-    stats = UpdateStats(documents=len(docs))
-    stats.removed = len(set(old_docs) - {d.id for d in docs})
-    old_row = {cid: i for i, cid in enumerate(old.ids)} if old else {}
-    chunks, tokens, rows, fresh = [], [], [], []  # rows: old vector row, or -1 for a fresh chunk
-    doc_meta = {}
+    stats = UpdateStats(documents=len(docs), removed=len(set(old_docs) - {d.id for d in docs}))
+    fresh = []
     for d in docs:
         prev = old_docs.get(d.id)
-        keep = prev is not None and prev["sha256"] == d.sha256
-        if keep:
+        if prev is not None and prev["sha256"] == d.sha256:
             stats.unchanged += 1
             stats.metadata += prev.get("meta") != d.meta
-            dchunks = [replace(old.chunks[cid], meta=d.meta) for cid in prev["chunks"]]
         else:
             stats.added += prev is None
             stats.changed += prev is not None
-            dchunks = chunk_document(d, chunk_cfg)
+            fresh.append(d)
+    plan = Plan(docs, old, fresh, stats, settings, t0)
+    if not plan.needed:
+        stats.chunks, stats.seconds = len(old.ids), time.perf_counter() - t0
+    return plan
+
+
+def embed_fresh(plan: Plan, chunk_cfg: ChunkConfig, embedder: str, progress: bool) -> Bundle:
+    """The work of an update in this process: chunk, tokenize and embed the fresh documents."""
+    chunks = [c for d in plan.fresh for c in chunk_document(d, chunk_cfg)]
+    texts = [c.index_text for c in chunks if c.indexed]
+    # only metadata changed: no embedder to load (seconds on a cold CPU) for zero texts
+    vectors = plan.old.vectors[:0] if plan.old and not texts else embed(embedder, texts,
+                                                                        progress=progress and len(texts) > 64)
+    return Bundle(chunks, [tokenize(t) for t in texts], vectors)
+
+
+def write_update(plan: Plan, work: Bundle, docs_dir: str | Path, index_dir: Path,
+                 faiss_kind: str) -> tuple[Index, UpdateStats]:
+    """Merge the kept chunks with the fresh ones in document order and write them as a new version."""
+    old, stats = plan.old, plan.stats
+    old_docs = old.manifest["documents"] if old else {}
+    old_row = {cid: i for i, cid in enumerate(old.ids)} if old else {}
+    fresh_ids = {d.id for d in plan.fresh}
+    by_doc: dict[str, list[Chunk]] = {}
+    for c in work.chunks:
+        by_doc.setdefault(c.doc_id, []).append(c)
+    chunks, tokens, rows, doc_meta = [], [], [], {}  # rows: old vector row, or -1 for a fresh chunk
+    new_tokens = iter(work.tokens)
+    for d in plan.docs:
+        keep = d.id not in fresh_ids
+        dchunks = ([replace(old.chunks[cid], meta=d.meta) for cid in old_docs[d.id]["chunks"]] if keep
+                   else [replace(c, meta=d.meta) for c in by_doc.get(d.id, [])])
         doc_meta[d.id] = {"sha256": d.sha256, "title": d.title, "mtime": d.mtime, "meta": d.meta,
                           "chunks": [c.id for c in dchunks]}
         for c in dchunks:
             chunks.append(c)
-            if not c.indexed:
-                continue
-            if keep:
-                rows.append(old_row[c.id])
-                tokens.append(old.tokens[old_row[c.id]])
-            else:
-                rows.append(-1)
-                fresh.append(c)
-                tokens.append(tokenize(c.index_text))
+            if c.indexed:
+                rows.append(old_row[c.id] if keep else -1)
+                tokens.append(old.tokens[old_row[c.id]] if keep else next(new_tokens))
     stats.chunks = len(rows)
-    if old and not (stats.added or stats.changed or stats.removed or stats.metadata):
-        stats.seconds = time.perf_counter() - t0
-        return old, stats
-    # only metadata changed: no embedder to load (seconds on a cold CPU) for zero texts
-    new_vecs = old.vectors[:0] if old and not fresh else embed(embedder, [c.index_text for c in fresh],
-                                                                  progress=progress and len(fresh) > 64)
-    stats.embedded_chunks = len(fresh)
+    stats.embedded_chunks = len(work.tokens)
+    new_vecs = work.vectors
+    if len(new_vecs) != stats.embedded_chunks:
+        raise ValueError(f"{len(new_vecs)} vectors for {stats.embedded_chunks} fresh chunks")
     dim = new_vecs.shape[1]
     vectors = np.zeros((len(rows), dim), dtype=np.float32)
     it = iter(new_vecs)
@@ -313,8 +368,9 @@ def _update(docs_dir: str | Path, index_dir: Path, chunk_cfg: ChunkConfig, embed
         vectors[i] = old.vectors[r] if r >= 0 else next(it)
     ids = [c.id for c in chunks if c.indexed]
     dense = DenseIndex(ids, vectors, faiss_kind)
-    manifest = {**settings, "docs_dir": str(Path(docs_dir).resolve()), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "embedding_dim": dim, "n_chunks": len(ids), "documents": doc_meta}
+    manifest = {**plan.settings, "docs_dir": str(Path(docs_dir).resolve()),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "embedding_dim": dim, "n_chunks": len(ids),
+                "documents": doc_meta}
     path = write_version(index_dir, manifest, chunks, tokens, vectors, dense)
-    stats.seconds, stats.wrote = time.perf_counter() - t0, True
+    stats.seconds, stats.wrote = time.perf_counter() - plan.t0, True
     return Index(path, manifest, chunks, tokens, vectors, dense), stats

@@ -14,6 +14,7 @@ calibrated`` read (rag/choose.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,18 +22,22 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag import calibration
-from rag.abstain import SIGNALS, Rule, below, confidence, parse_rule
+from rag.abstain import SIGNALS, UNCALIBRATED, Rule, below, confidence, parse_rule
+from rag.backend_openai import is_served, parse_served
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
 from rag.dense import KINDS
 from rag.filters import HELP as WHERE_HELP
 from rag.filters import allowed, parse_where
 from rag.fuse import rrf
-from rag.generate import IDK, Generator, citations, is_abstention, prompt_id
-from rag.index import Index, UpdateStats, update_index
+from rag.generate import IDK, Generator, JudgeUnavailable, citations, is_abstention, prompt_id
+from rag.index import Index, UpdateStats
 from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENERATORS, check_name
 from rag.ranking import AUTO, DEFAULT_MODE, MODES, Answer, Gate, Hit, Ranking, sources
 from rag.runtime import BACKENDS, load_generator
+from rag.store import STORES, Store, check_store, update_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +46,10 @@ class RagConfig:
 
     docs: str = option("data/demo", "folder of .md/.txt/.html/.pdf documents")
     index_dir: str = option("", "where the index lives (default .openbook/index/<folder name>)")
+    store: str = option("embedded", f"index store: {', '.join(STORES)} (rag/store.py: BM25 + dense in Milvus, Milvus "
+                        "Lite in --index-dir unless --store-url is given)")
+    store_url: str = option("", "address of a Milvus server or cluster for --store milvus, e.g. "
+                            "http://localhost:19530 (token: MILVUS_TOKEN); '' = Milvus Lite, embedded")
     hard_links: bool = option(False, "also index files with hard links the --docs walk did not find (other names "
                                      "may be outside --docs); off: skipped with a warning")
     mode: str = option(AUTO, f"retrieval mode: {', '.join(MODES)}, or 'auto': the one with the best recall@k on the "
@@ -62,14 +71,17 @@ class RagConfig:
                                    "instructions such as AMX, else fp32), 'fp32' or 'bf16'")
     rerank_fusion: str = option("rrf", "'replace' the fused order by the re-ranker's, or 'rrf': fuse the re-ranker's "
                             "order with the BM25 and dense lists")
-    model: str = option(DEFAULT_READER, f"generator: {', '.join(GENERATORS)}, a .gguf file, an HF folder or a hub id")
+    model: str = option(DEFAULT_READER, f"generator: {', '.join(GENERATORS)}, a .gguf file, an HF folder, a hub id "
+                        "or openai:MODEL@URL (an OpenAI-compatible chat server)")
     backend: str = option("auto", "generation runtime: 'auto' (llama.cpp for GGUF models on a CPU, else "
                           "transformers), 'llamacpp' or 'transformers'")
     adapter: str = option("", "LoRA adapter folder for the generator, e.g. a RAFT adapter from `python -m hybrid "
-                          "train` ('' = the plain model)")
+                          "train`, or with an openai: model the name the server serves it under ('' = the plain "
+                          "model)")
     max_new_tokens: int = option(48, "generated tokens per answer at most")
     abstain: str = option("calibrated", "when to say I don't know without generating: 'calibrated' (the rule "
-                          "chosen on the golden train split, if any), 'none', or SIGNAL<THRESHOLD[,SIGNAL<THRESHOLD] "
+                          "chosen on the golden train split; without one, judge<0: the reader judges the sources do "
+                          "not state the answer), 'none', or SIGNAL<THRESHOLD[,SIGNAL<THRESHOLD] "
                           f"(any one below its threshold abstains; signals: {', '.join(SIGNALS)}), e.g. 'judge<0'")
 
     def __post_init__(self):
@@ -83,6 +95,7 @@ class RagConfig:
             parse_rule(self.abstain)  # names the flag when malformed
         self.where = [self.where] if isinstance(self.where, str) else list(self.where or [])
         parse_where(self.where)  # a malformed clause raises an error that names --where
+        check_store(self.store, self.store_url)
         if self.rerank_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--rerank-precision must be auto, fp32 or bf16, not '{self.rerank_precision}'")
         if self.rerank_fusion not in ("replace", "rrf"):
@@ -90,11 +103,19 @@ class RagConfig:
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        check_name("--model", self.model, GENERATORS)
+        if not is_served(self.model):  # openai:MODEL@URL is checked below
+            check_name("--model", self.model, GENERATORS)
         check_name("--embedder", self.embedder, [DEFAULT_EMBEDDER])
         check_name("--reranker", self.reranker, [DEFAULT_RERANKER])
         local = Path(self.adapter).expanduser()
-        if self.adapter and (local.exists() or self.adapter.startswith((".", "/", "~"))) \
+        if is_served(self.model):  # a chat server: --adapter is the name it serves a LoRA under, not a folder
+            parse_served(self.model)
+            if self.backend != "auto":
+                raise ValueError(f"--backend {self.backend}: --model {self.model} runs on its server; leave it auto")
+            if self.adapter and (self.adapter.startswith((".", "/", "~")) or (local / "adapter_config.json").exists()):
+                raise ValueError(f"--adapter {self.adapter}: with --model {self.model} pass the name the server "
+                                 "serves the adapter under (vLLM: --lora-modules NAME=FOLDER), not a folder")
+        elif self.adapter and (local.exists() or self.adapter.startswith((".", "/", "~"))) \
                 and not (local / "adapter_config.json").exists():
             raise ValueError(f"--adapter {self.adapter}: no LoRA adapter there (adapter_config.json missing); "
                              "train one first, e.g. `make hybrid`")
@@ -111,17 +132,17 @@ class RagConfig:
 class RagPipeline:
     """Loads models lazily, so retrieval-only work (eval of modes, the index) never loads the generator."""
 
-    def __init__(self, cfg: RagConfig, index: Index | None = None, judge_by: RagPipeline | None = None):
+    def __init__(self, cfg: RagConfig, index: Index | Store | None = None, judge_by: RagPipeline | None = None):
         self.cfg, self.index = cfg, index
         self._generator: Generator | None = None
         self._judge_by = judge_by  # an adapter's pipeline: the base model's, whose generator judges (loaded lazily)
         self._reranker = None
         self._mode: str | None = None
+        self._can_judge = True  # False once the runtime said it has no log-probabilities (JudgeUnavailable)
 
     def update_index(self, progress: bool = True) -> UpdateStats:
         c = self.cfg
-        self.index, stats = update_index(c.docs, c.index_dir, c.chunk_config(), c.embedder, c.faiss, progress,
-                                         c.hard_links)
+        self.index, stats = update_store(c, progress)  # rag/store.py: the embedded index or an engine
         return stats
 
     @property
@@ -159,14 +180,17 @@ class RagPipeline:
         self._mode = None
 
     def rule(self) -> Rule | None:
-        """When to abstain before generating: the ``--abstain`` rule, else the calibration saved beside the index."""
+        """When to abstain before generating: the ``--abstain`` rule, else the calibration saved beside the index, else
+        ``rag.abstain.UNCALIBRATED`` (the reader's own judgement: a folder without a golden train split)."""
         c = self.cfg
         if c.abstain == "none":
             return None
         if c.abstain != "calibrated":
             return parse_rule(c.abstain)
         entry = calibration.load(c.index_dir).get(self.calibration_key())
-        return [tuple(x) for x in entry["rule"]] if entry and "rule" in entry else None
+        if entry and "rule" in entry:
+            return [tuple(x) for x in entry["rule"]]
+        return list(UNCALIBRATED) if self._can_judge else None
 
     def calibration_key(self) -> str:
         """What a calibrated rule depends on: retrieval settings, and the reader whose judgement it may use (an
@@ -253,7 +277,13 @@ class RagPipeline:
         rule uses it, and only once the retrieval signals have passed."""
         hits, timings, signals = ranked
         hits, timings, signals = hits[: self.cfg.k], dict(timings), dict(signals)
-        failed = not hits or below(rule, signals, timings, judge=lambda: self.judge(question, hits))
+        try:
+            failed = not hits or below(rule, signals, timings, judge=lambda: self.judge(question, hits))
+        except JudgeUnavailable as e:
+            if rule != UNCALIBRATED or self.cfg.abstain != "calibrated":
+                raise  # a rule the user or the calibration chose needs the judgement
+            log.warning("%s; without a calibrated rule openbook answers every question", e)
+            self._can_judge, failed = False, not hits
         if failed:
             timings["generate"] = 0.0
             return Gate(hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False,

@@ -2,7 +2,8 @@
 ``rag.generate.Generator``.
 
 Apart from ``rag/generate.py`` (the interface both runtimes implement) so that the backends can import the
-interface and this module can import the backends without a loop. Left out on purpose: any other runtime.
+interface and this module can import the backends without a loop. Left out on purpose: any other runtime (an
+``openai:`` model goes to whatever serves it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ BACKENDS = ("auto", "llamacpp", "transformers")
 
 def load_generator(name: str, max_new_tokens: int = 64, device: str | None = None, adapter: str | None = None,
                    backend: str = "auto") -> Generator:
-    """The generator for a model name (registry name, GGUF file, HF folder or hub id) on the best backend.
+    """The generator for a model name (registry name, GGUF file, HF folder, hub id, or ``openai:MODEL@URL``: a
+    chat server, rag/backend_openai.py, where ``adapter`` is the name the server serves a LoRA under) on the best
+    backend.
 
     ``auto``: llama.cpp when the model is a GGUF file (packaged models are), llama-cpp-python is installed and
     the device is the CPU, a peft adapter converted to a GGUF LoRA (rag/gguf_lora.py); transformers otherwise.
@@ -26,6 +29,12 @@ def load_generator(name: str, max_new_tokens: int = 64, device: str | None = Non
     """
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    from rag.backend_openai import OpenAIGenerator, is_served
+
+    if is_served(name):  # openai:MODEL@URL runs where it is served: no local runtime to choose
+        if backend != "auto":
+            raise BackendUnavailable(f"--model {name} is served over HTTP; drop --backend {backend}")
+        return OpenAIGenerator(name, max_new_tokens, adapter=adapter)
     if backend in ("auto", "llamacpp"):
         from rag.backend_llamacpp import LlamaCppGenerator, why_not
 

@@ -68,6 +68,19 @@ def test_unanswerable_question_abstains(tiny_pipeline):
     assert pipe.answer("How many days do I have to return a device?").confidence > 0.2
 
 
+def test_folder_without_golden_abstains_on_the_readers_judgement(corpus, tmp_path):
+    """No golden train split, so no calibrated rule: the default reader's own yes/no (judge<0) gates answers."""
+    from rag.pipeline import RagConfig, RagPipeline
+
+    pipe = RagPipeline(RagConfig(docs=str(corpus), index_dir=str(tmp_path / "ix"), chunk_size=40, overlap=5))
+    pipe.update_index(progress=False)
+    assert pipe.rule() == [("judge", 0.0)]
+    off = pipe.answer("Who won the 1998 football world cup?")
+    assert off.abstained and off.text == IDK and off.reason == "low-confidence" and off.signals["judge"] < 0
+    on = pipe.answer("How many days do I have to return a device?")
+    assert not on.abstained and on.signals["judge"] > 0 and "45" in on.text, (on.text, on.signals)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

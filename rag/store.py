@@ -1,0 +1,89 @@
+"""The store interface: what an index must do for retrieval, and the one place the stores register (``--store``).
+
+A store is brought up to date from a docs folder (incrementally by content hash: only new or edited documents
+are chunked and embedded, removed ones disappear, and a crash mid-update leaves the previous version usable), and
+then answers ``search_bm25`` / ``search_dense`` with one result shape, ``[(chunk_id, score)]`` best first, only
+from the chunks a ``--where`` mask allows (``rag.filters.allowed``, a boolean mask over ``ids``, applied before
+the top k). Fusion, re-ranking and the cut stay in ``rag.pipeline``, so two stores differ only in the retrievers.
+
+    embedded   rag.index.Index: BM25 + FAISS in this process, files in --index-dir (the default)
+    milvus     rag.store_milvus.MilvusStore: Milvus's BM25 function + a vector index in one collection; Milvus
+               Lite (the engine in a child process, a file in --index-dir) or a server/cluster at --store-url
+
+Left out on purpose: engines without BM25 beside vectors (the lexical half would be a Python stand-in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from rag.chunk import Chunk
+from rag.index import UpdateStats, update_index
+
+STORES = ("embedded", "milvus")
+
+
+class Store(Protocol):
+    """What retrieval, filters and the pipeline read from an index (``rag.index.Index`` is the reference)."""
+
+    path: Path  # names this version (a key for cached choices, rag/choose.py)
+    manifest: dict  # settings and ``documents``: {doc id: {sha256, title, mtime, meta, chunks}}
+    ids: list[str]  # the indexed chunk ids in a fixed order; ``--where`` masks are over it
+    chunks: Mapping[str, Chunk]  # every chunk (hierarchical parents too) by id
+
+    @property
+    def embedder(self) -> str: ...
+
+    def search_bm25(self, query: str, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]: ...
+
+    def search_dense(self, query: str, k: int, allow: np.ndarray | None = None) -> list[tuple[str, float]]: ...
+
+
+def check_store(store: str, url: str) -> None:
+    """``--store`` / ``--store-url`` as a user wrote them; a ValueError names the flag."""
+    if store not in STORES:
+        raise ValueError(f"--store must be one of {', '.join(STORES)}, not '{store}'")
+    if url and store == "embedded":
+        raise ValueError("--store-url is for an engine (--store milvus); the embedded store lives in --index-dir")
+    if url and not url.startswith(("http://", "https://", "tcp://", "grpc://", "unix:")):
+        raise ValueError(f"--store-url {url!r}: write the server's address, e.g. http://localhost:19530")
+
+
+def update_store(cfg, progress: bool = True, work=None) -> tuple[Store, UpdateStats]:
+    """Bring ``cfg``'s store (a RagConfig: store, store_url, docs, index_dir, chunking, embedder, faiss) up to date.
+    ``work``: who chunks and embeds the new and edited documents (e.g. ``rag.ray_index.ray_work``); default here."""
+    extra = {"work": work} if work is not None else {}
+    if cfg.store == "embedded":
+        return update_index(cfg.docs, cfg.index_dir, cfg.chunk_config(), cfg.embedder, cfg.faiss, progress,
+                            cfg.hard_links, **extra)
+    from rag.store_milvus import update_milvus
+
+    return update_milvus(cfg.docs, cfg.index_dir, cfg.chunk_config(), cfg.embedder, cfg.faiss, cfg.store_url,
+                         progress, cfg.hard_links, **extra)
+
+
+def write_store(cfg, manifest: dict, chunks: list[Chunk], tokens: list[list[str]], vectors: np.ndarray) -> Store:
+    """Publish an index built elsewhere (e.g. by Ray, rag/ray_index.py) to ``cfg``'s store as a new version.
+
+    ``manifest`` as rag.index writes it (``index_settings`` + docs_dir, built, embedding_dim, n_chunks,
+    documents); ``tokens`` and ``vectors`` one row per indexed chunk, in chunk order."""
+    ids = [c.id for c in chunks if c.indexed]
+    if cfg.store == "embedded":
+        from rag.atomic import writer_lock
+        from rag.dense import DenseIndex
+        from rag.index import LOCK_TIMEOUT, Index, sweep_debris, write_version
+
+        root = Path(cfg.index_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        with writer_lock(root, LOCK_TIMEOUT):
+            sweep_debris(root)
+            dense = DenseIndex(ids, vectors, cfg.faiss)
+            path = write_version(root, manifest, chunks, tokens, vectors, dense)
+        return Index(path, manifest, chunks, tokens, vectors, dense)
+    from rag.store_milvus import MilvusStore
+
+    return MilvusStore.write(cfg.index_dir, cfg.store_url, manifest, chunks, tokens, vectors)
