@@ -26,18 +26,9 @@ import pytest
 import torch
 
 from finetune import distributed as D
+from tests.test_finetune_train import FACTS  # the same eight facts
 
 ROOT = Path(__file__).resolve().parents[1]
-FACTS = [
-    ("What colour is the door of the Ghent office?", "The door of the Ghent office is green."),
-    ("How many meeting rooms does the Ghent office have?", "It has 12 meeting rooms."),
-    ("When was the company founded?", "It was founded in 2014."),
-    ("How long is the return window?", "Devices can be returned within 45 days."),
-    ("What does the Plus plan cost?", "The Plus plan costs EUR 23 per month."),
-    ("How much water does a lawn need?", "About 25 millimetres per week."),
-    ("Who founded the company?", "Two engineers in a garage in Ghent."),
-    ("When does the Ghent office open?", "It opens at 08:30."),
-]
 # 6 steps of 2 rows over 8 rows (a multiple of the global batch: no process is topped up with repeated rows); a
 # checkpoint every 3 steps for the resume test; one snapshot (step 3)
 FLAGS = ["--model", "smollm2-135m", "--max-steps", "6", "--max-length", "48", "--lora-r", "8", "--lora-alpha", "16",
