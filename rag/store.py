@@ -65,25 +65,3 @@ def update_store(cfg, progress: bool = True, work=None) -> tuple[Store, UpdateSt
     return update_milvus(cfg.docs, cfg.index_dir, cfg.chunk_config(), cfg.embedder, cfg.faiss, cfg.store_url,
                          progress, cfg.hard_links, **extra)
 
-
-def write_store(cfg, manifest: dict, chunks: list[Chunk], tokens: list[list[str]], vectors: np.ndarray) -> Store:
-    """Publish an index built elsewhere (e.g. by Ray, rag/ray_index.py) to ``cfg``'s store as a new version.
-
-    ``manifest`` as rag.index writes it (``index_settings`` + docs_dir, built, embedding_dim, n_chunks,
-    documents); ``tokens`` and ``vectors`` one row per indexed chunk, in chunk order."""
-    ids = [c.id for c in chunks if c.indexed]
-    if cfg.store == "embedded":
-        from rag.atomic import writer_lock
-        from rag.dense import DenseIndex
-        from rag.index import LOCK_TIMEOUT, Index, sweep_debris, write_version
-
-        root = Path(cfg.index_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        with writer_lock(root, LOCK_TIMEOUT):
-            sweep_debris(root)
-            dense = DenseIndex(ids, vectors, cfg.faiss)
-            path = write_version(root, manifest, chunks, tokens, vectors, dense)
-        return Index(path, manifest, chunks, tokens, vectors, dense)
-    from rag.store_milvus import MilvusStore
-
-    return MilvusStore.write(cfg.index_dir, cfg.store_url, manifest, chunks, tokens, vectors)

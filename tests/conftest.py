@@ -76,14 +76,19 @@ def small_index(tmp_path_factory) -> tuple[Path, Path]:
     return docs, root / "index"
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on now (a server started next may take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def serving(app):
     """``app`` served for real by uvicorn on a free local port, in a thread; yields its base URL."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

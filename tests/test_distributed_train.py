@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from finetune import distributed as D
+from tests.conftest import free_port
 from tests.test_finetune_train import FACTS  # the same eight facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +36,6 @@ FLAGS = ["--model", "smollm2-135m", "--max-steps", "6", "--max-length", "48", "-
          "--eval-fraction", "0", "--eval-steps", "3", "--snapshots", "1", "--seed", "0"]
 LOSS_TOL = 1e-4
 LOGIT_TOL = 1e-3  # the same float32 reorderings, through 6 updates of 30 layers' adapters
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(data: Path, out: Path, processes: int, *extra: str) -> tuple[subprocess.CompletedProcess, float]:

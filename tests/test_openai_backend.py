@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ from rag.config import UserError  # noqa: E402
 from rag.generate import JudgeUnavailable, citations  # noqa: E402
 from rag.pipeline import RagConfig, RagPipeline  # noqa: E402
 from rag.runtime import load_generator  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 ASKS = [("When does the office open?", [("office.html", "The Ghent office opens at 08:30.")]),
         ("How long is the return window?", [("returns.md", "Devices may be returned within 45 days.")]),
         ("Who won the 1998 football world cup?", [("history.md", "Two engineers founded the company in 2014.")])]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_lora(path) -> str:
