@@ -121,14 +121,14 @@ def run(smoke: bool = False, repeats: int = 3, threads: int | None = None) -> di
     import torch
 
     from bench.governance import contexts
-    from rag.models import DEFAULT_GENERATOR
+    from rag.models import SMALL_GENERATOR
     from rag.runtime import load_generator
 
     t0 = time.perf_counter()
     threads = threads or cores()
     set_threads(threads)
     bw = memory_bandwidth_gbs(64 if smoke else 512)
-    gen = load_generator(DEFAULT_GENERATOR, backend="transformers")  # the torch variants below need its model
+    gen = load_generator(SMALL_GENERATOR, backend="transformers")  # the torch variants below need its model
     from fitz_gov import Tier, load_tier
 
     case = next(c for c in load_tier(Tier.CORE) if c.category.value == "trustworthy_direct")
@@ -136,7 +136,7 @@ def run(smoke: bool = False, repeats: int = 3, threads: int | None = None) -> di
                                             return_tensors="pt", return_dict=True)
     base = gen.model
     base_bytes = weight_bytes(base)
-    out = {"model": DEFAULT_GENERATOR, "parameters": sum(p.numel() for p in base.parameters()),
+    out = {"model": SMALL_GENERATOR, "parameters": sum(p.numel() for p in base.parameters()),
            "memory_bandwidth_gbs": bw,
            "bandwidth_method": "numpy copy of a large array, (read + write) / time, best of 5",
            "variants": {}}

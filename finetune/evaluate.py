@@ -32,7 +32,7 @@ from rag import metrics as M
 from rag.config import folder_name, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 from rag.runtime import load_generator
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class EvalConfig:
     docs: str = option("data/demo", "documents folder (answers must cite a document in it)")
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl); its test split is the main score")
     data: str = option("", "dataset folder from `finetune data` (its held-out synthetic questions are scored)")
-    model: str = option(DEFAULT_GENERATOR, "base model")
+    model: str = option(DEFAULT_READER, "base model")
     adapter: str = option("", "LoRA output dir or adapter folder to compare against the base ('' = base only)")
     train_sample: int = option(200, "training questions scored for memorisation, evenly spaced (0 = none)")
     probes: str = option("data/probes/probes.jsonl", "general-skill probes")

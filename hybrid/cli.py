@@ -28,7 +28,7 @@ from hybrid.ui import serve
 from rag import cli as rag_cli
 from rag.config import add_config_flags, config_from, run_command, run_dir, setup_logging, subcommands
 from rag.config_file import parse_args, print_config
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 
 RAG_VERBS = ("index", "ask", "chat", "eval")
 
@@ -124,9 +124,9 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, parents=[rag_cli.verb_parser(rag_p, verb)], add_help=False,
                             help=f"`python -m rag {verb}` with the RAFT adapter (same flags)",
                             description=f"`python -m rag {verb}` with the RAFT adapter of `make hybrid` as the "
-                            f"generator (default --model {DEFAULT_GENERATOR}, --adapter "
+                            f"generator (default --model {DEFAULT_READER}, --adapter "
                             ".openbook/hybrid/<folder>/<model>/adapter)")
-        sp.set_defaults(model=DEFAULT_GENERATOR)
+        sp.set_defaults(model=DEFAULT_READER)
     return p
 
 

@@ -42,9 +42,9 @@ from hybrid.systems import (
 )
 from rag import metrics as M
 from rag.choose import calibrate
-from rag.index import update_index
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Ranking
+from rag.store import drop_store, update_store
 
 log = logging.getLogger(__name__)
 def summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
@@ -103,10 +103,13 @@ def _size_mb(path: str | Path) -> float:
 def setup_cost(cfg: CompareConfig, pipe: RagPipeline) -> dict:
     """What each approach costs before its first answer: a fresh index build vs data + training."""
     with tempfile.TemporaryDirectory() as tmp:
+        build = replace(pipe.cfg, index_dir=str(Path(tmp) / "index"))  # the pipeline's store, built from nothing
         t0 = time.perf_counter()
-        update_index(cfg.docs, tmp, pipe.cfg.chunk_config(), pipe.cfg.embedder, pipe.cfg.faiss, progress=False)
+        update_store(build, progress=False)
         index_s = time.perf_counter() - t0
-    out = {"index": {"build_s": round(index_s, 1), "size_mb": _size_mb(pipe.index.path)}}
+        size = None if build.store_url else _size_mb(build.index_dir)  # a server's disk is not measured from here
+        drop_store(build)  # a server keeps collections after the folder goes
+    out = {"index": {"build_s": round(index_s, 1), "size_mb": size}}
     for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft)):
         m = Path(root) / "metrics.json"
         if m.exists():
@@ -134,7 +137,8 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
             log.warning("leaving out %s", e)
     cfg.systems = ",".join(systems)
     # one runtime for every arm, so the adapters' arms and the plain ones differ only by the adapter
-    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend,
+                                 store=cfg.store, store_url=cfg.store_url))
     base.update_index(progress=progress)
     calibration = calibrate(base, golden, progress) if golden else None
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from rag.filters import HELP as WHERE_HELP
 from rag.generate import is_abstention
 from rag.ingest import SUPPORTED
 from rag.metadata import tags
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Hit
 from rag.rewrite import Rewrite, standalone
@@ -49,7 +49,7 @@ class UiConfig:
 
     docs: str = option("data/demo", "documents folder")
     index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
-    model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
+    model: str = option(DEFAULT_READER, "base generator (the adapters must have been trained on it)")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
     report: str = option("", "the `make compare` report folder (default: the one `make compare` writes "

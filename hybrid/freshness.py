@@ -5,7 +5,8 @@
 Retrieval systems answer from the updated index; closed-book systems still carry weights trained on the old
 text. Reported per system: the share of answers with the new value (fresh) and with the old one (stale), and the
 time an update takes (re-index seconds vs the training run's seconds). The live corpus and index are never
-touched: both are copied to a temporary folder first, and an edit whose path leaves that copy is refused.
+touched: both are copied to a temporary folder first (the index in its ``--store``: rag.store.copy_store), and an
+edit whose path leaves that copy is refused.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_boo
 from rag import metrics as M
 from rag.config import load_jsonl
 from rag.evaluate import load_golden
-from rag.index import update_index
 from rag.pipeline import RagConfig, RagPipeline
+from rag.store import copy_store, drop_store
 
 
 def _target(dest: Path, e: dict) -> Path:
@@ -73,29 +74,35 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
     with tempfile.TemporaryDirectory() as tmp:
         docs, index_dir = Path(tmp) / Path(cfg.docs).name, Path(tmp) / "index"
         apply_edits(cfg.docs, docs, edits)
-        shutil.copytree(base.cfg.index_dir, index_dir)  # the live index, so the update is incremental
-        t0 = time.perf_counter()
-        index, stats = update_index(docs, index_dir, base.cfg.chunk_config(), base.cfg.embedder, base.cfg.faiss,
-                                    False)
-        out["reindex_s"], out["reembedded_chunks"] = round(time.perf_counter() - t0, 2), stats.embedded_chunks
-        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}),
-                            index=index)
-        rankeds = [fresh.ranked(q["question"]) for q in qs]
-        k = fresh.cfg.k
-        out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r.hits[:k])
-                                         for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
-        for s in cfg.system_list:
-            if s in CLOSED_BOOK:
-                texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
-            else:
-                pipe = with_generator(fresh, cfg, s)
-                texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
-            new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
-            old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]
-            # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
-            how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
-            update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
-            out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
-                                 "update_s": update, "update": how, "answers": texts, "is_fresh": new,
-                                 "is_stale": old}
+        fresh = RagPipeline(RagConfig(**{**asdict(base.cfg), "docs": str(docs), "index_dir": str(index_dir)}))
+        try:
+            copy_store(base.cfg, index_dir)  # the live index, so the update is incremental
+            t0 = time.perf_counter()
+            stats = fresh.update_index(progress=False)  # rag.store.update_store: the copy in the same store
+            out["reindex_s"], out["reembedded_chunks"] = round(time.perf_counter() - t0, 2), stats.embedded_chunks
+            _ask(cfg, fresh, qs, train_s, out)
+        finally:
+            drop_store(fresh.cfg)  # Milvus: the copy's engine stops, and a server drops the copy's collections
     return out
+
+
+def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, out: dict) -> None:
+    """Every system re-asks the changed facts; retrieval ones read the updated copy ``fresh``."""
+    rankeds = [fresh.ranked(q["question"]) for q in qs]
+    k = fresh.cfg.k
+    out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r.hits[:k])
+                                     for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
+    for s in cfg.system_list:
+        if s in CLOSED_BOOK:
+            texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
+        else:
+            pipe = with_generator(fresh, cfg, s)
+            texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
+        new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
+        old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]
+        # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
+        how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
+        update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
+        out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
+                             "update_s": update, "update": how, "answers": texts, "is_fresh": new,
+                             "is_stale": old}

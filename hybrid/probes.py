@@ -15,6 +15,7 @@ import random
 import re
 
 from rag import metrics as M
+from rag.generate import ANSWER_STOP
 from rag.ranking import Ranking
 
 
@@ -57,7 +58,8 @@ def context_probes(pipes: dict, qs: list[dict], rankeds: list[Ranking], n: int, 
                 ctx = make(i, q, hits, fake)
                 sources = [c if isinstance(c, tuple) else (c.label, c.text) for c in ctx]
                 convs.append(pipe.generator.prompt(q["question"], sources))
-            replies = [g.text for g in pipe.generator.chat_batch(convs, batch_size=8, desc=f"{system} {name}")]
+            replies = [g.text for g in pipe.generator.chat_batch(convs, batch_size=8, desc=f"{system} {name}",
+                                                                  stop=ANSWER_STOP)]  # as RAG answers
             says_true = [bool(M.contains(t, [q["answer"]])) for t, (q, _, _) in zip(replies, picked, strict=True)]
             res[f"{name}_contains"] = round(sum(says_true) / len(picked), 4)
             if name == "counterfactual":

@@ -12,10 +12,10 @@ their paraphrases and refusals; never the ``test`` split) — re-used from ``mak
 were built for the same folder, model and seed, so both adapters learn the same questions. Targets:
 
 - oracle present: ``<answer> [n]`` then ``Quote: "<the oracle sentence holding the answer>"``;
-- oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin): "I don't know." by
-  default, or with ``no_oracle="memorised"`` the answer without a citation. RAFT trains the memorised answer so
-  the model also learns the facts; openbook defaults to abstaining because a wrong-but-confident answer is the
-  failure users care about most, and a RAG answer without a supporting source cannot be checked;
+- oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin): the answer without a
+  citation (``no_oracle="memorised"``, as the paper trains it, so the model also learns the facts), or "I don't
+  know." (``"idk"``). Abstaining looks safer, but with it 37 of the demo's 103 rows ended in "I don't know." and
+  the 1.5B learned to refuse nearly every question; the pipeline's gate decides when to abstain;
 - golden unanswerable questions: retrieved passages only, target "I don't know.".
 """
 
@@ -30,20 +30,25 @@ from pathlib import Path
 
 from finetune.data import DataConfig, build, cut_paraphrases
 from rag.atomic import replace_dir
-from rag.config import artefacts, option
+from rag.config import artefacts, option, option_of
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
 from rag.metrics import SENTENCE_BREAK, normalize
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import sources
+from rag.store import check_store
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")
-# LoRA settings RAFT trains with: the ones its numbers were measured with (no minimum step count: 44 steps on the
-# demo). The closed-book defaults in finetune/train.py changed so the model memorises facts; RAFT, answering from
-# passages, is not measured with them.
-RAFT_LORA = dict(lora_r=8, lora_alpha=16, target_modules="auto", learning_rate=2e-4, min_steps=0)
+# LoRA settings RAFT trains with: r=16 on every linear layer as closed-book fine-tuning, at a lower learning rate
+# (the prompts already hold the answer; one epoch is 24 steps of ~600-token rows on the demo, ~1 min each for the
+# 1.5B on 2 cores, so no minimum step count). With r=8 on the attention projections at 2e-4 and "I don't know."
+# targets for dropped oracles, the 1.5B learned mostly to refuse (README, hybrid).
+# Gradient checkpointing: without it the 1.5B's activations for these rows grew to 24 GiB and the run was
+# OOM-killed at step 20; with it 6 steps peaked at 9.4 GiB (14.9 without) for 26% more time.
+RAFT_LORA = dict(lora_r=16, lora_alpha=32, target_modules="all-linear", learning_rate=5e-4, min_steps=0,
+                 gradient_checkpointing=True)
 
 
 @dataclass
@@ -54,11 +59,14 @@ class RaftConfig:
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; only its train split is used)")
     out: str = option("", "dataset folder (default .openbook/hybrid/<folder>/data)")
     index_dir: str = option("", "the RAG index distractors are retrieved from (default .openbook/index/<folder>)")
-    model: str = option(DEFAULT_GENERATOR, "LM that writes paraphrases and synthetic questions (finetune data)")
+    store: str = option_of(RagConfig, "store")
+    store_url: str = option_of(RagConfig, "store_url")
+    model: str = option(DEFAULT_READER, "LM that writes paraphrases and synthetic questions (finetune data)")
     k: int = option(3, "passages per prompt, oracle included (RAG's --k)")
     p_no_oracle: float = option(0.2, "share of answerable rows whose oracle is replaced by another distractor")
-    no_oracle: str = option("idk", "target when the oracle is removed: 'idk' or 'memorised' (the answer, uncited)")
-    paraphrases: int = option(1, "extra wordings per training question (finetune data --paraphrases)")
+    no_oracle: str = option("memorised", "target when the oracle is removed: 'memorised' (the answer, uncited, as "
+                            "in the RAFT paper) or 'idk'")
+    paraphrases: int = option(0, "extra wordings per training question (finetune data --paraphrases)")
     synthetic_chunks: int = option(-1, "finetune data --synthetic-chunks (-1: 40 with a golden file, 160 without)")
     seed: int = option(0, "seeds the oracle position, the no-oracle coin and finetune data")
 
@@ -69,6 +77,7 @@ class RaftConfig:
             raise ValueError("--p-no-oracle must be in [0, 1)")
         if self.no_oracle not in NO_ORACLE:
             raise ValueError(f"--no-oracle must be one of {', '.join(NO_ORACLE)}, not '{self.no_oracle}'")
+        check_store(self.store, self.store_url)
         if not self.out:
             self.out = str(artefacts("hybrid", self.docs) / "data")
 
@@ -165,11 +174,12 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k))
+    pipe = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, k=cfg.k, store=cfg.store,
+                                 store_url=cfg.store_url))
     pipe.update_index(progress=progress)
     dcfg = DataConfig(docs=cfg.docs, golden=cfg.golden, out=str(Path(cfg.out).parent / "qa"),
-                      index_dir=cfg.index_dir, model=cfg.model, paraphrases=cfg.paraphrases,
-                      synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed, general_rows=0)
+                      index_dir=cfg.index_dir, store=cfg.store, store_url=cfg.store_url, model=cfg.model,
+                      paraphrases=cfg.paraphrases, synthetic_chunks=cfg.synthetic_chunks, seed=cfg.seed, general_rows=0)
     reused = finetune_questions(dcfg)
     if reused:
         qa, qa_stats = reused

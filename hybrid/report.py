@@ -86,8 +86,9 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
             upd = "–" if v["update_s"] is None else f"{v['update']} {v['update_s']:.1f} s"
             lines.append(f"| {s} | {v['fresh']:.3f} | {v['stale']:.3f} | {upd} |")
     setup = result["setup"]
+    size = setup["index"]["size_mb"]
     lines += ["", "## Set-up cost", "", f"- index: fresh build {setup['index']['build_s']:.1f} s, "
-              f"{setup['index']['size_mb']} MB"]
+              + ("size on the Milvus server" if size is None else f"{size} MB")]
     for k in ("finetuned", "raft"):
         if k in setup:
             data = "not recorded" if setup[k].get("data_s") is None else f"{setup[k]['data_s']:.0f} s"

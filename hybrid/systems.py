@@ -16,13 +16,14 @@ from finetune.evaluate import model_to_score
 from finetune.lora import adapter_dir
 from rag import metrics as M
 from rag.bm25 import tokenize
-from rag.config import folder_name, option, run_dir
+from rag.config import folder_name, option, option_of, run_dir
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK, is_abstention
-from rag.models import DEFAULT_GENERATOR
+from rag.models import DEFAULT_READER
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Ranking
 from rag.runtime import BACKENDS
+from rag.store import check_store
 
 CLOSED_BOOK, RETRIEVAL = ("base", "finetuned"), ("rag", "finetuned+rag", "hybrid")
 SYSTEMS = (*CLOSED_BOOK, *RETRIEVAL)
@@ -38,7 +39,9 @@ class CompareConfig:
     golden: str = option("", "golden JSONL (default <docs>/golden.jsonl; without one: held-out synthetic questions)")
     split: str = option("test", "golden split to answer")
     index_dir: str = option("", "the RAG index (default .openbook/index/<folder>)")
-    model: str = option(DEFAULT_GENERATOR, "base generator (the adapters must have been trained on it)")
+    store: str = option_of(RagConfig, "store")
+    store_url: str = option_of(RagConfig, "store_url")
+    model: str = option(DEFAULT_READER, "base generator (the adapters must have been trained on it)")
     backend: str = option("auto", "generation runtime for every arm: 'auto' (llama.cpp for GGUF models on a CPU, "
                           "adapters as GGUF LoRAs; else transformers), 'llamacpp' or 'transformers'")
     finetuned: str = option("", "closed-book LoRA from `make finetune` (default .openbook/finetune/<folder>/<model>)")
@@ -60,13 +63,14 @@ class CompareConfig:
             raise ValueError(f"--seeds must be at least 1, not {self.seeds}")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'")
+        check_store(self.store, self.store_url)
         unknown = set(self.system_list) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
         self.finetuned = self.finetuned or str(run_dir("finetune", self.docs, self.model))
         self.raft = self.raft or str(run_dir("hybrid", self.docs, self.model))
         # one report per base model, so comparing on another model does not overwrite the default model's report
-        suffix = "" if self.model == DEFAULT_GENERATOR else f"-{Path(self.model).name}"
+        suffix = "" if self.model == DEFAULT_READER else f"-{Path(self.model).name}"
         self.out = self.out or str(Path(".openbook") / "reports" / f"compare-{folder_name(self.docs)}{suffix}")
         self.golden = golden_for(self.docs, self.golden)
 

@@ -31,6 +31,13 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def option_of(cls, name: str):
+    """Field ``name`` of config ``cls`` again (default and help), for a config that passes it on: DataConfig's
+    ``store`` is ``option_of(RagConfig, "store")``, so the flag reads the same on every command."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
 def subcommands(p: argparse.ArgumentParser) -> argparse._SubParsersAction:
     """The sub-command table of a parser made with ``add_subparsers`` (its ``choices``: verb → sub-parser)."""
     return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -55,17 +62,30 @@ def run_dir(kind: str, docs: str | Path, model: str) -> Path:
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per field of a config dataclass whose fields carry ``help`` metadata, plus ``--config`` and
     ``--print-config``."""
-    for f in fields(cls):
-        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        elif str(f.type).startswith("list"):  # a repeatable flag: each use adds one item
-            p.add_argument(flag, action="append", default=list(f.default), metavar=f.name.upper(), help=h)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=f.default, help=f"{h} (default: {f.default})")
+    add_field_flags(p, cls)
     add_file_flags(p)
     p.set_defaults(config_class=cls)  # so --print-config validates what it prints, as a run would
+
+
+def add_field_flags(p: argparse.ArgumentParser, cls, names: tuple[str, ...] = ()) -> None:
+    """The ``--flag`` of each field of ``cls`` (of those in ``names`` only, when given), for a verb such as
+    ``finetune run`` that takes a few of a config's flags."""
+    for f in fields(cls):
+        if names and f.name not in names:
+            continue
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_plain(h))
+        elif str(f.type).startswith("list"):  # a repeatable flag: each use adds one item
+            p.add_argument(flag, action="append", default=list(f.default), metavar=f.name.upper(), help=_plain(h))
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=f.default, help=_plain(f"{h} (default: {f.default})"))
+
+
+def _plain(text: str) -> str:
+    """Help text as argparse prints it: it %-formats help, and ours is plain ("95% intervals")."""
+    return text.replace("%", "%%")
 
 
 def add_file_flags(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ are chunked and embedded, removed ones disappear, and a crash mid-update leaves 
 then answers ``search_bm25`` / ``search_dense`` with one result shape, ``[(chunk_id, score)]`` best first, only
 from the chunks a ``--where`` mask allows (``rag.filters.allowed``, a boolean mask over ``ids``, applied before
 the top k). Fusion, re-ranking and the cut stay in ``rag.pipeline``, so two stores differ only in the retrievers.
+``copy_store`` and ``drop_store`` make and remove a separate copy (the freshness demo, a timed fresh build).
 
     embedded   rag.index.Index: BM25 + FAISS in this process, files in --index-dir (the default)
     milvus     rag.store_milvus.MilvusStore: Milvus's BM25 function + a vector index in one collection; Milvus
@@ -15,6 +16,7 @@ Left out on purpose: engines without BM25 beside vectors (the lexical half would
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -65,3 +67,26 @@ def update_store(cfg, progress: bool = True, work=None) -> tuple[Store, UpdateSt
     return update_milvus(cfg.docs, cfg.index_dir, cfg.chunk_config(), cfg.embedder, cfg.faiss, cfg.store_url,
                          progress, cfg.hard_links, **extra)
 
+
+def copy_store(cfg, dest: str | Path) -> None:
+    """Copy ``cfg``'s index folder (the calibration beside the index too) and its store to ``dest``: a separate
+    store, so ``update_store`` with ``index_dir=dest`` leaves ``cfg``'s as it was (hybrid/freshness.py)."""
+    if cfg.store == "embedded":
+        shutil.copytree(cfg.index_dir, dest)
+        return
+    from rag.store_milvus import LITE_FILE, copy_milvus
+
+    # the engine copies its own data: a Milvus Lite file copied while its engine runs may be torn, and its
+    # collections are named after the folder they were written for (rag/store_milvus.py, base_name)
+    shutil.copytree(cfg.index_dir, dest, ignore=shutil.ignore_patterns(f"{LITE_FILE}*", f".{LITE_FILE}*"))
+    copy_milvus(cfg.index_dir, dest, cfg.store_url)
+
+
+def drop_store(cfg) -> None:
+    """Delete ``cfg``'s store (a temporary one: a copy, a timed build) and let go of its engine."""
+    if cfg.store == "embedded":
+        shutil.rmtree(cfg.index_dir, ignore_errors=True)
+        return
+    from rag.store_milvus import drop_milvus
+
+    drop_milvus(cfg.index_dir, cfg.store_url)

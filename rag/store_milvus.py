@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 BATCH = 1000  # rows per insert or query page: well under gRPC's 64 MB message at 384-dim vectors
 TIE_SLACK = 10  # extra hits fetched so exact ties at the cut are broken by position, as the embedded index does
 MAX_TEXT = 65535  # Milvus VARCHAR limit, bytes
+LITE_FILE = "milvus.db"  # Milvus Lite's data in --index-dir (its lock file is .milvus.db.lock beside it)
 _CLIENTS: dict[str, object] = {}
 
 
@@ -63,7 +64,7 @@ class StoreUnavailable(UserError, RuntimeError):
 
 def connect(root: Path, url: str = ""):
     """A MilvusClient: Milvus Lite on ``<root>/milvus.db`` (started here, a child process), else the server at url."""
-    key = url or str(root.resolve() / "milvus.db")
+    key = url or str(root.resolve() / LITE_FILE)
     if key not in _CLIENTS:
         from pymilvus import MilvusClient
 
@@ -85,7 +86,7 @@ def connect(root: Path, url: str = ""):
 
 def close(root: Path, url: str = "") -> None:
     """Let go of the engine: Milvus Lite's child process stops, so another process may open the file."""
-    key = url or str(root.resolve() / "milvus.db")
+    key = url or str(root.resolve() / LITE_FILE)
     client = _CLIENTS.pop(key, None)
     if client is not None:
         client.close()
@@ -418,3 +419,26 @@ def update_milvus(docs_dir: str | Path, index_dir: str | Path, chunk_cfg: ChunkC
         store = _publish(client, root, url, manifest, chunks, itertools.chain(copied, rows), dim)
         stats.seconds, stats.wrote = time.perf_counter() - t0, True
         return store, stats
+
+
+def copy_milvus(src: str | Path, dest: str | Path, url: str = "") -> MilvusStore:
+    """The live version of ``src``'s index published as ``dest``'s, engine to engine (Milvus Lite: into its own
+    file in ``dest``; a server: collections named after ``dest``), so an update of one leaves the other as it was."""
+    old, dest = MilvusStore.open(Path(src), url), Path(dest)
+    rows = _rows(old.client, old.name, ["id", "doc_id", "tokens", "vec", "chunk"])
+    with writer_lock(_lock_dir(dest), LOCK_TIMEOUT):
+        client = connect(dest, url)
+        _sweep(client, base_name(dest), keep=None)
+        return _publish(client, dest, url, old.manifest, list(old.chunks._parents.values()), rows,
+                        old.manifest["embedding_dim"])
+
+
+def drop_milvus(root: str | Path, url: str = "") -> None:
+    """Drop every collection of ``root``'s index (a temporary copy or build) and let go of its engine."""
+    root = Path(root)
+    client, base = connect(root, url), base_name(root)
+    for name in client.list_collections():
+        if re.fullmatch(rf"{base}_(live|v\d+(_meta)?)", name):
+            client.drop_collection(name)
+    if not url:  # Milvus Lite: this folder's own engine process; a server's client serves every index on it
+        close(root)

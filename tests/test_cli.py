@@ -142,14 +142,14 @@ def test_hybrid_rag_verbs_default_to_the_raft_model_and_adapter(tmp_path, capsys
     """`python -m hybrid ask` uses the model RAFT trains and its adapter; `--docs=X` spelling included."""
     from hybrid.cli import default_adapter
     from hybrid.cli import main as hybrid_main
-    from rag.models import DEFAULT_GENERATOR
+    from rag.models import DEFAULT_READER
 
     docs = tmp_path / "mydocs"
     docs.mkdir()
     # no adapter trained for this folder: the error names the adapter path derived from --docs=… and the model
     assert hybrid_main(["ask", f"--docs={docs}", "--index-dir", str(tmp_path / "idx"), "A question?"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --adapter") and str(default_adapter(str(docs), DEFAULT_GENERATOR)) in err
+    assert err.startswith("error: --adapter") and str(default_adapter(str(docs), DEFAULT_READER)) in err
 
 
 @pytest.mark.parametrize(("env", "offline"), [({}, "True"), ({"HF_HUB_OFFLINE": "0"}, "False")])

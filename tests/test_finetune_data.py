@@ -55,7 +55,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("ftdata")
     docs = write_corpus(root / "docs")
     (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
-    cfg = DataConfig(docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "data"),
+    cfg = DataConfig(model="smollm2-135m", docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "data"),
                      index_dir=str(root / "index"), synthetic_chunks=5, paraphrases=1, test_fraction=0.4,
                      general_rows=3)
     train, heldout, stats = build(cfg, progress=False)

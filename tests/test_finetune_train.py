@@ -32,7 +32,8 @@ PROBE = "<|im_start|>user\nWhen was the company founded?<|im_end|>\n<|im_start|>
 
 def tiny_config(out, **kw) -> TrainConfig:
     # r=8 on the attention projections: the mechanics under test do not need the larger default, and it is faster
-    base = dict(output_dir=str(out), max_steps=8, batch_size=2, learning_rate=1e-3, max_length=64, warmup=0.1,
+    base = dict(model="smollm2-135m",
+                output_dir=str(out), max_steps=8, batch_size=2, learning_rate=1e-3, max_length=64, warmup=0.1,
                 logging_steps=1, eval_steps=4, threads=1, early_stopping_patience=3, seed=0, lora_r=8, lora_alpha=16,
                 target_modules="auto")
     return TrainConfig(**{**base, **kw})
@@ -124,7 +125,8 @@ def test_learning_curve_scores_each_snapshot_between_base_and_end(trained, tmp_p
     items = [{"id": f"q{i}", "question": q, "answer": a.split()[-1].rstrip("."), "sources": ["x.md"]}
              for i, (q, a) in enumerate(FACTS[:2])]
     ends = [{"qa": {"facts": {"contains": v}}} for v in (0.0, 1.0)]  # what the full base and tuned evals gave
-    rows = learning_curve(EvalConfig(max_new_tokens=8), {"facts": items}, snapshot_dirs(out), *ends, 8,
+    rows = learning_curve(EvalConfig(model="smollm2-135m",
+                                     max_new_tokens=8), {"facts": items}, snapshot_dirs(out), *ends, 8,
                           progress=False)
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8] and [rows[0]["facts"], rows[-1]["facts"]] == [0.0, 1.0]
     assert all(r["facts"] in (0.0, 0.5, 1.0) for r in rows)  # scored on the two questions at each snapshot
@@ -225,6 +227,8 @@ def test_llamacpp_runs_the_adapter_like_peft(trained):
     a, b = [g.text for g in cpp.chat_batch(asks)], [g.text for g in hf.chat_batch(asks, batch_size=1)]
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 6, list(zip(a, b, strict=True))
     assert a != [g.text for g in plain.chat_batch(asks)]
+    # chat_batch decodes in a second llama.cpp context: the adapter applies there as in chat()'s
+    assert sum(x == cpp.chat(m).text for x, m in zip(a, asks, strict=True)) >= 7
 
 
 @needs_llamacpp

@@ -160,6 +160,31 @@ def test_llamacpp_and_transformers_give_the_same_answers():
 
 
 @needs_llamacpp
+def test_llamacpp_decodes_a_batch_together_each_reply_to_its_own_prompt(monkeypatch):
+    """chat_batch decodes up to PARALLEL replies together (one KV stream each): every reply answers its own
+    prompt, in the caller's order, with chat()'s token counts; groups past PARALLEL and a prompt too long for a
+    stream (it goes through chat's path) keep the order. Near ties may break the other way in batched kernels,
+    so the bar is most replies identical to chat(), not all."""
+    import rag.backend_llamacpp as B
+
+    gen = _load("llamacpp")
+    words = ["apple", "river", "window", "violin", "pepper", "garden"]
+    convs = [[{"role": "user", "content": f"Say the word {w}."}] for w in words]
+    batched = gen.chat_batch(convs, max_new_tokens=12)
+    one = [gen.chat(c, max_new_tokens=12) for c in convs]
+    assert all(w in g.text.lower() for w, g in zip(words, batched, strict=True)), [g.text for g in batched]
+    assert sum(a.text == b.text for a, b in zip(batched, one, strict=True)) >= 5
+    assert [g.prompt_tokens for g in batched] == [g.prompt_tokens for g in one]
+    assert all(0 < g.new_tokens <= 12 for g in batched)
+    long = [{"role": "user", "content": "Some filler text. " * 20 + "Say the word tulip."}]
+    monkeypatch.setattr(B, "PARALLEL", 4)
+    monkeypatch.setattr(B, "SEQ_CTX", len(gen.tokens(long)) + 4)  # the long prompt no longer fits a stream
+    mixed = gen.chat_batch([*convs[:3], long, *convs[3:]], max_new_tokens=12)
+    assert mixed[3].text == gen.chat(long, max_new_tokens=12).text  # one at a time, as chat() decodes it
+    assert all(w in g.text.lower() for w, g in zip(words, mixed[:3] + mixed[4:], strict=True)), mixed
+
+
+@needs_llamacpp
 def test_judge_reuses_the_cached_prompt_and_matches_a_fresh_read():
     """The judgement re-reads only what differs from the cached prompt (the system prompt and the worked example
     stay cached from the question before); the log-odds must be those of reading the whole prompt from scratch,

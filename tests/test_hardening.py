@@ -447,7 +447,8 @@ def test_cross_site_posts_are_refused(corpus, tmp_path):
 
     from hybrid.ui import Demo, UiConfig, create_app
 
-    demo = Demo(UiConfig(docs=str(corpus), index_dir=str(tmp_path / "ix"), finetuned=str(tmp_path / "none"),
+    demo = Demo(UiConfig(model="smollm2-135m",
+                         docs=str(corpus), index_dir=str(tmp_path / "ix"), finetuned=str(tmp_path / "none"),
                          raft=str(tmp_path / "none"), report=str(tmp_path / "report"), port=7860))
     client = TestClient(create_app(demo), base_url="http://127.0.0.1:7860")
     for route in ("/api/reindex", "/api/freshness"):

@@ -36,9 +36,10 @@ def result(tmp_path_factory):
     (docs / "changes" / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in EDITS))
     (docs / "changes" / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in CHANGED))
     index = str(root / "index")
-    raft, _ = build_raft(RaftConfig(docs=str(docs), index_dir=index, out=str(root / "raft" / "data"),
+    raft, _ = build_raft(RaftConfig(model="smollm2-135m",
+                                    docs=str(docs), index_dir=index, out=str(root / "raft" / "data"),
                                     paraphrases=0, synthetic_chunks=0), progress=False)
-    few = dict(max_steps=2, batch_size=2, max_length=512, threads=1, eval_steps=10)
+    few = dict(model="smollm2-135m", max_steps=2, batch_size=2, max_length=512, threads=1, eval_steps=10)
     train(TrainConfig(output_dir=str(root / "raft" / "m"), **few), raft)
     # the closed-book adapter: a few steps on the same questions in the closed-book format
     from datasets import Dataset
@@ -49,7 +50,7 @@ def result(tmp_path_factory):
             for q in GOLDEN if q["split"] == "train"]
     Dataset.from_list(rows).save_to_disk(str(root / "ft" / "data"))  # where `--seeds` finds the training data
     train(TrainConfig(output_dir=str(root / "ft" / "m"), **few), Dataset.from_list(rows))
-    cfg = CompareConfig(docs=str(docs), index_dir=index, finetuned=str(root / "ft" / "m"),
+    cfg = CompareConfig(model="smollm2-135m", docs=str(docs), index_dir=index, finetuned=str(root / "ft" / "m"),
                         raft=str(root / "raft" / "m"), latency_sample=1, bootstrap=200, out=str(root / "report"))
     return compare(cfg, with_freshness=True, progress=False), cfg
 
@@ -117,7 +118,8 @@ def test_folder_without_golden_uses_held_out_synthetic_questions(tmp_path):
     held = {"id": "syn-returns.md#s1", "question": "Within how many days may a device be returned?",
             "answer": "45 days", "aliases": [], "sources": ["returns.md"], "type": "synthetic", "split": "test"}
     (data / "heldout.jsonl").write_text(json.dumps(held) + "\n")
-    cfg = CompareConfig(docs=str(docs), index_dir=str(tmp_path / "index"), finetuned=str(tmp_path / "ft" / "m"),
+    cfg = CompareConfig(model="smollm2-135m",
+                        docs=str(docs), index_dir=str(tmp_path / "index"), finetuned=str(tmp_path / "ft" / "m"),
                         systems="base,rag", latency_sample=1, bootstrap=50, probes=0, out=str(tmp_path / "r"))
     res = compare(cfg, progress=False)
     assert "held-out synthetic questions, no golden file" in res["settings"]["questions"]

@@ -110,7 +110,8 @@ def test_page_api_rewrites_with_the_history(tiny_pipeline, tmp_path):
     from hybrid.ui import create_app
 
     c = tiny_pipeline.cfg
-    demo = Demo(UiConfig(docs=c.docs, index_dir=c.index_dir, finetuned=str(tmp_path), raft=str(tmp_path),
+    demo = Demo(UiConfig(model="smollm2-135m",
+                         docs=c.docs, index_dir=c.index_dir, finetuned=str(tmp_path), raft=str(tmp_path),
                          max_new_tokens=16))
     demo.rag._generator = tiny_pipeline.generator  # the session's loaded model, not a second copy
     client = TestClient(create_app(demo), base_url="http://127.0.0.1")

@@ -26,7 +26,8 @@ def demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     docs = write_corpus(root / "docs")
-    demo = Demo(ServeConfig(docs=str(docs), index_dir=str(root / "index"), finetuned=str(root / "none"),
+    demo = Demo(ServeConfig(model="smollm2-135m",
+                            docs=str(docs), index_dir=str(root / "index"), finetuned=str(root / "none"),
                             raft=str(root / "none"), max_new_tokens=24))
     # no golden file, so no calibrated rule: the re-ranker threshold test_cli's abstention test uses (the
     # off-topic question's best passage scores ~0.1, the answerable ones ~0.7-0.9)

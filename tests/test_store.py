@@ -184,3 +184,118 @@ def test_kill_mid_index_keeps_previous_version(tmp_path, victim):
     assert after.search_bm25("sprinkler valve 7 zone 3", 1) and "garden/watering.txt" not in after.manifest["documents"]
     assert sorted(after.client.list_collections()) == sorted([f"{after.base}_live", after.name, f"{after.name}_meta"])
     close(root)
+
+
+# ---- --store beyond `rag`: finetune data, hybrid data/train, hybrid compare (and its freshness demo)
+def _golden(root: Path, rows: list[dict]) -> str:
+    import json
+
+    (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in rows))
+    return str(root / "golden.jsonl")
+
+
+def _on_milvus(index_dir: str, emb_docs: dict) -> None:
+    """``index_dir`` holds a live Milvus Lite index of the same documents as the embedded one; then let it go."""
+    from rag.store_milvus import LITE_FILE, MilvusStore, close
+
+    assert (Path(index_dir) / LITE_FILE).exists() and not (Path(index_dir) / "CURRENT").exists()  # no embedded one
+    assert MilvusStore.open(Path(index_dir)).manifest["documents"] == emb_docs
+    close(Path(index_dir))
+
+
+def test_finetune_data_round_trips_the_same_rows_on_milvus(tmp_path):
+    """Synthetic QA kept by round-trip retrieval through Milvus: the same rows as through the embedded index."""
+    from finetune.data import DataConfig, build
+    from rag.index import Index
+    from tests.conftest import write_corpus
+    from tests.test_finetune_data import GOLDEN
+
+    docs, golden = write_corpus(tmp_path / "docs"), _golden(tmp_path, GOLDEN)
+    built = {}
+    for store in ("embedded", "milvus"):
+        cfg = DataConfig(model="smollm2-135m", docs=str(docs), golden=golden, out=str(tmp_path / store / "data"),
+                         index_dir=str(tmp_path / store / "index"), store=store, synthetic_chunks=4, paraphrases=0,
+                         general_rows=0, test_fraction=0.4)
+        train, heldout, stats = build(cfg, progress=False)
+        built[store] = train.to_list(), heldout, {k: v for k, v in stats.items() if k != "seconds"}
+    assert built["milvus"] == built["embedded"]  # training rows, held-out questions and counts
+    _on_milvus(str(tmp_path / "milvus" / "index"), Index.load(tmp_path / "embedded" / "index").manifest["documents"])
+
+
+def test_raft_rows_have_the_same_distractors_on_milvus(tmp_path):
+    from hybrid.raft import RaftConfig, build_raft
+    from rag.index import Index
+    from tests.conftest import write_corpus
+    from tests.test_hybrid_raft import GOLDEN
+
+    docs, golden = write_corpus(tmp_path / "docs"), _golden(tmp_path, GOLDEN)
+    rows = {}
+    for store in ("embedded", "milvus"):
+        cfg = RaftConfig(model="smollm2-135m", docs=str(docs), golden=golden, out=str(tmp_path / store / "data"),
+                         index_dir=str(tmp_path / store / "index"), store=store, k=3, p_no_oracle=0.5,
+                         paraphrases=0, synthetic_chunks=0)
+        ds, stats = build_raft(cfg, progress=False)
+        rows[store] = ds.to_list()
+    assert rows["milvus"] == rows["embedded"]  # the prompts hold the passages: same distractors, same order
+    assert len(rows["milvus"]) == 5 and not stats["skipped"]
+    _on_milvus(str(tmp_path / "milvus" / "index"), Index.load(tmp_path / "embedded" / "index").manifest["documents"])
+
+
+def test_compare_on_milvus_reindexes_a_separate_copy_for_freshness(tmp_path):
+    """`hybrid compare --store milvus --freshness`: the edit reaches retrieval through an incremental update of a
+    copy in its own Milvus Lite file; the live store keeps the old text, and no engine outlives its copy."""
+    import json
+
+    from hybrid.compare import compare
+    from hybrid.report import markdown
+    from hybrid.systems import CompareConfig
+    from rag.store_milvus import _CLIENTS, MilvusStore, close
+    from tests.conftest import write_corpus
+    from tests.test_hybrid_compare import CHANGED, EDITS
+
+    docs, index = write_corpus(tmp_path / "docs"), tmp_path / "index"
+    (docs / "changes").mkdir()
+    (docs / "changes" / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in EDITS))
+    (docs / "changes" / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in CHANGED))
+    (tmp_path / "ft" / "data").mkdir(parents=True)  # no golden file: the questions are held-out synthetic ones
+    held = {"id": "syn-returns.md#s1", "question": "Within how many days may a device be returned?",
+            "answer": "45 days", "aliases": [], "sources": ["returns.md"], "type": "synthetic", "split": "test"}
+    (tmp_path / "ft" / "data" / "heldout.jsonl").write_text(json.dumps(held) + "\n")
+    cfg = CompareConfig(model="smollm2-135m", docs=str(docs), index_dir=str(index), store="milvus",
+                        finetuned=str(tmp_path / "ft" / "m"), systems="rag", latency_sample=1, bootstrap=50, probes=0,
+                        out=str(tmp_path / "report"))
+    res = compare(cfg, with_freshness=True, progress=False)
+    f = res["freshness"]
+    live = MilvusStore.open(index)
+    assert res["settings"]["store"] == "milvus"
+    assert 0 < f["reembedded_chunks"] < len(live.ids)  # incremental: only the edited document
+    assert f["retrieved_new"] == 1.0  # the edited passage is what RAG read from the copy
+    texts = " ".join(c.text for c in live.chunks.values())
+    assert "within 45 days" in texts and "60 days" not in texts  # the live store was never touched
+    assert res["setup"]["index"]["size_mb"] is not None  # the timed fresh build: a Milvus Lite file, measured
+    assert all(Path(k).exists() for k in _CLIENTS)  # the copy's and the timed build's engines were let go
+    assert "MB" in markdown(res)
+    assert "size on the Milvus server" in markdown(res | {"setup": {"index": {"build_s": 1.0, "size_mb": None}}})
+    close(index)
+
+
+def test_store_flags_on_every_command_that_indexes(tmp_path, capsys):
+    """--store / --store-url reach `finetune data|run` and `hybrid data|train|compare`: help, file, checks."""
+    from tests.test_config_file import error, resolved, toml
+
+    commands = (("finetune", "data"), ("finetune", "run"), ("hybrid", "data"), ("hybrid", "train"),
+                ("hybrid", "compare"))
+    f = toml(tmp_path, 'store = "milvus"\n[hybrid.compare]\nstore_url = "http://localhost:19530"\n')
+    for group, verb in commands:
+        s = resolved(capsys, group, verb, "--config", f)
+        want = "http://localhost:19530" if verb == "compare" else ""
+        assert (s["store"], s["store_url"]) == ("milvus", want), (group, verb)
+        assert resolved(capsys, group, verb)["store"] == "embedded"
+    for group, verb in commands:
+        if verb != "run":  # run's --print-config checks nothing (no config class); its DataConfig does, below
+            assert "--store must be one of embedded, milvus" in error(capsys, group, verb, "--store", "qdrant",
+                                                                     "--print-config")
+    from finetune.data import DataConfig
+
+    with pytest.raises(ValueError, match="--store-url is for an engine"):
+        DataConfig(store_url="http://localhost:19530")

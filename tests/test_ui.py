@@ -42,7 +42,8 @@ def demo(tmp_path_factory):
     add_lora(model, TrainConfig()).save_pretrained(str(root / "raft" / "adapter"))
     (root / "report").mkdir()
     (root / "report" / "report.html").write_text("<h1>openbook comparison — stand-in</h1>")
-    return Demo(UiConfig(docs=str(docs), index_dir=str(root / "index"), finetuned=str(root / "no-finetune"),
+    return Demo(UiConfig(model="smollm2-135m",
+                         docs=str(docs), index_dir=str(root / "index"), finetuned=str(root / "no-finetune"),
                          raft=str(root / "raft"), report=str(root / "report"), max_new_tokens=16))
 
 
