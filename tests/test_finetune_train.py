@@ -35,6 +35,7 @@ def tiny_config(out, **kw) -> TrainConfig:
     base = dict(model="smollm2-135m",
                 output_dir=str(out), max_steps=8, batch_size=2, learning_rate=1e-3, max_length=64, warmup=0.1,
                 logging_steps=1, eval_steps=4, threads=1, early_stopping_patience=3, seed=0, lora_r=8, lora_alpha=16,
+                snapshots=3,
                 target_modules="auto")
     return TrainConfig(**{**base, **kw})
 
