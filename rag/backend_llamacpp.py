@@ -159,21 +159,25 @@ class LlamaCppGenerator(Generator):
     def _decode(self, prompt: list[int], max_new: int, stop: tuple[str, ...], on_token, **sampling) -> Generation:
         t0 = time.perf_counter()
         self._check_fits(prompt, max_new)
-        import llama_cpp
-
         cut, ids, greedy = StreamCut(stop, on_token), [], not sampling
         for tok in self.llm.generate(prompt, temp=0.0 if greedy else sampling["temperature"],
                                      top_k=1 if greedy else sampling["top_k"],
                                      top_p=1.0 if greedy else sampling["top_p"], min_p=0.0, repeat_penalty=1.0):
-            if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok):
-                break
-            ids.append(tok)
-            # the whole reply decoded again (≤ a few dozen tokens): a character split across tokens shows only
-            # once its last byte has arrived, so the text only ever grows
-            text = self.llm.detokenize(ids).decode("utf-8", errors="ignore")
-            if cut.feed(text[len(cut.raw):]) or len(ids) >= max_new:
+            if not self._take(tok, ids, cut, max_new):
                 break
         return Generation(cut.text, len(prompt), len(ids), time.perf_counter() - t0)
+
+    def _take(self, tok: int, ids: list[int], cut: StreamCut, max_new: int) -> bool:
+        """Add the sampled ``tok`` to a reply (``ids``, ``cut``); False once the reply has ended."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, tok):
+            return False
+        ids.append(tok)
+        # the whole reply decoded again (≤ a few dozen tokens): a character split across tokens shows only once its
+        # last byte has arrived, so the text only ever grows
+        text = self.llm.detokenize(ids).decode("utf-8", errors="ignore")
+        return not cut.feed(text[len(cut.raw):]) and len(ids) < max_new
 
     def _check_fits(self, prompt: list[int], max_new: int) -> None:
         if len(prompt) + max_new > self.llm.n_ctx():
@@ -246,7 +250,7 @@ class LlamaCppGenerator(Generator):
         t0 = time.perf_counter()
         ctx, batch = self._parallel_context()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
-        b, vocab, n_vocab = batch.batch, self.llm._model.vocab, self.llm.n_vocab()
+        b, n_vocab = batch.batch, self.llm.n_vocab()
         nxt: list[int] = [0] * len(prompts)
         wants: list[tuple[int, int]] = []  # (sequence, its row in the batch) whose next token the batch gives
 
@@ -276,15 +280,7 @@ class LlamaCppGenerator(Generator):
         cuts, ids = [StreamCut(stop) for _ in prompts], [[] for _ in prompts]
         active = list(range(len(prompts)))
         while active:
-            going = []
-            for seq in active:
-                if llama_cpp.llama_vocab_is_eog(vocab, nxt[seq]):
-                    continue
-                ids[seq].append(nxt[seq])
-                text = self.llm.detokenize(ids[seq]).decode("utf-8", errors="ignore")  # as in _decode
-                if not cuts[seq].feed(text[len(cuts[seq].raw):]) and len(ids[seq]) < max_new:
-                    going.append(seq)
-            active = going
+            active = [seq for seq in active if self._take(nxt[seq], ids[seq], cuts[seq], max_new)]
             for seq in active:
                 add(nxt[seq], len(prompts[seq]) + len(ids[seq]) - 1, seq, True)
             if active:
