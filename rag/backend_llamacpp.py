@@ -280,13 +280,25 @@ class LlamaCppGenerator(Generator):
             wants.clear()
             b.n_tokens = 0
 
-        # read the prompts: whole prompts packed into batches of up to n_batch tokens, a longer one in pieces
-        b.n_tokens = 0
-        for seq, prompt in enumerate(prompts):
-            for pos, token in enumerate(prompt):
+        def read(seq: int, prompt: list[int], start: int, end: int) -> None:  # in batches of up to n_batch tokens
+            for pos in range(start, end):
                 if b.n_tokens == self.llm.n_batch:
                     run()
-                add(token, pos, seq, pos == len(prompt) - 1)
+                add(prompt[pos], pos, seq, pos == len(prompt) - 1)
+
+        # the start every prompt shares (system prompt, worked example: ~40% of a RAG prompt) is read once, as
+        # sequence 0, and its KV stream copied to the others; each then reads the rest of its own prompt (at least
+        # its last token, whose logits give the first reply token)
+        shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+        b.n_tokens = 0
+        if shared:
+            read(0, prompts[0], 0, shared)
+            run()
+            mem = llama_cpp.llama_get_memory(ctx.ctx)
+            for seq in range(1, len(prompts)):
+                llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)  # one stream per sequence: a whole-stream copy
+        for seq, prompt in enumerate(prompts):
+            read(seq, prompt, shared, len(prompt))
         run()
         cuts, ids = [StreamCut(stop) for _ in prompts], [[] for _ in prompts]
         active = list(range(len(prompts)))

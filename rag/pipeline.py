@@ -317,10 +317,14 @@ class RagPipeline:
         On transformers the answers generate in padded batches: faster, not by much, for RAG prompts on a 2-core
         CPU, where reading ~460 prompt tokens dominates (81 demo answers took 1.4 s each in batches of 8, against
         a p50 of 2.1-2.7 s one at a time); each answer's generate time is then its batch's time divided by the
-        batch size, which is throughput, not the latency one user would see. llama.cpp decodes one sequence at a
-        time and re-uses the judgement's cached prompt for the answer, so there questions go one by one.
+        batch size, which is throughput, not the latency one user would see. On llama.cpp a model that judges its
+        own passages answers one question at a time, re-using the judgement's cached prompt; an adapter, judged by
+        the base model, answers in ``chat_batch``'s groups, which read the prompts' common start once and decode
+        together.
         """
-        if self.generator.backend != "transformers":
+        together = self.generator.backend == "transformers" or (
+            self.generator.backend == "llamacpp" and bool(self.cfg.adapter))  # judged by the base model
+        if not together:
             return [self.answer(q, ranked=r) for q, r in tqdm(list(zip(questions, rankeds, strict=True)),
                                                                desc=desc, disable=not desc)]
         rule = self.rule()
