@@ -99,7 +99,8 @@ def finetune_runs(ds: list[dict]) -> str:
         replay = data.get("general") if data else "-replay-" in Path(d["_path"]).name
         general = "with replay" if replay else "no replay"
         how = (f"{m['steps']} steps, {m['seconds'] / 60:.1f} min" if m else "see the text")
-        rows.append(f"| tuned, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
+        when = d.get("run", {}).get("date", "")[5:10]  # runs with the same settings differ by their date
+        rows.append(f"| tuned {when}, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
                     f"**{ci(iv['golden_train']['tuned'])}** | **{ci(iv['golden_test']['tuned'])}** | "
                     f"{num(t['probes']['accuracy'])} | {num(t['probes']['instruction'], 2)} | "
                     f"{num(t['probes']['knowledge'], 2)} | {num(t['perplexity_general'], 1)} |")
