@@ -13,8 +13,9 @@ makes the answer after the judgement nearly free: both share the system prompt, 
 decoding one token at a time is compute-bound on a CPU (the 4-bit weights are unpacked for every token), and a step
 for 16 sequences unpacks them once, so closed-book replies of the 1.5B came 2.2x (8 together) to 2.9x (32) faster
 here; greedy, so the replies are chat()'s but for near-ties the batched kernels break the other way (14 of 16 and
-29 of 32 identical). Left out on purpose: GPU offload (transformers or a served model cover GPUs), batching RAG
-answers (each re-uses its judgement's cached prompt in the main context, and reading that prompt dominates), and
+29 of 32 identical). The prompts' common start is read once a batch and copied to every sequence. Left out on
+purpose: GPU offload (transformers or a served model cover GPUs), batching the answers of a model that judged its own
+passages (each re-uses its judgement's cached prompt in the main context, and reading that prompt dominates), and
 merging adapters into the weights (a peft adapter is converted to a GGUF LoRA, rag/gguf_lora.py, and applied at
 load).
 """
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 N_CTX = 4096  # prompt + answer tokens; k=3 demo prompts are ~500-900 tokens, and the KV cache costs ~0.1 GB
 PARALLEL = 16  # replies chat_batch decodes together (8: 2.2x, 16: 2.5x, 32: 2.9x one at a time, 1.5B, 2 cores)
 SEQ_CTX = 1024  # tokens each of them may hold (prompt + reply; ~0.5 GB of KV cache for 16 on the 1.5B); longer
-# prompts (RAG's with passages, mostly) go one at a time through the main context
+# prompts go one at a time through the main context (1 of 16 demo RAG prompts, 680-975 tokens, with 64 reply tokens)
 
 
 def why_not(name: str, device: str | None) -> str | None:
@@ -286,7 +287,7 @@ class LlamaCppGenerator(Generator):
                     run()
                 add(prompt[pos], pos, seq, pos == len(prompt) - 1)
 
-        # the start every prompt shares (system prompt, worked example: ~40% of a RAG prompt) is read once, as
+        # the start every prompt shares (system prompt, worked example: 200 of ~800 demo RAG tokens) is read once, as
         # sequence 0, and its KV stream copied to the others; each then reads the rest of its own prompt (at least
         # its last token, whose logits give the first reply token)
         shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
