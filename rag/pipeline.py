@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag import calibration
-from rag.abstain import SIGNALS, UNCALIBRATED, Rule, below, confidence, parse_rule
+from rag.abstain import OBJECTIVES, SIGNALS, UNCALIBRATED, Rule, below, confidence, parse_rule
 from rag.backend_openai import is_served, parse_served
 from rag.chunk import STRATEGIES, ChunkConfig
 from rag.config import artefacts, option
@@ -83,6 +83,10 @@ class RagConfig:
                           "chosen on the golden train split; without one, judge<0: the reader judges the sources do "
                           "not state the answer), 'none', or SIGNAL<THRESHOLD[,SIGNAL<THRESHOLD] "
                           f"(any one below its threshold abstains; signals: {', '.join(SIGNALS)}), e.g. 'judge<0'")
+    calibrate_for: str = option("accuracy", "what --abstain calibrated maximises on the golden train split: "
+                                "'accuracy' (fewest wrong gate decisions: a refused answerable question and an "
+                                "answered unanswerable one count alike) or 'f1' (F1 of refusing the unanswerable "
+                                "ones: more refusals, of answerable questions too)")
 
     def __post_init__(self):
         if not self.docs.strip():  # Path("") is the current folder
@@ -98,6 +102,8 @@ class RagConfig:
         check_store(self.store, self.store_url)
         if self.rerank_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--rerank-precision must be auto, fp32 or bf16, not '{self.rerank_precision}'")
+        if self.calibrate_for not in OBJECTIVES:
+            raise ValueError(f"--calibrate-for must be {' or '.join(OBJECTIVES)}, not '{self.calibrate_for}'")
         if self.rerank_fusion not in ("replace", "rrf"):
             raise ValueError(f"--rerank-fusion must be 'replace' or 'rrf', not '{self.rerank_fusion}'")
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
@@ -202,7 +208,8 @@ class RagPipeline:
             scorer = f"{c.reranker}:{rerank_precision(c.rerank_precision)}"
         else:
             scorer = c.embedder
-        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
+        key = f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
+        return key if c.calibrate_for == "f1" else f"{key}|for={c.calibrate_for}"  # f1: the keys saved before 12-04
 
     @property
     def judge_generator(self) -> Generator:
