@@ -261,8 +261,9 @@ def answers(ds: list[dict]) -> str:
         # the stages are the answered questions' medians, the end to end is shown both ways
         done = [q["latency_s"] for q in d["per_question"] if not q["abstained"]]
         steps = " + ".join(f"{k} {median(done, k):.2f} s" for k in ("rerank", "judge", "generate") if k in lat)
-        label = "" if s.get("calibration") else ", " + " or ".join(f"{n} < {t:g}" for n, t in run_rule(s)) + \
-            " (no calibrated rule)"
+        cal = s.get("calibration")  # rules calibrated before 2026-12-04 maximised F1 and do not say so
+        label = f", calibrated for {cal.get('objective', 'F1')}" if cal else ", " + " or ".join(
+            f"{n} < {t:g}" for n, t in run_rule(s)) + " (no calibrated rule)"
         rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]}{label} | **{a['contains']:.3f}** | "
                     f"{a['f1']:.3f} | {a['citation_accuracy']:.3f} | {num(a['abstain_precision'])} | "
                     f"{num(a['abstain_recall'])} | {a['retrieval_misses']} / {a['gate_misses']} / "

@@ -139,19 +139,28 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     # one runtime for every arm, so the adapters' arms and the plain ones differ only by the adapter
     base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend,
                                  store=cfg.store, store_url=cfg.store_url))
+    seconds, t0 = {}, time.perf_counter()  # wall time per stage, for the time budget
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        seconds[stage] = round(time.perf_counter() - t0, 1)
+        log.info("%s: %.0f s", stage, seconds[stage])
+        t0 = time.perf_counter()
+
     base.update_index(progress=progress)
+    lap("index")
     calibration = calibrate(base, golden, progress) if golden else None
-    t0 = time.perf_counter()
+    lap("mode and calibration")
     rankeds = [base.ranked(q["question"]) for q in qs] if set(systems) & set(RETRIEVAL) else []
-    log.info("ranked %d questions in %.0f s", len(rankeds), time.perf_counter() - t0)
+    lap(f"ranking {len(rankeds)} questions")
     per_system, pipes = {}, {}
     for s in systems:
-        log.info("system %s", s)
         if s in CLOSED_BOOK:
             per_system[s] = run_closed_book(cfg, s, qs)
         else:
             per_system[s], pipes[s] = run_retrieval(cfg, s, base, qs, rankeds)
             rankeds = judged(rankeds, per_system[s])
+        lap(f"system {s}")
     ref = "rag" if "rag" in per_system else systems[0]
     result = {"settings": asdict(cfg) | {"questions": source, "n": len(qs),
                                          "n_answerable": sum(q["answer"] is not None for q in qs),
@@ -162,13 +171,19 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
               "differences_vs": ref, "differences": differences(per_system, ref, cfg.bootstrap, cfg.seed),
               "pairwise": pairwise(per_system, cfg.bootstrap, cfg.seed),
               "setup": setup_cost(cfg, base)}
+    lap("set-up cost (a fresh index)")
     result["forgetting"] = forgetting(cfg, per_system)
+    lap("forgetting")
     if cfg.seeds > 1:
         result["seeds"] = over_seeds(cfg, base, qs, rankeds, per_system)
+        lap("other seeds")
     if cfg.probes > 0 and pipes:
         result["context_probes"] = context_probes(pipes, qs, rankeds, cfg.probes, cfg.seed)
+        lap("context probes")
     if with_freshness:
         result["freshness"] = freshness(cfg, base, progress)
+        lap("freshness")
+    result["seconds"] = seconds
     result["per_question"] = {s: rows for s, rows in per_system.items()}
     return result
 

@@ -106,6 +106,10 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
                   f"(training tokens × {TRAIN_COST_FACTOR} at {be['price_per_mtok']} USD per million tokens) and "
                   f"saves {be['saving_per_query_usd']:.6f} USD per query against RAG's longer prompts: repaid "
                   f"after {q}. Accuracy is not part of this sum — see the table above."]
+    if result.get("seconds"):
+        took = result["seconds"]
+        lines += ["", f"Time: {sum(took.values()) / 60:.1f} min — " + ", ".join(
+            f"{stage} {s / 60:.1f}" for stage, s in took.items()) + " (min)."]
     lines += [""] + [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
 

@@ -194,7 +194,7 @@ class RagPipeline:
         if c.abstain != "calibrated":
             return parse_rule(c.abstain)
         entry = calibration.load(c.index_dir).get(self.calibration_key())
-        if entry and "rule" in entry:
+        if entry and "rule" in entry and entry.get("objective", "f1") == c.calibrate_for:
             return [tuple(x) for x in entry["rule"]]
         return list(UNCALIBRATED) if self._can_judge else None
 
@@ -208,8 +208,7 @@ class RagPipeline:
             scorer = f"{c.reranker}:{rerank_precision(c.rerank_precision)}"
         else:
             scorer = c.embedder
-        key = f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
-        return key if c.calibrate_for == "f1" else f"{key}|for={c.calibrate_for}"  # f1: the keys saved before 12-04
+        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
 
     @property
     def judge_generator(self) -> Generator:
