@@ -174,7 +174,7 @@ def calibrate(pipe: RagPipeline, golden: list[dict], progress: bool = True) -> d
              "train_accuracy": round(_accuracy(abstained, truth), 4), "train_f1": round(_f1(abstained, truth), 4),
              "n": len(runs), "train_auc": auc, "stamp": stamp,
              # per train question, so another --calibrate-for re-fits without asking the reader again
-             "signals": [({n: round(v, 6) for n, v in s.items()}, u) for s, u in runs]}
+             "signals": [[{n: round(v, 6) for n, v in s.items()}, u] for s, u in runs]}
     calibration.save(pipe.cfg.index_dir, key, entry)
     log.info("abstention rule %s for %s (train accuracy %.3f, F1 %.3f; ROC AUC on train: %s)",
              format_rule(entry["rule"]), objective, entry["train_accuracy"], entry["train_f1"],

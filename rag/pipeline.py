@@ -324,16 +324,17 @@ class RagPipeline:
         CPU, where reading ~460 prompt tokens dominates (81 demo answers took 1.4 s each in batches of 8, against
         a p50 of 2.1-2.7 s one at a time); each answer's generate time is then its batch's time divided by the
         batch size, which is throughput, not the latency one user would see. On llama.cpp a model that judges its
-        own passages answers one question at a time, re-using the judgement's cached prompt; an adapter, judged by
-        the base model, answers in ``chat_batch``'s groups, which read the prompts' common start once and decode
-        together.
+        own passages answers one question at a time, re-using the judgement's cached prompt; an adapter (judged by
+        the base model) and a model gated by a rule without the judgement answer in ``chat_batch``'s groups, which
+        read the prompts' common start once and decode together.
         """
-        together = self.generator.backend == "transformers" or (
-            self.generator.backend == "llamacpp" and bool(self.cfg.adapter))  # judged by the base model
+        rule = self.rule()
+        # an adapter is judged by the base model, and a rule without the judgement asks none: nothing to re-use
+        together = self.generator.backend == "transformers" or (self.generator.backend == "llamacpp" and (
+            bool(self.cfg.adapter) or not any(n == "judge" for n, _ in rule or [])))
         if not together:
             return [self.answer(q, ranked=r) for q, r in tqdm(list(zip(questions, rankeds, strict=True)),
                                                                desc=desc, disable=not desc)]
-        rule = self.rule()
         gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
         todo = [i for i, g in enumerate(gated) if g.early is None]
         gens = self.generator.answer_batch([(questions[i], sources(gated[i].hits)) for i in todo],

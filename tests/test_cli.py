@@ -54,6 +54,21 @@ def test_index_ask_eval_smoke(corpus, tmp_path, capsys):
     assert judge["t3"] > 0 > judge["t4"], judge
     assert all(v["p50"] >= 0 for v in result["latency_ms"].values())
 
+    # the calibration keeps each train question's signals: another objective re-fits without asking the reader
+    from rag import calibration
+    from rag.choose import calibrate
+    from rag.evaluate import load_golden
+    from rag.pipeline import RagConfig, RagPipeline
+
+    entry = next(v for v in calibration.load(ix).values() if "rule" in v)
+    assert entry["objective"] == "accuracy" and len(entry["signals"]) == 2
+    pipe = RagPipeline(RagConfig(docs=str(corpus), index_dir=ix, chunk_size=40, overlap=5, calibrate_for="f1"))
+    pipe.update_index(progress=False)
+    pipe.judge = lambda *a: pytest.fail("re-fitting for another objective asked the reader again")
+    refit = calibrate(pipe, load_golden(golden, str(corpus)), progress=False)
+    assert refit["objective"] == "f1" and refit["signals"] == entry["signals"]
+    assert pipe.rule() == [tuple(x) for x in refit["rule"]]
+
 
 def test_unanswerable_question_abstains(tiny_pipeline):
     """The re-ranker gives an off-topic question a low score; with a threshold the pipeline abstains."""
@@ -66,6 +81,25 @@ def test_unanswerable_question_abstains(tiny_pipeline):
     a = pipe.answer("Who won the 1998 football world cup?")
     assert a.abstained and a.text == IDK and a.reason == "low-confidence" and a.cited == []
     assert pipe.answer("How many days do I have to return a device?").confidence > 0.2
+
+
+def test_answers_batch_on_llamacpp_when_the_rule_asks_no_judgement(tiny_pipeline):
+    """Nothing to re-use from a judgement, so llama.cpp answers in batches: the same answers and refusals as one
+    question at a time."""
+    from dataclasses import replace
+
+    from rag.pipeline import RagPipeline
+
+    pipe = RagPipeline(replace(tiny_pipeline.cfg, abstain="rerank<0.2"), tiny_pipeline.index)
+    pipe._reranker = tiny_pipeline.reranker
+    qs = ["How many days do I have to return a device?", "Who won the 1998 football world cup?",
+          "When does the Ghent office open?"]
+    rankeds = [pipe.ranked(q) for q in qs]
+    batched = pipe.answer_batch(qs, rankeds)
+    assert pipe.generator.backend == "llamacpp" and pipe.generator._together is not None  # the batch context
+    one_by_one = [pipe.answer(q, ranked=r) for q, r in zip(qs, rankeds, strict=True)]
+    assert [a.text for a in batched] == [a.text for a in one_by_one]
+    assert batched[1].abstained and not batched[0].abstained
 
 
 def test_folder_without_golden_abstains_on_the_readers_judgement(corpus, tmp_path):
