@@ -145,6 +145,7 @@ class RagPipeline:
         self._reranker = None
         self._mode: str | None = None
         self._can_judge = True  # False once the runtime said it has no log-probabilities (JudgeUnavailable)
+        self._warned_objective = False
 
     def update_index(self, progress: bool = True) -> UpdateStats:
         c = self.cfg
@@ -194,8 +195,14 @@ class RagPipeline:
         if c.abstain != "calibrated":
             return parse_rule(c.abstain)
         entry = calibration.load(c.index_dir).get(self.calibration_key())
-        if entry and "rule" in entry and entry.get("objective", "f1") == c.calibrate_for:
-            return [tuple(x) for x in entry["rule"]]
+        if entry and "rule" in entry:
+            if entry.get("objective", "f1") == c.calibrate_for:
+                return [tuple(x) for x in entry["rule"]]
+            if not self._warned_objective:
+                self._warned_objective = True
+                log.warning("the abstention rule beside %s was calibrated for %s, not --calibrate-for %s: the "
+                            "reader's own judgement (judge<0) gates until `rag eval` calibrates again",
+                            c.index_dir, entry.get("objective", "f1"), c.calibrate_for)
         return list(UNCALIBRATED) if self._can_judge else None
 
     def calibration_key(self) -> str:
