@@ -63,14 +63,12 @@ def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02, objective
     score = SCORE[objective]
     names = [n for n in SIGNALS if all(n in s for s, _ in runs)]
     truth = [u for _, u in runs]
-    found: list[tuple[float, int, list]] = []  # (score, train refusals, rule)
 
-    def consider(abstained: list[bool], rule: list) -> None:
-        found.append((score(abstained, truth), sum(abstained), rule))
+    def scored(abstained: list[bool], rule: list) -> tuple[float, int, list]:
+        return score(abstained, truth), sum(abstained), rule
 
-    for n in names:
-        for t in _cuts([s[n] for s, _ in runs]):
-            consider([s[n] < t for s, _ in runs], [(n, t)])
+    found = [scored([s[n] < t for s, _ in runs], [(n, t)])  # (score, train refusals, rule)
+             for n in names for t in _cuts([s[n] for s, _ in runs])]
     if not found:
         return None
     single = max(v for v, _, _ in found)
@@ -78,9 +76,9 @@ def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02, objective
         for n in (x for x in names if x != "judge"):
             for t in _cuts([s[n] for s, _ in runs]):
                 for tj in _cuts([s["judge"] for s, _ in runs]):
-                    abstained = [s[n] < t or s["judge"] < tj for s, _ in runs]
-                    if score(abstained, truth) >= single + min_gain:
-                        consider(abstained, [(n, t), ("judge", tj)])
+                    pair = scored([s[n] < t or s["judge"] < tj for s, _ in runs], [(n, t), ("judge", tj)])
+                    if pair[0] >= single + min_gain:
+                        found.append(pair)
     best = max(v for v, _, _ in found)
     if objective == "f1":
         return next((v, rule) for v, _, rule in found if v == best)  # the first best, in SIGNALS order
