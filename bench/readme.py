@@ -264,7 +264,12 @@ def answers(ds: list[dict]) -> str:
         cal = s.get("calibration")  # rules calibrated before 2026-12-04 maximised F1 and do not say so
         label = f", calibrated for {cal.get('objective', 'F1')}" if cal else ", " + " or ".join(
             f"{n} < {t:g}" for n, t in run_rule(s)) + " (no calibrated rule)"
-        rows.append(f"| {s['model']}{runtime}, {d['run']['date'][:10]}{label} | **{a['contains']:.3f}** | "
+        when = d["run"]["date"][:10]
+        if sum(o["run"]["date"][:10] == when for o in ds) > 1:  # two runs that day: which one
+            when += " " + d["run"]["date"][11:16] + " UTC"
+        weights = s.get("reader_weights") or ""
+        runtime += ", Q8_0 copy" if ".q8_0-" in weights else ""
+        rows.append(f"| {s['model']}{runtime}, {when}{label} | **{a['contains']:.3f}** | "
                     f"{a['f1']:.3f} | {a['citation_accuracy']:.3f} | {num(a['abstain_precision'])} | "
                     f"{num(a['abstain_recall'])} | {a['retrieval_misses']} / {a['gate_misses']} / "
                     f"{a['generation_misses']} | **all {len(d['per_question'])}: {lat['total']['p50'] / 1000:.1f} s** "

@@ -32,6 +32,7 @@ from rag import metrics as M
 from rag.config import folder_name, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
+from rag.gguf_q8 import model_variant as weights_variant
 from rag.models import DEFAULT_READER
 from rag.runtime import load_generator
 
@@ -261,7 +262,7 @@ def base_scores(cfg: EvalConfig, sets: dict[str, list[dict]], progress: bool = T
     model, mtime = (str(local.resolve()), local.stat().st_mtime) if local.exists() else (cfg.model, 0)
     texts = [Path(f).read_text(encoding="utf-8") if f and Path(f).exists() else "" for f in (cfg.probes,
                                                                                             cfg.general_text)]
-    key = hashlib.sha256(json.dumps([str(model), mtime, cfg.max_new_tokens, sets, texts,
+    key = hashlib.sha256(json.dumps([str(model), mtime, weights_variant(cfg.model), cfg.max_new_tokens, sets, texts,
                                      closed_book_messages("?")], sort_keys=True, default=str).encode()).hexdigest()
     path = Path(".openbook") / "cache" / "finetune-base" / f"{Path(cfg.model).name}-{key[:16]}.json"
     if path.exists():

@@ -171,6 +171,8 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
               "differences_vs": ref, "differences": differences(per_system, ref, cfg.bootstrap, cfg.seed),
               "pairwise": pairwise(per_system, cfg.bootstrap, cfg.seed),
               "setup": setup_cost(cfg, base)}
+    if "rag" in pipes:  # the file llama.cpp loaded (a Q8_0 copy on AMX CPUs, rag.gguf_q8)
+        result["settings"]["reader_weights"] = pipes["rag"].generator.weights or None
     lap("set-up cost (a fresh index)")
     result["forgetting"] = forgetting(cfg, per_system)
     lap("forgetting")

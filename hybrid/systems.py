@@ -48,7 +48,7 @@ class CompareConfig:
     raft: str = option("", "RAFT LoRA from `make hybrid` (default .openbook/hybrid/<folder>/<model>)")
     systems: str = option(",".join(SYSTEMS), "comma-separated systems to run")
     latency_sample: int = option(12, "questions answered one at a time for latency (the rest in batches)")
-    probes: int = option(16, "questions re-asked with no, unrelated and counterfactual context, per retrieval "
+    probes: int = option(12, "questions re-asked with no, unrelated and counterfactual context, per retrieval "
                          "system (0: no probes; a seeded sample of those whose passages hold the answer)")
     bootstrap: int = option(2000, "bootstrap resamples for the 95% intervals")
     price_per_mtok: float = option(0.50, "USD per million tokens processed, for per-query cost and break-even")

@@ -1,9 +1,9 @@
 """The llama.cpp backend of ``Generator``: GGUF models on a CPU at several times transformers' speed.
 
-Runs the packaged 4-bit GGUF files as they are through llama-cpp-python (built from source by ``make setup``):
-on this project's 2-core VM the 1.5B reader reads ~76 prompt tokens/s with ggml's AMX kernels (~55 without; the
-Makefile says why the build needs -fno-dse for them) and decodes ~9.9 tokens/s, where transformers manages ~22-48
-and ~1.3.
+Runs the packaged 4-bit GGUF files through llama-cpp-python (built from source by ``make setup``): on this
+project's 2-core VM the 1.5B reader as packaged (Q4_K_M) reads ~150-176 prompt tokens/s with ggml's AMX kernels
+(~57 without; the Makefile says why the build needs -fno-dse for them) and decodes ~12-15 tokens/s, where
+transformers manages ~22-48 and ~1.3; on CPUs with AMX it runs from a Q8_0 copy, ~200 and ~14 (``rag.gguf_q8``).
 Prompts are rendered with the chat template stored in the GGUF file (the same Jinja template
 transformers uses), tokenized with special tokens parsed (document text was defused first, see
 ``Generator.sanitize``), and decoded greedily token by token, so stop strings, streaming and token counts behave
@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from rag.generate import NO, SAMPLING, YES, Generation, Generator, StreamCut, yes_no_logodds
+from rag.gguf_q8 import runnable
 from rag.models import SMALL_GENERATOR, ModelNotFound, gguf_path
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class LlamaCppGenerator(Generator):
 
         self.name, self.max_new_tokens, self.device, self.adapter = name, max_new_tokens, "cpu", adapter
         self._together = None  # chat_batch's context, made on first use
-        path = gguf_path(name)
+        path = runnable(gguf_path(name))  # on AMX CPUs a Q8_0 copy of a K-quant file (rag.gguf_q8 says why)
         lora = None
         if adapter:
             from rag.gguf_lora import gguf_adapter
@@ -132,8 +133,10 @@ class LlamaCppGenerator(Generator):
             lora = gguf_adapter(adapter, name)
             _quiet_lora_fallbacks()
         try:
+            # use_mmap=False: on AMX CPUs the weights are repacked into buffers of their own, and a mapping kept the
+            # file's pages resident too (the 1.5B's Q8_0 copy: 3.5 GB RSS a model mapped, 2.2 GB read)
             self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
-                             lora_path=lora, verbose=False)
+                             lora_path=lora, verbose=False, use_mmap=False)
         except (ValueError, RuntimeError) as e:  # llama.cpp reports a damaged file only as "failed to load"
             if lora:
                 from rag.gguf_lora import AdapterError
@@ -142,6 +145,7 @@ class LlamaCppGenerator(Generator):
             raise ModelNotFound(f"llama.cpp could not load {path} ({e}); if it is a packaged model, delete that "
                                 "file and run `make setup` to join its parts again") from None
         _OPEN.add(self.llm)
+        self.weights = os.path.basename(path)
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:

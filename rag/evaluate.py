@@ -183,6 +183,7 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
                              **{k: None if v is None else round(v, 4) for k, v in abst.items()},
                              **{f"{k}_misses": sum(r["miss"] == k for r in ans) for k in MISSES}}
         result["latency_ms"] = {s: M.percentiles(v) for s, v in lat.items() if v}
+        result["settings"]["reader_weights"] = pipe.generator.weights or None
         result["signal_auc"] = {n: M.separation_auc([r["signals"][n] for r in per_q],
                                                     [r["expected_answer"] is None for r in per_q])
                                 for n in SIGNALS if all(n in r.get("signals", {}) for r in per_q)}

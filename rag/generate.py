@@ -197,6 +197,7 @@ class Generator:
     name: str
     max_new_tokens: int
     adapter: str | None  # the LoRA adapter folder applied, if any
+    weights = ""  # the weights file a runtime loaded when it is not ``name`` itself (llama.cpp: a Q8_0 copy)
     control_tokens: list[str]  # every special-token string a document could smuggle in, longest first
 
     def sanitize(self, text: str) -> str:

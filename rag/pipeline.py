@@ -215,7 +215,11 @@ class RagPipeline:
             scorer = f"{c.reranker}:{rerank_precision(c.rerank_precision)}"
         else:
             scorer = c.embedder
-        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{c.model}|prompt={prompt_id()}"
+        from rag.gguf_q8 import model_variant  # a Q8_0 copy judges a little differently from its file
+
+        weights = model_variant(c.model)
+        reader = f"{c.model}@{weights}" if weights else c.model
+        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{reader}|prompt={prompt_id()}"
 
     @property
     def judge_generator(self) -> Generator:
