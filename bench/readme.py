@@ -100,6 +100,8 @@ def finetune_runs(ds: list[dict]) -> str:
         general = "with replay" if replay else "no replay"
         how = (f"{m['steps']} steps, {m['seconds'] / 60:.1f} min" if m else "see the text")
         when = d.get("run", {}).get("date", "")[5:10]  # runs with the same settings differ by their date
+        if sum(o.get("run", {}).get("date", "")[5:10] == when for o in ds) > 1:  # or, the same day, their time
+            when += " " + d["run"]["date"][11:16]
         rows.append(f"| tuned {when}, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
                     f"**{ci(iv['golden_train']['tuned'])}** | **{ci(iv['golden_test']['tuned'])}** | "
                     f"{num(t['probes']['accuracy'])} | {num(t['probes']['instruction'], 2)} | "

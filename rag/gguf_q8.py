@@ -1,15 +1,16 @@
 """On CPUs with AMX, a Q8_0 copy of a K-quant GGUF file, from which llama.cpp reads prompts ~1.3x faster.
 
-ggml multiplies Q4_0, Q4_1 and Q8_0 weights with AMX tile instructions; K-quants (the packaged readers are Q4_K_M)
-go through its AVX512-VNNI kernels. Measured on this project's 2-core VM (a Xeon with AMX, 2026-12-04, the 1.5B
-reader, an 800-token demo RAG prompt): as packaged (Q4_K_M) llama.cpp read 150 prompt tokens/s and decoded a token
-in 82 ms; from a Q8_0 copy 203 tokens/s and 71 ms (Q4_0: 205 and 55 ms, but its grid is coarser than Q4_K's; bf16:
-65 and 156 ms). In ``chat_batch``'s groups of 16 RAG prompts the copy read 182 prompt tokens/s against 140. A RAG
-answer is mostly prompt reading (~570 prompt tokens not shared with the previous prompt, ~20 answer tokens), so the
-answer comes ~1.2-1.3x sooner. Re-quantising Q4_K to Q8_0 rounds each weight again to 1/127 of its block's largest
-one, a small fraction of a Q4_K step, so the copy is nearly the same model, not the same: 26 of 32 demo RAG answers
-came out word for word identical (the differences are near-ties: "for up to 60 days" / "for 60 days", and one
-"2.0 kg" became "2.0 m"). Calibrated judgement thresholds and cached base-model scores are measured on the file
+ggml's AMX kernels load Q8_0 blocks into the tiles as they are, while 4-bit blocks are unpacked on the way and
+K-quant blocks (the packaged readers are Q4_K_M) are also rescaled group by group. Measured on this project's
+2-core VM (a Xeon with AMX, 2026-12-04, the 1.5B reader, an 800-token demo RAG prompt): as packaged (Q4_K_M)
+llama.cpp read 150 prompt tokens/s and decoded a token in 82 ms; from a Q8_0 copy 203 tokens/s and 71 ms (Q4_0:
+205 and 55 ms, but its grid is coarser than Q4_K's; bf16: 65 and 156 ms). In ``chat_batch``'s groups of 16 RAG
+prompts the copy read 182 prompt tokens/s against 140. A RAG answer is mostly prompt reading (~570 prompt tokens
+not shared with the previous prompt, ~20 answer tokens), so it comes ~1.2-1.3x sooner. Re-quantising Q4_K to Q8_0
+rounds each weight again to 1/127 of its block's largest one, a small fraction of a Q4_K step, so the copy is
+nearly the same model, not the same: 26 of 32 demo RAG answers came out word for word identical (near-ties: "for
+up to 60 days" / "for 60 days"; one "2.0 kg" became "2.0 m"), and over the demo test split the 71 questions both
+answered got 34 and 33 right. Calibrated judgement thresholds and cached base-model scores are measured on the file
 that runs (``variant`` is part of their keys where they are cached).
 
 The copy is made once (~10 s for the 1.5B; 1.9 GB on disk beside the 1.1 GB file) in ``~/.cache/openbook/gguf``,

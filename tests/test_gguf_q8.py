@@ -46,7 +46,7 @@ def test_files_kept_as_they_are(k_quant, tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_q8.ENV, "0")
     assert gguf_q8.runnable(str(k_quant)) == str(k_quant) and gguf_q8.variant(k_quant) == ""
     monkeypatch.setenv(gguf_q8.ENV, "1")
-    packaged = gguf_path(SMALL_GENERATOR)  # Q4_1 runs on the AMX tile kernels already
+    packaged = gguf_path(SMALL_GENERATOR)  # Q4_1, not a K-quant: not copied
     assert gguf_q8.file_type(packaged) == 3 and gguf_q8.runnable(packaged) == packaged
     assert not (tmp_path / "gguf").exists()
     monkeypatch.setenv(gguf_q8.ENV, "maybe")

@@ -97,7 +97,7 @@ from rag.models import DEFAULT_RERANKER
 from rag.rerank import load_reranker, rerank
 from rag.runtime import load_generator
 ce = load_reranker(DEFAULT_RERANKER, precision="bf16")
-gen = load_generator("qwen-1.5b", 4, backend="llamacpp")  # its Q4_K weights take ggml's AMX kernels; SmolLM2's do not
+gen = load_generator("qwen-1.5b", 4, backend="llamacpp")  # its weights take ggml's AMX kernels; SmolLM2's do not
 text = "Every lid carries a 7-year warranty against cracks. " * 20  # a prompt long enough for the tile kernels
 for _ in range(2):  # re-rank, then generate, in one process: where both use AMX they must not share a thread
     rerank(ce, "How long is the lid warranty?", [("a", text), ("b", "Lids are green.")])  # bf16 on this thread
