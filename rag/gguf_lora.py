@@ -4,9 +4,10 @@ Uses llama.cpp's own converter (``convert_lora_to_gguf.py``, with the ``conversi
 imports), taken from the llama-cpp-python source distribution that ``make setup`` builds and kept under
 ``~/.cache/openbook/llama.cpp-convert/<version>``. The converter reads the base model's config from its Hugging
 Face folder (the de-quantised copy ``rag.models.generator_path`` keeps) and writes the adapter's A and B matrices
-as f32; llama.cpp then adds (alpha/r)·BA to the 4-bit base weights at run time. The cached file is named by a
-hash of the adapter's weights and config, so a re-trained adapter is converted again. Left out on purpose:
-merging into a quantised base here (``python -m finetune export`` writes a merged GGUF for other tools).
+as f32; llama.cpp then adds (alpha/r)·BA to the 4-bit base weights at run time, or ``rag.gguf_merge`` merges it
+into a Q8_0 base once. The cached file is named by a hash of the adapter's weights and config, so a re-trained
+adapter is converted again. Left out on purpose: merging into a 4-bit base (``python -m finetune export`` writes a
+merged GGUF from the full-precision model for other tools).
 """
 
 from __future__ import annotations

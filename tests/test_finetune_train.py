@@ -233,6 +233,64 @@ def test_llamacpp_runs_the_adapter_like_peft(trained):
 
 
 @needs_llamacpp
+def test_an_adapter_merged_into_a_q8_0_base_matches_it_applied_at_run_time(trained, tmp_path, monkeypatch):
+    """rag.gguf_merge: W₀ + (α/r)·BA re-quantised to Q8_0 gives the logits llama.cpp gets applying the LoRA to the
+    same Q8_0 base (merged vs unmerged parity), and the generator runs the merged file without a runtime LoRA."""
+    import os
+    from pathlib import Path
+
+    import llama_cpp
+    import numpy as np
+
+    from rag import backend_llamacpp, gguf_merge
+    from rag.config import UserError
+    from rag.gguf_lora import gguf_adapter
+    from rag.models import gguf_path
+
+    out, _ = trained
+    base = tmp_path / "smollm2-q8_0.gguf"  # the packaged file is Q4_1: a Q8_0 base made from it
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+    assert llama_cpp.llama_model_quantize(gguf_path("smollm2-135m").encode(), str(base).encode(), params) == 0
+    lora = gguf_adapter(out / "adapter", "smollm2-135m")
+    assert gguf_merge.merged_path(gguf_path("smollm2-135m"), lora) is None  # a 4-bit base: applied at run time
+    merged = gguf_merge.merged_path(str(base), lora)
+    assert merged and os.path.dirname(merged) == os.path.dirname(lora)
+    made = os.stat(merged).st_mtime_ns
+    assert gguf_merge.merged_path(str(base), lora) == merged and os.stat(merged).st_mtime_ns == made  # once
+
+    def last_logits(path, lora=None, scale=1.0):
+        llm = llama_cpp.Llama(model_path=path, lora_path=lora, lora_scale=scale, n_ctx=256, verbose=False)
+        llm.eval(llm.tokenize(PROBE.encode(), add_bos=False, special=True))
+        got = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+        llm.close()
+        return got
+
+    # 8 steps move each weight by a small part of a Q8_0 step, where rounding (W₀ + ΔW) again adds noise of ~0.3
+    # step: the maths is checked on the same adapter at 16x (what llama.cpp's lora_scale does), the 1x file as run
+    plain = last_logits(str(base))
+    big = tmp_path / "x16.gguf"
+    assert gguf_merge.merge(base, Path(lora), big, scale=16.0)
+    applied, folded = last_logits(str(base), lora, 16.0) - plain, last_logits(str(big)) - plain
+    assert np.abs(applied).max() > 2 and np.corrcoef(applied, folded)[0, 1] > 0.99, np.corrcoef(applied, folded)
+    applied, folded = last_logits(str(base), lora) - plain, last_logits(merged) - plain
+    assert np.abs(applied).max() > 0.3 and np.corrcoef(applied, folded)[0, 1] > 0.5
+    assert (plain + applied).argmax() == (plain + folded).argmax()
+
+    monkeypatch.setattr(backend_llamacpp, "gguf_path", lambda name: str(base))
+    gen = backend_llamacpp.LlamaCppGenerator("smollm2-135m", 16, adapter=str(out / "adapter"))
+    assert gen.weights == os.path.basename(merged) and gen.llm._lora_adapter is None
+    asks = [[{"role": "user", "content": q}] for q, _ in FACTS]
+    assert sum(g.text == gen.chat(m).text for g, m in zip(gen.chat_batch(asks), asks, strict=True)) >= 7
+    monkeypatch.setenv(gguf_merge.ENV, "0")
+    assert gguf_merge.merged_path(str(base), lora) is None
+    assert backend_llamacpp.LlamaCppGenerator("smollm2-135m", 16, adapter=str(out / "adapter")).llm._lora_adapter
+    monkeypatch.setenv(gguf_merge.ENV, "later")
+    with pytest.raises(UserError, match="OPENBOOK_LORA_MERGE='later'"):
+        gguf_merge.wanted()
+
+
+@needs_llamacpp
 def test_adapter_for_another_base_model_is_refused_in_one_line(trained):
     from rag.gguf_lora import WrongBase
     from rag.runtime import load_generator
