@@ -125,7 +125,7 @@ class LlamaCppGenerator(Generator):
 
         self.name, self.max_new_tokens, self.device, self.adapter = name, max_new_tokens, "cpu", adapter
         self._together = None  # chat_batch's context, made on first use
-        path = runnable(gguf_path(name))  # on AMX CPUs a Q8_0 copy of a K-quant file (rag.gguf_q8 says why)
+        path = runnable(gguf_path(name), threads())  # on AMX CPUs a Q8_0 copy of a K-quant file (rag.gguf_q8 says why)
         lora = None
         if adapter:
             from rag.gguf_lora import gguf_adapter

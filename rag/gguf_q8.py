@@ -99,9 +99,10 @@ def model_variant(name: str) -> str:
     return variant(path) if path else ""
 
 
-def runnable(path: str) -> str:
-    """The file llama.cpp loads for ``path``: its Q8_0 copy (made on first use) where ``variant`` says so, else
-    ``path``. Written to a temporary name and renamed, so a run killed mid-copy leaves no half file."""
+def runnable(path: str, threads: int | None = None) -> str:
+    """The file llama.cpp loads for ``path``: its Q8_0 copy (made on first use, on ``threads`` threads; default all
+    CPUs) where ``variant`` says so, else ``path``. Written to a temporary name and renamed, so a run killed mid-copy
+    leaves no half file."""
     if not variant(path):
         return path
     import llama_cpp
@@ -116,7 +117,8 @@ def runnable(path: str) -> str:
     log.warning("making a Q8_0 copy of %s for this CPU's AMX kernels (once, ~10 s for the 1.5B; %s=0 skips it): %s",
                 src.name, ENV, out)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, os.cpu_count()
+    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+    params.nthread = threads or os.cpu_count()
     try:
         from llama_cpp._utils import suppress_stdout_stderr
 
