@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from rag.config import add_config_flags, config_from, run_command, run_dir, setu
 from rag.config_file import parse_args, print_config
 from rag.models import DEFAULT_READER
 
+log = logging.getLogger(__name__)
 RAG_VERBS = ("index", "ask", "chat", "eval")
 
 
@@ -64,6 +66,14 @@ def cmd_train(args) -> int:
         return 0
     print(f"trained {m['steps']} steps in {m['seconds']:.0f} s at {m['tokens_per_second']:.0f} tokens/s; adapter "
           f"{default_adapter(rcfg.docs, rcfg.model)}; loss curve {Path(tcfg.output_dir) / 'loss.png'}")
+    from rag.backend_llamacpp import weights, why_not
+    from rag.gguf_lora import AdapterError
+
+    if why_not(rcfg.model, None) is None:  # llama.cpp answers with it: its GGUF files now, not at the first answer
+        try:
+            print("llama.cpp will load", weights(rcfg.model, str(default_adapter(rcfg.docs, rcfg.model)))[0])
+        except AdapterError as e:  # the adapter is trained and saved; transformers can still run it
+            log.warning("%s", e)
     return 0
 
 

@@ -94,10 +94,10 @@ def pairwise(per_system: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
             for i, a in enumerate(names) for b in names[i + 1:]}
 
 
-def _size_mb(path: str | Path) -> float:
+def _size_mb(path: str | Path, skip: str = "") -> float:
     p = Path(path)
     files = [p] if p.is_file() else list(p.rglob("*")) if p.exists() else []
-    return round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 1)
+    return round(sum(f.stat().st_size for f in files if f.is_file() and not (skip and f.match(skip))) / 1e6, 1)
 
 
 def setup_cost(cfg: CompareConfig, pipe: RagPipeline) -> dict:
@@ -110,6 +110,7 @@ def setup_cost(cfg: CompareConfig, pipe: RagPipeline) -> dict:
         size = None if build.store_url else _size_mb(build.index_dir)  # a server's disk is not measured from here
         drop_store(build)  # a server keeps collections after the folder goes
     out = {"index": {"build_s": round(index_s, 1), "size_mb": size}}
+    # an adapter's size as trained: the GGUF LoRA and merged model llama.cpp made from it are caches (1.9 GB merged)
     for kind, root in (("finetuned", cfg.finetuned), ("raft", cfg.raft)):
         m = Path(root) / "metrics.json"
         if m.exists():
@@ -117,7 +118,7 @@ def setup_cost(cfg: CompareConfig, pipe: RagPipeline) -> dict:
             data = Path(root).parent / "data" / ("build.json" if kind == "finetuned" else "raft_config.json")
             data_s = json.loads(data.read_text())["stats"].get("seconds") if data.exists() else None
             out[kind] = {"train_s": metrics.get("seconds"), "train_tokens": metrics.get("tokens_seen"),
-                         "data_s": data_s, "adapter_mb": _size_mb(Path(root) / "adapter")}
+                         "data_s": data_s, "adapter_mb": _size_mb(Path(root) / "adapter", skip="*.gguf")}
     return out
 
 

@@ -69,6 +69,22 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def weights(name: str, adapter: str | None = None) -> tuple[str, str | None]:
+    """(model file, GGUF LoRA to apply at load or None) llama.cpp runs for ``name`` with ``adapter``: on AMX CPUs a
+    Q8_0 copy of a K-quant file (rag.gguf_q8), and on a Q8_0 base the adapter merged into a copy of it, ~1.25x faster
+    than applied at run time (rag.gguf_merge); each made on first use. ``make hybrid`` calls it after training so
+    that the first answer does not wait for them."""
+    path = runnable(gguf_path(name), threads())
+    if not adapter:
+        return path, None
+    from rag.gguf_lora import gguf_adapter
+    from rag.gguf_merge import merged_path
+
+    lora = gguf_adapter(adapter, name)
+    merged = merged_path(path, lora)
+    return (merged, None) if merged else (path, lora)
+
+
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # every Llama still alive, closed at exit
 
 
@@ -125,18 +141,9 @@ class LlamaCppGenerator(Generator):
 
         self.name, self.max_new_tokens, self.device, self.adapter = name, max_new_tokens, "cpu", adapter
         self._together = None  # chat_batch's context, made on first use
-        path = runnable(gguf_path(name), threads())  # on AMX CPUs a Q8_0 copy of a K-quant file (rag.gguf_q8 says why)
-        lora = None
-        if adapter:
-            from rag.gguf_lora import gguf_adapter
-            from rag.gguf_merge import merged_path
-
-            lora = gguf_adapter(adapter, name)
-            merged = merged_path(path, lora)  # on a Q8_0 base, merged into a copy: ~1.25x faster (rag.gguf_merge)
-            if merged:
-                path, lora = merged, None
-            else:
-                _quiet_lora_fallbacks()
+        path, lora = weights(name, adapter)
+        if lora:
+            _quiet_lora_fallbacks()
         try:
             # use_mmap=False: on AMX CPUs the weights are repacked into buffers of their own, and a mapping kept the
             # file's pages resident too (the 1.5B's Q8_0 copy: 3.5 GB RSS a model mapped, 2.2 GB read)
