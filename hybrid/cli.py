@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
 
     if why_not(rcfg.model, None) is None:  # llama.cpp answers with it: its GGUF files now, not at the first answer
         try:
-            print("llama.cpp will load", weights(rcfg.model, str(default_adapter(rcfg.docs, rcfg.model)))[0])
+            path, lora = weights(rcfg.model, str(default_adapter(rcfg.docs, rcfg.model)))
+            print(f"llama.cpp will run {path}" + (f" with the LoRA {lora}" if lora else ""))
         except AdapterError as e:  # the adapter is trained and saved; transformers can still run it
             log.warning("%s", e)
     return 0
