@@ -1,12 +1,13 @@
 """A LoRA merged into a Q8_0 base GGUF, so llama.cpp runs a fine-tuned model at the base model's speed.
 
-llama.cpp applies a GGUF LoRA at run time as W₀x + (α/r)·B(Ax) in every adapted layer: two extra f32 matrix
-products with an inner size of r (16) and an add, outside ggml's AMX kernels. Measured on this project's 2-core VM
-(2026-12-05, the 1.5B reader's Q8_0 copy, 16 demo RAG prompts read together): 171 prompt tokens/s without an
-adapter, 139 with the RAFT adapter applied at run time. Merged, the adapted weights are W₀ + (α/r)·BA, written as
-Q8_0 again: the base's blocks are de-quantised, the product added, and each block of 32 rounded to 1/127 of its
-largest value (``gguf.quants``, the GGUF package's reference code), so the merged model differs from the adapter
-applied at run time by about one Q8_0 rounding of each adapted weight, as any fine-tune exported to Q8_0 does.
+llama.cpp applies a GGUF LoRA at run time as W₀x + (α/r)·B(Ax) in every adapted layer: two extra f32 matrix products
+with an inner size of r (16) and an add, outside ggml's AMX kernels. Measured on this project's 2-core VM
+(2026-12-05, the 1.5B reader's Q8_0 copy, 16 demo RAG prompts answered together by the RAFT adapter): 77.3 s applied
+at run time (142 prompt tokens/s), 61.8 s merged (177), the same 16 answers; ``make compare``'s adapter arms took
+~20% less time. Merged, the adapted weights are W₀ + (α/r)·BA, written as Q8_0 again: the base's blocks are
+de-quantised, the product added, and each block of 32 rounded to 1/127 of its largest value (``gguf.quants``, the GGUF
+package's reference code), so the merged model differs from the adapter applied at run time by about one Q8_0
+rounding of each adapted weight, as any fine-tune exported to Q8_0 does.
 
 The merged file is made once (~30 s for the 1.5B, 1.9 GB) beside the adapter's GGUF LoRA, named by that file and
 the base file's name, size and modification time, written under a temporary name and renamed; a newer merge
