@@ -2,9 +2,9 @@
 token ids whose labels cover the answer only.
 
 The loss falls on the assistant's last turn: the prompt (system, user and earlier turns, rendered by the model's
-own chat template with the generation prompt) is labelled -100. Left out on purpose: building the examples from
-the corpus (finetune/data.py, hybrid/raft.py), packing several examples per row, and the training itself
-(finetune/train.py).
+own chat template with the generation prompt) is labelled -100. ``AnswerCollator`` pads a batch and has the
+model compute logits at the labelled positions only. Left out on purpose: building the examples from the corpus
+(finetune/data.py, hybrid/raft.py), packing several examples per row, and the training itself (finetune/train.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,37 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> dict[s
     prompt, answer = prompt[len(prompt) - keep:], answer[: max_length - keep]
     return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
             "labels": [-100] * len(prompt) + answer}
+
+
+class AnswerCollator:
+    """Pads a batch of rows and, where the model can, projects onto the vocabulary only where a label is.
+
+    A causal LM's output layer maps every position to the whole vocabulary (151,936 logits a token for Qwen2.5,
+    upcast to fp32 for the loss), yet with the prompt labelled -100 only the answer's positions reach the loss.
+    transformers' ``logits_to_keep`` (a boolean mask) and ``shift_labels`` (the labels already shifted, here
+    flattened like the kept positions) compute the same loss over those positions alone. Models whose ``forward``
+    takes no ``logits_to_keep`` (remote code) get the plain padded batch.
+    """
+
+    def __init__(self, tokenizer, model=None):
+        import inspect
+
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.answer_only = base is not None and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        batch = self.pad(features)
+        if self.answer_only:
+            # position t predicts token t+1: the label a position's logits meet is the next one
+            shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+            keep = shifted != -100
+            batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[keep]
+        return batch
 
 
 def load_data(path: str):

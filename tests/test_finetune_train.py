@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from finetune.lora import add_lora, load_base, load_tuned, merge
-from finetune.rows import DataError, tokenize_example
+from finetune.rows import AnswerCollator, DataError, tokenize_example
 from finetune.train import TrainConfig, snapshot_dirs
 from finetune.train import train as train_lora
 
@@ -98,6 +98,34 @@ def test_lora_at_step_0_is_the_base_model():
     # gate, up (576→1536) and down (1536→576) is 162,816 per block
     assert lora.get_nb_trainable_parameters()[0] == 30 * 162_816
     assert torch.allclose(logits(lora.eval(), tok), before, atol=1e-6)
+
+
+def test_logits_at_the_answer_positions_alone_give_the_same_loss_and_gradients():
+    from transformers import DataCollatorForSeq2Seq
+
+    model, tok = load_base("smollm2-135m", "cpu")
+    lora = add_lora(model, TrainConfig(output_dir="unused", lora_r=4, lora_dropout=0.0, target_modules="auto"))
+    with torch.no_grad():  # B = 0 would leave every A without a gradient to compare
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    rows = [tokenize_example(tok, m, 64) for m in MESSAGES[:4]]
+    collate = AnswerCollator(tok, lora)
+    assert collate.answer_only
+    runs = []
+    for batch in (DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows), collate(rows)):
+        lora.zero_grad()
+        out = lora(**batch)
+        out.loss.backward()
+        runs.append((out, {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}))
+    (full, full_grads), (answer, answer_grads) = runs
+    n_labels = sum(t != -100 for r in rows for t in r["labels"])
+    assert full.logits.shape[:2] == (4, max(len(r["input_ids"]) for r in rows))
+    assert answer.logits.shape[0] == n_labels  # one row of logits per labelled token, nothing for the prompts
+    assert torch.allclose(answer.loss, full.loss, atol=1e-5)
+    assert any(g.abs().sum() > 0 for g in full_grads.values())
+    for name, grad in full_grads.items():
+        assert torch.allclose(answer_grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(trained, base):
