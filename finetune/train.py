@@ -150,7 +150,25 @@ def _callbacks():
                 model.save_pretrained(str(snapshot))
                 record_base(snapshot, self.base)
 
-    return QuietBar(), ThroughputLog(), Snapshots
+    class TrimHeap(TrainerCallback):
+        """Hands the C heap's free pages back to the system after each step: rows of different lengths leave
+        freed activations of ever new sizes, which glibc keeps. Without it (and with logits at every position) a
+        RAFT run of the 1.5B without gradient checkpointing grew past 24 GiB; with both, 17.1 GB at most."""
+
+        def __init__(self):
+            import ctypes
+            import ctypes.util
+
+            try:
+                self.trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+                self.trim = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.trim:
+                self.trim(0)
+
+    return QuietBar(), ThroughputLog(), Snapshots, TrimHeap
 
 
 @dataclass
@@ -257,8 +275,8 @@ def train(cfg: TrainConfig, dataset, resume: bool = False) -> TrainRun:
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # the frozen base's inputs need no grad then
     )
-    bar, throughput, snapshots = _callbacks()
-    callbacks = [throughput, snapshots(out / SNAPSHOTS, cfg.snapshots, cfg.model)]
+    bar, throughput, snapshots, trim_heap = _callbacks()
+    callbacks = [throughput, snapshots(out / SNAPSHOTS, cfg.snapshots, cfg.model), trim_heap()]
     if n_eval and cfg.early_stopping_patience:
         callbacks.append(hf.EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = hf.Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
