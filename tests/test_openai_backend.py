@@ -121,6 +121,10 @@ def test_greedy_answers_and_judgements_match_the_in_process_backend(served, loca
 
 
 def test_streamed_pieces_join_to_the_plain_answer(served):
+    # Both answers after the same prompt, so both re-read only its last token from the server's cache: read after
+    # another prompt, the 135M's greedy answer changed on an AMD EPYC ("12:30pm [2]." streamed, "12:15." plain)
+    # because llama.cpp's logits move with how a prompt is split into batches (see the test above).
+    served.answer(*ASKS[0])
     pieces: list[str] = []
     streamed = served.answer(*ASKS[0], on_token=pieces.append)
     plain = served.answer(*ASKS[0])
