@@ -102,6 +102,9 @@ def finetune_runs(ds: list[dict]) -> str:
         when = d.get("run", {}).get("date", "")[5:10]  # runs with the same settings differ by their date
         if sum(o.get("run", {}).get("date", "")[5:10] == when for o in ds) > 1:  # or, the same day, their time
             when += " " + d["run"]["date"][11:16]
+        cpu = d.get("run", {}).get("cpu", "")
+        if cpu and cpu != first.get("run", {}).get("cpu"):  # another machine: its speed is not comparable
+            when += f", {cpu}"
         rows.append(f"| tuned {when}, {general} ({q.get('synthetic_train', 0)} synthetic trained) | {how} | "
                     f"**{ci(iv['golden_train']['tuned'])}** | **{ci(iv['golden_test']['tuned'])}** | "
                     f"{num(t['probes']['accuracy'])} | {num(t['probes']['instruction'], 2)} | "
