@@ -45,10 +45,11 @@ NO_ORACLE = ("idk", "memorised")
 # (the prompts already hold the answer; one epoch is 24 steps of ~600-token rows on the demo, ~1 min each for the
 # 1.5B on 2 cores, so no minimum step count). With r=8 on the attention projections at 2e-4 and "I don't know."
 # targets for dropped oracles, the 1.5B learned mostly to refuse (README, hybrid).
-# No gradient checkpointing (it cost 26-40% more time a step): it was on because a run without it grew past 24 GiB
-# and was OOM-killed at step 20, with vocabulary logits for every prompt position and glibc keeping freed activations;
-# with logits on the answer alone and the heap trimmed after each step (finetune/train.py) `make hybrid` trained all
-# 23 steps at 77 s a step (150 s with checkpointing) and peaked at 17.1 GB (AMD EPYC, 2 cores, 2026-12-05).
+# No gradient checkpointing: it cost 26% more time a step on the AMX VM, 1.4-1.8x on an AMD EPYC (first 3 steps of
+# RAFT-like rows: 161/164/145 s with it, 117/89/90 s without). It was on because a run without it, with logits at
+# every prompt position and no heap trim, grew past 24 GiB and was OOM-killed at step 20; with logits on the answer
+# alone and the heap trimmed after each step (finetune/train.py) `make hybrid` trained all 23 steps at 77 s a step
+# and peaked at 17.1 GB (AMD EPYC, 2 cores, 2026-12-05). Which of the two changes it needed was not measured.
 RAFT_LORA = dict(lora_r=16, lora_alpha=32, target_modules="all-linear", learning_rate=5e-4, min_steps=0,
                  gradient_checkpointing=False)
 

@@ -101,8 +101,6 @@ def test_lora_at_step_0_is_the_base_model():
 
 
 def test_logits_at_the_answer_positions_alone_give_the_same_loss_and_gradients():
-    from transformers import DataCollatorForSeq2Seq
-
     model, tok = load_base("smollm2-135m", "cpu")
     lora = add_lora(model, TrainConfig(output_dir="unused", lora_r=4, lora_dropout=0.0, target_modules="auto"))
     with torch.no_grad():  # B = 0 would leave every A without a gradient to compare
@@ -113,7 +111,7 @@ def test_logits_at_the_answer_positions_alone_give_the_same_loss_and_gradients()
     collate = AnswerCollator(tok, lora)
     assert collate.answer_only
     runs = []
-    for batch in (DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(rows), collate(rows)):
+    for batch in (collate.pad(rows), collate(rows)):  # the plain padded batch, then with logits_to_keep
         lora.zero_grad()
         out = lora(**batch)
         out.loss.backward()
