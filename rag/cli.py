@@ -64,6 +64,23 @@ def _print_answer(a: Answer, streamed: bool) -> None:
     print(f"  ({' · '.join(f'{k} {v * 1000:.0f} ms' for k, v in t.items())}; {a.prompt_tokens} prompt tokens)")
 
 
+def _stream_answer(pipe: RagPipeline, question: str, head: str = "A: ") -> Answer:
+    """Answer ``question``, printing its tokens as they come and then its sources; ``head`` goes out with the first
+    token, so an error raised before generation (a missing model, say) is not printed after an empty "A: "."""
+    started = False
+
+    def show(token: str) -> None:
+        nonlocal started
+        print(token if started else head + token, end="", flush=True)
+        started = True
+
+    a = pipe.answer(question, on_token=show)
+    if not started:
+        print(head, end="")
+    _print_answer(a, streamed=started)
+    return a
+
+
 def cmd_index(args) -> int:
     if getattr(args, "ray", None):  # chunk and embed on Ray Data (rag/ray_index.py); the same plan, write and summary
         from rag.ray_index import update_pipeline
@@ -79,9 +96,8 @@ def cmd_ask(args) -> int:
         raise UserError("ask: a question is empty; e.g. python -m rag ask 'How long is the warranty?'")
     pipe = _pipeline(args, progress=False)
     for q in args.question:
-        print(f"\nQ: {q}\nA: ", end="", flush=True)
-        a = pipe.answer(q, on_token=lambda t: print(t, end="", flush=True))
-        _print_answer(a, streamed=True)
+        print(f"\nQ: {q}", flush=True)
+        _stream_answer(pipe, q)
     return 0
 
 
@@ -104,8 +120,7 @@ def cmd_chat(args) -> int:
             elif rw.reason not in ("first turn", "unchanged"):
                 print(f"  (the rewrite was not used: {rw.reason}; searching for the question as asked)")
             q = rw.query
-        a = pipe.answer(q, on_token=lambda t: print(t, end="", flush=True))
-        _print_answer(a, streamed=True)
+        a = _stream_answer(pipe, q, head="")
         # the standalone form goes into the history, so a chain of follow-ups keeps its subject
         history += [{"role": "user", "content": q}, {"role": "assistant", "content": a.text}]
     return 0
@@ -176,8 +191,8 @@ def cmd_demo(args) -> int:
         titles = [c.title for c in pipe.index.chunks.values() if c.title]
         questions = [f"What is '{t}' about?" for t in list(dict.fromkeys(titles))[:3]]
     for q in questions:
-        print(f"\nQ: {q}\nA: ", end="", flush=True)
-        _print_answer(pipe.answer(q, on_token=lambda t: print(t, end="", flush=True)), streamed=True)
+        print(f"\nQ: {q}", flush=True)
+        _stream_answer(pipe, q)
     if golden:
         print(f"\nevaluating on {golden_file} ...")
         result = evaluate(pipe, golden, split="test")

@@ -57,6 +57,9 @@ def merged_path(base: str, lora: str) -> str | None:
         if not merge(src, lora_p, tmp):
             return None
         tmp.replace(out)
+    except OSError as e:  # a full disk or a read-only adapter folder: the run-time LoRA answers the same, slower
+        log.warning("could not write the merged model %s (%s); llama.cpp applies the adapter at run time", out, e)
+        return None
     finally:
         tmp.unlink(missing_ok=True)
     for old in lora_p.parent.glob("adapter-*.merged-*.gguf"):  # earlier adapters' or bases' merges: 1.9 GB each

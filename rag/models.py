@@ -94,7 +94,8 @@ HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # a Hugging Face repo id: owner/nam
 
 
 def check_name(flag: str, name: str, packaged: Iterable[str]) -> None:
-    """A ValueError naming ``flag`` unless ``name`` is a packaged model, an existing path or has a hub id's form.
+    """A ValueError naming ``flag`` unless ``name`` is a packaged model, an existing file or model folder, or has a
+    hub id's form.
 
     A hub id is checked by its form only: a user with internet (HF_HUB_OFFLINE=0) downloads it on first use.
     """
@@ -102,6 +103,9 @@ def check_name(flag: str, name: str, packaged: Iterable[str]) -> None:
     choices = f"pass a packaged model ({', '.join(packaged)}), a local path or a hub id (owner/name)"
     if not name.strip():  # Path("") is the current folder, which exists
         raise ValueError(f"{flag} is empty; {choices}")
+    if path.is_dir() and name not in packaged and not any(path.glob("*.gguf")) and not any(
+            (path / f).exists() for f in ("config.json", "adapter_config.json", "modules.json")):
+        raise ValueError(f"{flag} {name}: the folder holds no model (no config.json or .gguf file); {choices}")
     if name in packaged or path.exists():
         return
     if name.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf" or "/" in name and not HUB_ID.fullmatch(name):

@@ -36,6 +36,7 @@ def test_index_ask_eval_smoke(corpus, tmp_path, capsys):
     assert main(["ask", *common, "When does the Ghent office open?"]) == 0
     out = capsys.readouterr().out
     assert "office.html" in out and "prompt tokens" in out  # cited source printed under the answer
+    assert "\nA: " in out
 
     golden = tmp_path / "golden.jsonl"
     golden.write_text("\n".join(json.dumps(q) for q in GOLDEN) + "\n")
@@ -123,6 +124,7 @@ def test_folder_without_golden_abstains_on_the_readers_judgement(corpus, tmp_pat
         (["ask", "--docs", "DOCS", "--mode", "magic", "q"], "--mode"),
         (["eval", "--docs", "DOCS", "--golden", "BADGOLDEN"], "BADGOLDEN:1"),
         (["ask", "--docs", "DOCS", "--model", "no-such-model", "q"], "no-such-model"),
+        (["ask", "--docs", "DOCS", "--model", "EMPTY", "q"], "EMPTY"),  # a folder with no model in it
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle, corpus, tmp_path):
@@ -136,6 +138,7 @@ def test_bad_input_is_one_clear_line(args, needle, corpus, tmp_path):
     assert "Traceback" not in r.stderr
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.stderr
+    assert "A: " not in r.stdout  # no empty answer printed before the error
 
 
 def test_pass_through_verbs_keep_their_flags(capsys):

@@ -308,6 +308,16 @@ def test_an_adapter_merged_into_a_q8_0_base_matches_it_applied_at_run_time(train
     assert gen.weights == os.path.basename(merged) and gen.llm._lora_adapter is None
     asks = [[{"role": "user", "content": q}] for q, _ in FACTS]
     assert sum(g.text == gen.chat(m).text for g, m in zip(gen.chat_batch(asks), asks, strict=True)) >= 7
+
+    def disk_full(base, lora, out, scale=1.0):
+        out.write_bytes(b"GGUF")  # a part written, then no space left
+        raise OSError(28, "No space left on device")
+
+    Path(merged).unlink()
+    with monkeypatch.context() as m:
+        m.setattr(gguf_merge, "merge", disk_full)
+        assert gguf_merge.merged_path(str(base), lora) is None  # run-time LoRA instead, and no part file left
+    assert not [f for f in os.listdir(os.path.dirname(lora)) if ".part-" in f or ".merged-" in f]
     monkeypatch.setenv(gguf_merge.ENV, "0")
     assert gguf_merge.merged_path(str(base), lora) is None
     assert backend_llamacpp.LlamaCppGenerator("smollm2-135m", 16, adapter=str(out / "adapter")).llm._lora_adapter
