@@ -82,13 +82,50 @@ def load_base(model: str, device: str, qlora: bool = False, bf16: bool = False):
 
 def add_lora(model, cfg):
     """Wrap ``model`` with fresh LoRA layers (B = 0, so its outputs are unchanged until the first step); ``cfg``
-    gives lora_r, lora_alpha, lora_dropout and target_modules (a ``TrainConfig``)."""
+    gives lora_r, lora_alpha, lora_dropout and target_modules (a ``TrainConfig``). On a CPU the dropout draws its
+    masks four at a time (``cheap_dropout``)."""
     from peft import LoraConfig, get_peft_model
 
     spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
     targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+    peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                             lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+    if next(peft.parameters()).device.type == "cpu":
+        cheap_dropout(peft)
+    return peft
+
+
+def cheap_dropout(model) -> int:
+    """Swap each LoRA input's ``nn.Dropout`` for one that cuts its mask from 64-bit random words, four 16-bit
+    draws a word; returns how many were swapped. The same dropout (drop probability p rounded to 1/65,536, kept
+    values scaled by 1/(1-p)), another random stream. torch's CPU generator makes one draw per element: on a
+    2-core AMD EPYC (2026-12-05) the masks took 1.0 of the 1.5B's 8.1 s a closed-book step (profiler), and one
+    mask of 380 × 8,960 took 23 ms where this takes 7. CPU only: a GPU's generator is fast."""
+    import torch
+
+    class Dropout(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p, self.cut = p, -32768 + round(p * 65536)  # an int16 below cut is dropped: P = round(p·2¹⁶)/2¹⁶
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            n = x.numel()
+            words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+            draws = words.view(torch.int16)[:n].view(x.shape)
+            return x * ((draws >= self.cut) * (1 / (1 - self.p))).to(x.dtype)
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    swapped = 0
+    for module in model.modules():
+        for name, drop in getattr(module, "lora_dropout", {}).items():
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                module.lora_dropout[name] = Dropout(drop.p)
+                swapped += 1
+    return swapped
 
 
 def save_atomically(dest: Path, *objects, base: str = "") -> None:

@@ -100,6 +100,27 @@ def test_lora_at_step_0_is_the_base_model():
     assert torch.allclose(logits(lora.eval(), tok), before, atol=1e-6)
 
 
+def test_lora_dropout_on_a_cpu_drops_p_of_the_inputs_and_rescales_the_rest():
+    model, _ = load_base("smollm2-135m", "cpu")
+    lora = add_lora(model, TrainConfig(output_dir="unused", lora_dropout=0.1))
+    drops = [d for m in lora.modules() for d in getattr(m, "lora_dropout", {}).values()]
+    assert len(drops) == 30 * 7 and not any(isinstance(d, torch.nn.Dropout) for d in drops)
+    drop = drops[0].train()
+    x = torch.full((200, 1000), 2.0, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005  # 200,000 draws: one standard deviation is 0.0007
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 / 0.9))  # kept inputs scaled so the expectation is x
+    for k in range(4):  # each 16-bit quarter of a random word is a draw of its own
+        assert abs((y.view(-1, 4)[:, k] == 0).float().mean().item() - 0.1) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded like torch's own (a resumed run draws the same masks)
+    assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)
+
+
 def test_logits_at_the_answer_positions_alone_give_the_same_loss_and_gradients():
     model, tok = load_base("smollm2-135m", "cpu")
     lora = add_lora(model, TrainConfig(output_dir="unused", lora_r=4, lora_dropout=0.0, target_modules="auto"))
