@@ -162,16 +162,17 @@ def adapter_dir(path: str | Path) -> Path:
     return p
 
 
-def load_tuned(path: str | Path, device: str | None = None):
-    """(model, tokenizer): the base model with the adapter in ``path`` (a training output_dir or the adapter
-    folder itself) applied, on ``device`` (default cuda › mps › cpu), in eval mode."""
+def load_tuned(path: str | Path, device: str | None = None, bf16: bool = False):
+    """(model, tokenizer): the base model (fp32, or bf16 when ``bf16``) with the adapter in ``path`` (a training
+    output_dir or the adapter folder itself) applied, on ``device`` (default cuda › mps › cpu), in eval mode."""
     import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = adapter_dir(path)
     recorded = PeftConfig.from_pretrained(str(d)).base_model_name_or_path  # a registry name, or an old cache path
-    base = AutoModelForCausalLM.from_pretrained(generator_path(model_name(recorded)), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(generator_path(model_name(recorded)),
+                                                dtype=torch.bfloat16 if bf16 else torch.float32)
     model = PeftModel.from_pretrained(base, str(d)).to(device or pick_device()).eval()
     return model, AutoTokenizer.from_pretrained(str(d))
 

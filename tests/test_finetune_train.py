@@ -398,6 +398,19 @@ def test_perplexity_of_a_llamacpp_generator_is_read_on_transformers():
     assert cpp.backend == "llamacpp" and perplexity(cpp, text) == perplexity(hf, text)
 
 
+def test_perplexity_is_read_in_bf16_where_training_holds_the_base_in_bf16(monkeypatch):
+    import finetune.evaluate as E
+    from rag.runtime import load_generator
+
+    text = "The river rose after three days of rain, and the town moved its market to the hill. " * 6
+    cpp = load_generator("smollm2-135m", 8, backend="llamacpp")
+    fp32 = E.perplexity(cpp, text)
+    monkeypatch.setattr(E, "frozen_bf16", lambda *a: True)  # as for the 1.5B on a CPU with native bf16
+    model, _ = E.on_torch(cpp)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert E.perplexity(cpp, text) != fp32 and abs(E.perplexity(cpp, text) / fp32 - 1) < 0.02
+
+
 def test_base_scores_are_reused_until_the_questions_change(tmp_path, monkeypatch):
     import json
 
