@@ -387,7 +387,12 @@ def test_packaged_names_paths_and_hub_ids_are_accepted(tmp_path):
 
     RagConfig(index_dir=str(tmp_path / "ix"), embedder="sentence-transformers/all-MiniLM-L6-v2",
               reranker="cross-encoder/ms-marco-MiniLM-L-6-v2", model="Qwen/Qwen2.5-0.5B-Instruct")
-    RagConfig(index_dir=str(tmp_path / "ix"), embedder=str(tmp_path), model="smollm2-135m")
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "modules.json").write_text("[]")  # a sentence-transformers folder's marker
+    RagConfig(index_dir=str(tmp_path / "ix"), embedder=str(tmp_path / "emb"), model="smollm2-135m")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the folder holds no model"):
+        RagConfig(index_dir=str(tmp_path / "ix"), embedder=str(tmp_path / "empty"), model="smollm2-135m")
 
 
 def test_index_dir_that_is_a_file_is_one_line(tmp_path):
