@@ -180,6 +180,22 @@ def compare(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+def seeds(d: dict) -> str:
+    """``make compare SEEDS=N``: each adapter system's spread over training seeds, and its difference from RAG."""
+    n = next(iter(d["seeds"].values()))["n"]
+    rows = [f"| system, {n} training seeds | contains: mean ± sd [min, max] | contains per seed | contains − RAG per "
+            "seed (paired) | seeds with the difference significant | hallucination rate: mean ± sd |",
+            "|---|---|---|---|---|---|"]
+    for s, v in d["seeds"].items():
+        c, h = v["contains"], v.get("hallucination_rate")
+        rows.append(f"| {LABELS.get(s, s)} | {c['mean']:.3f} ± {c['sd']:.3f} [{c['min']:.3f}, {c['max']:.3f}] | "
+                    + ", ".join(f"{x:.3f}" for x in c["per_seed"]) + " | "
+                    + ", ".join(f"{x:+.3f}" for x in v.get("diff_vs_ref", {}).get("contains", [])) + " | "
+                    + f"{v.get('significant_vs_ref', {}).get('contains', '–')} of {n} | "
+                    + (f"{h['mean']:.3f} ± {h['sd']:.3f}" if h else "–") + " |")
+    return "\n".join([*rows, "", source(d)])
+
+
 def reliability(d: dict) -> str:
     """`make fuzz`: hostile folders through `rag index` (tests/fuzz.py) and the web page's load test (tests/load.py)."""
     cs, ld = d["case_seconds"], d.get("load") or {}
@@ -328,6 +344,8 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "chunking": ("chunking-demo.json", chunking),
           "compare": ("compare-demo.json", compare),
           "compare-1.5b": ("compare-demo-qwen-1.5b.json", compare),
+          "compare-1.5b-amd": ("compare-demo-qwen-1.5b-seeds3-amd.json", compare),
+          "compare-1.5b-seeds": ("compare-demo-qwen-1.5b-seeds3-amd.json", seeds),
           "reliability": ("fuzz.json", reliability),
           "injection": ("injection-demo.json", injection),
           "retrieval": ("eval-demo.json", retrieval),
