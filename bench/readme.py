@@ -184,7 +184,8 @@ def seeds(d: dict) -> str:
     """``make compare SEEDS=N``: each adapter system's spread over training seeds, and its difference from RAG."""
     n = next(iter(d["seeds"].values()))["n"]
     rows = [f"| system, {n} training seeds | contains: mean ± sd [min, max] | contains per seed | contains − RAG per "
-            "seed (paired) | seeds with the difference significant | hallucination rate: mean ± sd |",
+            "seed (paired) | seeds with the difference significant | hallucination rate: mean ± sd (seeds with "
+            "its difference from RAG significant) |",
             "|---|---|---|---|---|---|"]
     for s, v in d["seeds"].items():
         c, h = v["contains"], v.get("hallucination_rate")
@@ -192,7 +193,9 @@ def seeds(d: dict) -> str:
                     + ", ".join(f"{x:.3f}" for x in c["per_seed"]) + " | "
                     + ", ".join(f"{x:+.3f}" for x in v.get("diff_vs_ref", {}).get("contains", [])) + " | "
                     + f"{v.get('significant_vs_ref', {}).get('contains', '–')} of {n} | "
-                    + (f"{h['mean']:.3f} ± {h['sd']:.3f}" if h else "–") + " |")
+                    + (f"{h['mean']:.3f} ± {h['sd']:.3f} ("
+                       f"{v.get('significant_vs_ref', {}).get('hallucination_rate', '–')} of {n})" if h else "–")
+                    + " |")
     return "\n".join([*rows, "", source(d)])
 
 

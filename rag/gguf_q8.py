@@ -16,7 +16,9 @@ that runs (``variant`` is part of their keys where they are cached).
 The copy is made once (~10 s for the 1.5B; 1.9 GB on disk beside the 1.1 GB file) in ``~/.cache/openbook/gguf``,
 named by the source file's name, size and modification time. CPUs without AMX keep the file as it is: on a 2-core
 AMD EPYC with AVX-512 (2026-12-05) the copy was slower, an 1,104-token prompt and 32 answer tokens 17.5 s against
-12.5 s, 32 closed-book questions in ``chat_batch`` 38.3 s against 29.3 s. ``OPENBOOK_GGUF_Q8=0`` keeps the file on
+12.5 s, 32 closed-book questions in ``chat_batch`` 38.3 s against 29.3 s; copies in Q4_0 or IQ4_NL read no faster
+there either (an 800-token prompt at 89-92 tokens/s against 94-100 as packaged, nor with other batch sizes or flash
+attention; 2026-12-06). ``OPENBOOK_GGUF_Q8=0`` keeps the file on
 every CPU; ``=1`` makes the copy on any.
 """
 

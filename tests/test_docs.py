@@ -43,3 +43,5 @@ def test_the_seeds_table_renders_what_compare_seeds_computes():
     assert f"{diff['finetuned']['contains']['diff']:+.3f}, {diff['hybrid']['contains']['diff']:+.3f}" in row
     sig = diff["finetuned"]["contains"]["significant"] + diff["hybrid"]["contains"]["significant"]
     assert f"| {sig} of 2 |" in row
+    h = [diff[s]["hallucination_rate"]["significant"] for s in ("finetuned", "hybrid")]
+    assert row.endswith(f" ({sum(h)} of 2) |")
