@@ -98,8 +98,9 @@ def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, 
         else:
             pipe = with_generator(fresh, cfg, s)
             texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
-        new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(texts, qs, strict=True)]
-        old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(texts, qs, strict=True)]
+        said = [M.said(t) for t in texts]  # the answer, not the hybrid's quote of a passage
+        new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(said, qs, strict=True)]
+        old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(said, qs, strict=True)]
         # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
         how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
         update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None

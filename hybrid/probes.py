@@ -60,6 +60,7 @@ def context_probes(pipes: dict, qs: list[dict], rankeds: list[Ranking], n: int, 
                 convs.append(pipe.generator.prompt(q["question"], sources))
             replies = [g.text for g in pipe.generator.chat_batch(convs, batch_size=8, desc=f"{system} {name}",
                                                                   stop=ANSWER_STOP)]  # as RAG answers
+            replies = [M.said(t) for t in replies]  # the answer, not the hybrid's quote of a passage
             says_true = [bool(M.contains(t, [q["answer"]])) for t, (q, _, _) in zip(replies, picked, strict=True)]
             res[f"{name}_contains"] = round(sum(says_true) / len(picked), 4)
             if name == "counterfactual":

@@ -108,10 +108,11 @@ def questions(cfg: CompareConfig) -> tuple[list[dict], list[dict], str]:
 def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list[str] | None) -> dict:
     """One system's answer to one question, scored like ``rag.evaluate`` does (same metrics for all systems)."""
     refs = [q["answer"], *q.get("aliases", [])] if q["answer"] is not None else []
-    correct = bool(refs) and not abstained and bool(M.contains(text, refs))
+    answer = M.said(text)  # the RAFT hybrid's quote is evidence, not its answer
+    correct = bool(refs) and not abstained and bool(M.contains(answer, refs))
     row = {"id": q["id"], "answer": text, "abstained": abstained, "answerable": bool(refs), "cited": cited,
            "contains": float(correct) if refs else None,
-           "exact": M.exact_match(text, refs) if refs else None, "f1": M.token_f1(text, refs) if refs else None,
+           "exact": M.exact_match(answer, refs) if refs else None, "f1": M.token_f1(answer, refs) if refs else None,
            "citation_ok": (cited in q["sources"]) if refs and not abstained else None,
            "hallucinated": float(not abstained and not correct), "format_ok": None}
     row["faithfulness"] = M.faithfulness(text, passages, tokenize) if passages and not abstained else None

@@ -60,6 +60,20 @@ def contains(pred: str, answers: list[str]) -> float:
     return float(any(f" {normalize(a)} " in p for a in answers if normalize(a)))
 
 
+QUOTE = re.compile(r"^\s*Quote:", re.M)
+
+
+def said(reply: str) -> str:
+    """A reply without the supporting quote the RAFT hybrid writes after its answer (``Quote: "..."`` to the end):
+    what is scored is what the system answered, not the passage it quotes, which can hold the expected value beside
+    a wrong answer (a table row quoted under "50 [3]" held the expected "5").
+
+    >>> contains(said('50 [3]\\nQuote: "per account | 1 | 5 | 10 | 50 |"'), ["5"])
+    0.0
+    """
+    return QUOTE.split(reply, maxsplit=1)[0]
+
+
 def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
     """Binary-gain nDCG@k over a best-first list of ids.
 

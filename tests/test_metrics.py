@@ -69,3 +69,15 @@ def test_calibration_objectives():
     more = runs * 10
     acc, acc_rule = choose_rule(more)
     assert refused(acc_rule, more) == (30, 0) and acc == pytest.approx(0.92)
+
+
+def test_the_hybrids_quote_is_not_scored_as_its_answer():
+    """A RAFT reply quotes its passage after the answer; a quoted table row can hold the expected value beside a
+    wrong answer (the demo's freshness run, 2026-12-06: "50 [3]" over a row holding the expected "5")."""
+    from hybrid.systems import score
+
+    q = {"id": "q", "answer": "5", "sources": ["a.md"]}
+    wrong = score(q, '50 [3]\nQuote: "Controllers per account | 1 | 5 | 10 | 50 |"', False, "a.md", None)
+    right = score(q, '5 [3]\nQuote: "Controllers per account | 1 | 5 | 10 | 50 |"', False, "a.md", None)
+    assert (wrong["contains"], wrong["hallucinated"], wrong["exact"]) == (0.0, 1.0, 0.0)
+    assert (right["contains"], right["hallucinated"]) == (1.0, 0.0)
