@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, run_closed_book, with_generator
+from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, judged, run_closed_book, with_generator
 from rag import metrics as M
 from rag.config import load_jsonl
 from rag.evaluate import load_golden
@@ -97,7 +97,10 @@ def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, 
             texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
         else:
             pipe = with_generator(fresh, cfg, s)
-            texts = [a.text for a in pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")]
+            answers = pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")
+            texts = [a.text for a in answers]
+            # the base model judges for every system: the next one is gated by these judgements, not new ones
+            rankeds = judged(rankeds, [{"signals": a.signals} for a in answers])
         said = [M.said(t) for t in texts]  # the answer, not the hybrid's quote of a passage
         new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(said, qs, strict=True)]
         old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(said, qs, strict=True)]

@@ -99,6 +99,21 @@ def test_freshness_reaches_retrieval_after_reindex(result):
     assert f["systems"]["rag"]["update"] == "re-index" and f["systems"]["finetuned"]["update"] == "retrain"
 
 
+def test_freshness_judges_each_changed_question_once(result, monkeypatch):
+    """The base model's judgement gates every retrieval system alike, so freshness asks it once a question and
+    hands it on (as the comparison does), not once per system (~5 s a question for the 1.5B on 2 cores)."""
+    from hybrid.freshness import freshness
+
+    _, cfg = result
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
+    base.update_index(progress=False)
+    asked, real = [], RagPipeline.judge
+    monkeypatch.setattr(RagPipeline, "judge", lambda self, q, hits: asked.append(q) or real(self, q, hits))
+    f = freshness(cfg, base, progress=False)
+    assert sum(s in f["systems"] for s in ("rag", "finetuned+rag", "hybrid")) == 3
+    assert sorted(asked) == sorted(q["question"] for q in f["asked"])  # judge<0 gates here: one judgement each
+
+
 def test_apply_edits_refuses_an_ambiguous_find(tmp_path):
     from tests.conftest import write_corpus
 
