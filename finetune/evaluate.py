@@ -79,15 +79,15 @@ def score_qa(replies: list[str], items: list[dict], docs: str) -> tuple[dict, li
         answer = parsed[0] if parsed else text
         abstained = is_abstention(text)
         refs = [q["answer"], *q.get("aliases", [])] if q["answer"] is not None else []
-        correct = bool(refs) and not abstained and bool(M.contains(answer, refs))
+        grade = M.graded(answer, refs, abstained)
+        correct = bool(grade["contains"])
         cited_ok = bool(parsed) and (Path(docs) / parsed[1]).is_file()
         rows.append({"id": q["id"], "question": q["question"], "expected": q["answer"], "reply": text,
                      "abstained": abstained, "correct": correct, "hallucinated": not abstained and not correct,
                      "format_ok": bool(parsed) or text.strip() == "I don't know.",
                      "source_ok": bool(parsed) and parsed[1] in q.get("sources", []),
                      "adheres": abstained if not refs else (abstained or cited_ok),
-                     "exact": M.exact_match(answer, refs) if refs else None,
-                     "f1": M.token_f1(answer, refs) if refs else None})
+                     "exact": grade["exact"], "f1": grade["f1"]})
     ans = [r for r, q in zip(rows, items, strict=True) if q["answer"] is not None]
     unans = [r for r, q in zip(rows, items, strict=True) if q["answer"] is None]
     summary = {"n": len(rows), "contains": M.mean([float(r["correct"]) for r in ans]),

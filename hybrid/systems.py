@@ -108,13 +108,10 @@ def questions(cfg: CompareConfig) -> tuple[list[dict], list[dict], str]:
 def score(q: dict, text: str, abstained: bool, cited: str | None, passages: list[str] | None) -> dict:
     """One system's answer to one question, scored like ``rag.evaluate`` does (same metrics for all systems)."""
     refs = [q["answer"], *q.get("aliases", [])] if q["answer"] is not None else []
-    answer = M.said(text)  # the RAFT hybrid's quote is evidence, not its answer
-    correct = bool(refs) and not abstained and bool(M.contains(answer, refs))
-    row = {"id": q["id"], "answer": text, "abstained": abstained, "answerable": bool(refs), "cited": cited,
-           "contains": float(correct) if refs else None,
-           "exact": M.exact_match(answer, refs) if refs else None, "f1": M.token_f1(answer, refs) if refs else None,
+    grade = M.graded(text, refs, abstained)  # the RAFT hybrid's quote is evidence, not its answer
+    row = {"id": q["id"], "answer": text, "abstained": abstained, "answerable": bool(refs), "cited": cited, **grade,
            "citation_ok": (cited in q["sources"]) if refs and not abstained else None,
-           "hallucinated": float(not abstained and not correct), "format_ok": None}
+           "hallucinated": float(not abstained and not grade["contains"]), "format_ok": None}
     row["faithfulness"] = M.faithfulness(text, passages, tokenize) if passages and not abstained else None
     return row
 

@@ -161,11 +161,9 @@ def evaluate(pipe: RagPipeline, golden: list[dict], split: str = "test", modes: 
                     "explicit_citation": a.explicit_citation, "prompt_tokens": a.prompt_tokens,
                     "new_tokens": a.new_tokens, "latency_s": a.timings, "signals": signals}
             if refs:
-                said = M.said(a.text)  # a RAFT generator's quote of its passage is not its answer
-                hit = not a.abstained and M.contains(said, refs)
-                row |= {"contains": float(hit), "exact": M.exact_match(said, refs), "f1": M.token_f1(said, refs),
-                        "citation_ok": bool(a.cited) and a.cited[0].doc_id in expected}
-                row["miss"] = None if hit else miss_kind(a, seen & expected)
+                row |= M.graded(a.text, refs, a.abstained)  # a RAFT generator's quote of its passage is not its answer
+                row["citation_ok"] = bool(a.cited) and a.cited[0].doc_id in expected
+                row["miss"] = None if row["contains"] else miss_kind(a, seen & expected)
             for stage in lat:
                 if stage in a.timings:
                     lat[stage].append(a.timings[stage])

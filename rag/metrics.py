@@ -74,6 +74,23 @@ def said(reply: str) -> str:
     return QUOTE.split(reply, maxsplit=1)[0]
 
 
+def graded(reply: str, refs: list[str], abstained: bool) -> dict[str, float | None]:
+    """``contains`` (0 for a refusal), ``exact`` and ``f1`` of what ``reply`` answered (``said``) against the
+    acceptable answers ``refs``; all None for a question without an answer (``refs`` empty). One scorer for every
+    system, so RAG's, the adapters' and the closed-book evaluations cannot drift apart.
+
+    >>> graded('50 [3]\\nQuote: "per account | 1 | 5 | 10 | 50 |"', ["5"], abstained=False)["contains"]
+    0.0
+    >>> graded("EUR 5 [1]", ["EUR 5"], abstained=False), graded("I don't know.", [], abstained=True)["f1"]
+    ({'contains': 1.0, 'exact': 0.0, 'f1': 0.8}, None)
+    """
+    if not refs:
+        return {"contains": None, "exact": None, "f1": None}
+    answer = said(reply)
+    return {"contains": float(not abstained and bool(contains(answer, refs))), "exact": exact_match(answer, refs),
+            "f1": token_f1(answer, refs)}
+
+
 def ndcg_at(ranked: list[str], relevant: set[str], k: int = 10) -> float:
     """Binary-gain nDCG@k over a best-first list of ids.
 
