@@ -61,17 +61,21 @@ def contains(pred: str, answers: list[str]) -> float:
 
 
 QUOTE = re.compile(r"^\s*Quote:", re.M)
+CITATION = re.compile(r"\[\d{1,2}\]")  # a source number, as RAG's prompt asks for it: "... 45 days [2]."
 
 
 def said(reply: str) -> str:
-    """A reply without the supporting quote the RAFT hybrid writes after its answer (``Quote: "..."`` to the end):
-    what is scored is what the system answered, not the passage it quotes, which can hold the expected value beside
-    a wrong answer (a table row quoted under "50 [3]" held the expected "5").
+    """A reply without the supporting quote the RAFT hybrid writes after its answer (``Quote: "..."`` to the end)
+    and without its source numbers: what is scored is what the system answered, not the passage it quotes, which
+    can hold the expected value beside a wrong answer (a table row quoted under "50 [3]" held the expected "5"), nor
+    the number of the passage it cites ("50 [3]" does not say "3", the old value of that freshness question).
 
-    >>> contains(said('50 [3]\\nQuote: "per account | 1 | 5 | 10 | 50 |"'), ["5"])
-    0.0
+    >>> contains(said('50 [3]\\nQuote: "per account | 1 | 5 | 10 | 50 |"'), ["5"]), contains(said("50 [3]"), ["3"])
+    (0.0, 0.0)
+    >>> exact_match(said("EUR 5 [1]."), ["EUR 5"])
+    1.0
     """
-    return QUOTE.split(reply, maxsplit=1)[0]
+    return CITATION.sub(" ", QUOTE.split(reply, maxsplit=1)[0])
 
 
 def graded(reply: str, refs: list[str], abstained: bool) -> dict[str, float | None]:
@@ -82,7 +86,7 @@ def graded(reply: str, refs: list[str], abstained: bool) -> dict[str, float | No
     >>> graded('50 [3]\\nQuote: "per account | 1 | 5 | 10 | 50 |"', ["5"], abstained=False)["contains"]
     0.0
     >>> graded("EUR 5 [1]", ["EUR 5"], abstained=False), graded("I don't know.", [], abstained=True)["f1"]
-    ({'contains': 1.0, 'exact': 0.0, 'f1': 0.8}, None)
+    ({'contains': 1.0, 'exact': 1.0, 'f1': 1.0}, None)
     """
     if not refs:
         return {"contains": None, "exact": None, "f1": None}

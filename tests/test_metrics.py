@@ -80,4 +80,6 @@ def test_the_hybrids_quote_is_not_scored_as_its_answer():
     wrong = score(q, '50 [3]\nQuote: "Controllers per account | 1 | 5 | 10 | 50 |"', False, "a.md", None)
     right = score(q, '5 [3]\nQuote: "Controllers per account | 1 | 5 | 10 | 50 |"', False, "a.md", None)
     assert (wrong["contains"], wrong["hallucinated"], wrong["exact"]) == (0.0, 1.0, 0.0)
-    assert (right["contains"], right["hallucinated"]) == (1.0, 0.0)
+    assert (right["contains"], right["hallucinated"], right["exact"]) == (1.0, 0.0, 1.0)  # "[3]" is not the answer
+    # nor is the cited source's number: "50 [3]" does not say 3 (freshness counted it as the old value 3)
+    assert score(q | {"answer": "3"}, "50 [3]", False, "a.md", None)["contains"] == 0.0
