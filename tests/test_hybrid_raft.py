@@ -39,11 +39,11 @@ def raft(tmp_path_factory):
                      docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "raft" / "data"),
                      index_dir=str(root / "index"), k=3, p_no_oracle=0.5, paraphrases=0, synthetic_chunks=0)
     ds, stats = build_raft(cfg, progress=False)
-    return list(ds), stats
+    return list(ds), stats, cfg
 
 
 def test_oracle_share_and_citations(raft):
-    rows, stats = raft
+    rows, stats, _ = raft
     answerable = [r for r in rows if r["answer"] is not None]
     assert len(answerable) == 4 and stats["skipped"] == 0
     assert sum(r["oracle"] for r in answerable) == 2  # exactly (1 − 0.5) × 4
@@ -59,8 +59,18 @@ def test_oracle_share_and_citations(raft):
             assert not holding and r["target"] == r["answer"]
 
 
+def test_without_refusals_the_answerable_rows_stay_the_same(raft, tmp_path):
+    """``--no-refusals`` leaves out the unanswerable questions' "I don't know." rows and changes no other row."""
+    from dataclasses import replace
+
+    rows, _, cfg = raft
+    ds, stats = build_raft(replace(cfg, out=str(tmp_path / "data"), refusals=False), progress=False)
+    assert stats["unanswerable"] == 0 and any(r["answer"] is None for r in rows)
+    assert [r["target"] for r in ds] == [r["target"] for r in rows if r["answer"] is not None]
+
+
 def test_prompt_is_rags_and_test_questions_never_appear(raft):
-    rows, _ = raft
+    rows, _, _ = raft
     assert all(r["messages"][0]["role"] == "system" and r["messages"][-1]["role"] == "assistant" for r in rows)
     asked = {r["question"] for r in rows}
     assert not {q["question"] for q in GOLDEN if q["split"] == "test"} & asked
