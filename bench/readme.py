@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from rag.abstain import parse_rule
+from rag.metrics import spread
 
 RESULTS = Path("docs/results")
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -189,7 +190,7 @@ def seeds(d: dict) -> str:
             "|---|---|---|---|---|---|"]
     for s, v in d["seeds"].items():
         c, h = v["contains"], v.get("hallucination_rate")
-        rows.append(f"| {LABELS.get(s, s)} | {c['mean']:.3f} ± {c['sd']:.3f} [{c['min']:.3f}, {c['max']:.3f}] | "
+        rows.append(f"| {LABELS.get(s, s)} | {spread(c)} | "
                     + ", ".join(f"{x:.3f}" for x in c["per_seed"]) + " | "
                     + ", ".join(f"{x:+.3f}" for x in v.get("diff_vs_ref", {}).get("contains", [])) + " | "
                     + f"{v.get('significant_vs_ref', {}).get('contains', '–')} of {n} | "

@@ -18,6 +18,7 @@ from pathlib import Path
 from hybrid.decision import TRAIN_COST_FACTOR, break_even, decision_matrix
 from hybrid.systems import METRICS
 from rag.config import stamped
+from rag.metrics import spread
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -61,8 +62,7 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
                   "| system | contains | hallucination rate | citation accuracy | significant vs "
                   f"{ref} (contains / halluc.) |", "|---|---|---|---|---|"]
         for s, v in result["seeds"].items():
-            cell = [f"{v[m]['mean']:.3f} ± {v[m]['sd']:.3f} [{v[m]['min']:.3f}, {v[m]['max']:.3f}]"
-                    if m in v else "–" for m in ("contains", "hallucination_rate", "citation_accuracy")]
+            cell = [spread(v[m]) if m in v else "–" for m in ("contains", "hallucination_rate", "citation_accuracy")]
             sig = v.get("significant_vs_ref", {})
             lines.append(f"| {s} | " + " | ".join(cell) + f" | {sig.get('contains', '–')}/{n} / "
                          f"{sig.get('hallucination_rate', '–')}/{n} |")
@@ -226,8 +226,7 @@ def print_terminal(result: dict) -> None:
         for c in ("system", "contains", "hallucination rate"):
             sd.add_column(c, justify="left" if c == "system" else "right")
         for s, v in result["seeds"].items():
-            sd.add_row(s, *(f"{v[k]['mean']:.3f} ± {v[k]['sd']:.3f} [{v[k]['min']:.3f}, {v[k]['max']:.3f}]"
-                            if k in v else "–" for k in ("contains", "hallucination_rate")))
+            sd.add_row(s, *(spread(v[k]) if k in v else "–" for k in ("contains", "hallucination_rate")))
         con.print(sd)
     m = Table(title="decision matrix (measured here)")
     m.add_column("factor")

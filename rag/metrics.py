@@ -163,6 +163,15 @@ def mean(values: list[float | None]) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def spread(s: dict) -> str:
+    """A summary over seeds as text: mean ± sd [min, max].
+
+    >>> spread({"mean": 0.5, "sd": 0.01, "min": 0.49, "max": 0.51})
+    '0.500 ± 0.010 [0.490, 0.510]'
+    """
+    return f"{s['mean']:.3f} ± {s['sd']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
 def paired_bootstrap(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of a − b over paired items and its 95% percentile interval, resampling items with replacement.
 
