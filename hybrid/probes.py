@@ -19,7 +19,7 @@ from rag.generate import ANSWER_STOP
 from rag.ranking import Ranking
 
 
-def _counterfactual(answer: str, others: list[str], rng: random.Random) -> str | None:
+def counterfactual(answer: str, others: list[str], rng: random.Random) -> str | None:
     """A different value of the same kind: numbers shifted (45 days → 52 days), else another question's answer."""
     if re.search(r"\d", answer):
         return re.sub(r"\d+", lambda m: str(int(m.group()) + rng.choice((3, 7, 11))), answer, count=1)
@@ -38,7 +38,7 @@ def context_probes(pipes: dict, qs: list[dict], rankeds: list[Ranking], n: int, 
         # the answer's exact wording must be in a passage, or the counterfactual edit would miss it
         if q["answer"] is None or not any(re.search(re.escape(q["answer"]), h.text, re.I) for h in hits):
             continue
-        fake = _counterfactual(q["answer"], [x["answer"] for x in qs if x["answer"]], rng)
+        fake = counterfactual(q["answer"], [x["answer"] for x in qs if x["answer"]], rng)
         if fake:
             picked.append((q, hits, fake))
     if not picked:

@@ -16,6 +16,9 @@ were built for the same folder, model and seed, so both adapters learn the same 
   citation (``no_oracle="memorised"``, as the paper trains it, so the model also learns the facts), or "I don't
   know." (``"idk"``). Abstaining looks safer, but with it 37 of the demo's 103 rows ended in "I don't know." and
   the 1.5B learned to refuse nearly every question; the pipeline's gate decides when to abstain;
+- oracle edited (a share ``p_counterfactual`` of the rows that keep it, off by default): the answer value in the
+  oracle replaced as the context probes replace it (numbers shifted, else another training answer), target the
+  edited value, cited and quoted, so the model learns that the passage wins over what its weights remember;
 - golden unanswerable questions: retrieved passages only, target "I don't know." (``refusals``). Left out
   (``--no-refusals``), the 1.5B answered every demo test question its gate passed, as RAG does: *contains* 0.507
   against RAG's 0.493 and hallucination 0.31 against 0.32, where with them it refused 20 answerable questions
@@ -27,11 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.data import DataConfig, build, cut_paraphrases
+from hybrid.probes import counterfactual
 from rag.atomic import replace_dir
 from rag.config import artefacts, option, option_of
 from rag.evaluate import golden_for, load_golden
@@ -72,6 +77,8 @@ class RaftConfig:
     p_no_oracle: float = option(0.2, "share of answerable rows whose oracle is replaced by another distractor")
     no_oracle: str = option("memorised", "target when the oracle is removed: 'memorised' (the answer, uncited, as "
                             "in the RAFT paper) or 'idk'")
+    p_counterfactual: float = option(0.0, "share of answerable rows whose oracle keeps its place but states another "
+                                     "value (the target follows the passage, not the weights)")
     refusals: bool = option(True, "train the golden unanswerable train questions to answer 'I don't know.' from "
                             "their retrieved passages (off: the gate alone refuses, as for RAG)")
     paraphrases: int = option(0, "extra wordings per training question (finetune data --paraphrases)")
@@ -83,6 +90,9 @@ class RaftConfig:
             raise ValueError("--k must be at least 2 (the oracle and one distractor)")
         if not 0 <= self.p_no_oracle < 1:
             raise ValueError("--p-no-oracle must be in [0, 1)")
+        if not 0 <= self.p_counterfactual <= 1 - self.p_no_oracle:
+            raise ValueError("--p-counterfactual must be in [0, 1 - --p-no-oracle]: it edits rows that keep their "
+                             "oracle")
         if self.no_oracle not in NO_ORACLE:
             raise ValueError(f"--no-oracle must be one of {', '.join(NO_ORACLE)}, not '{self.no_oracle}'")
         check_store(self.store, self.store_url)
@@ -108,15 +118,29 @@ def target(answer: str, n: int, supporting: str | None) -> str:
     return f"{answer} [{n}]" + (f'\nQuote: "{supporting}"' if supporting else "")
 
 
+def edit(text: str, answers: list[str], fake: str) -> str | None:
+    """``text`` with each whole-word mention of ``answers[0]`` replaced by ``fake``; None when a mention of any of
+    ``answers`` is left (an alias the edit would not reach) or none was replaced.
+
+    >>> edit("Returns within 45 days; 145 days for members.", ["45 days"], "52 days")
+    'Returns within 52 days; 145 days for members.'
+    """
+    edited, n = re.subn(rf"(?<!\w){re.escape(answers[0])}(?!\w)", lambda _: fake, text, flags=re.I)
+    left = any(f" {normalize(a)} " in f" {normalize(edited)} " for a in answers if normalize(a))
+    return edited if n and not left else None
+
+
 def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_oracle: bool, no_oracle: str,
-             rng: random.Random) -> dict | None:
-    """One RAFT example for a ``finetune.data`` row, or None when no passage of its source holds the answer."""
+             rng: random.Random, fake: str | None = None) -> dict | None:
+    """One RAFT example for a ``finetune.data`` row, or None when no passage of its source holds the answer;
+    ``fake``: a value to put in the oracle in place of the answer (a counterfactual row; skipped if it can't be)."""
     hits, _, _ = pipe.ranked(row["question"], mode="hybrid", k=4 * k)
     answers = [row["answer"], *aliases] if row["answer"] is not None else []
 
     def holds(h) -> bool:
         return any(f" {normalize(a)} " in f" {normalize(h.text)} " for a in answers if normalize(a))
 
+    shown = None  # the counterfactual value the oracle states, when it was edited
     if row["answer"] is None:  # unanswerable: what retrieval finds is all there is
         passages, text, oracle = hits[:k], IDK, None
     else:
@@ -134,13 +158,17 @@ def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_orac
             passages = distractors[:k]
             text = IDK if no_oracle == "idk" else row["answer"]
         else:
+            said, edited = row["answer"], fake and edit(oracle.text, answers, fake)
+            if edited:
+                oracle, said, answers, shown = replace(oracle, text=edited), fake, [fake], fake
             passages = distractors[: k - 1]
             passages.insert(rng.randrange(k), oracle)  # the oracle's position is random, never always [1]
-            text = target(row["answer"], passages.index(oracle) + 1, quote(oracle.text, answers))
+            text = target(said, passages.index(oracle) + 1, quote(oracle.text, answers))
     messages = pipe.generator.prompt(row["question"], sources(passages))
     return {"messages": [*messages, {"role": "assistant", "content": text}], "question": row["question"],
             "answer": row["answer"], "source": row["source"], "fact": row["fact"], "kind": row["kind"],
-            "oracle": oracle is not None and oracle in passages, "target": text}
+            "oracle": oracle is not None and oracle in passages, "target": text,
+            "counterfactual": shown}
 
 
 def _as_hit(pipe: RagPipeline, chunk):
@@ -199,15 +227,21 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     qa = [r for r in qa if r["kind"] != "raw" and (cfg.refusals or r["answer"] is not None)]
     answerable = [i for i, r in enumerate(qa) if r["answer"] is not None]
     drop = set(rng.sample(answerable, round(cfg.p_no_oracle * len(answerable))))  # exactly P, not a coin per row
+    # a generator of its own, so the other rows (oracle positions included) are the same with or without edits
+    cf_rng = random.Random(f"counterfactual-{cfg.seed}")
+    kept = [i for i in answerable if i not in drop]
+    fakes = {i: counterfactual(qa[i]["answer"], [r["answer"] for r in qa if r["answer"]], cf_rng)
+             for i in cf_rng.sample(kept, round(cfg.p_counterfactual * len(answerable)))}
     rows, skipped = [], 0
     for i, r in enumerate(tqdm(qa, desc="RAFT rows", unit="row", disable=not progress)):
-        row = raft_row(pipe, r, aliases.get(r["fact"], []), cfg.k, i in drop, cfg.no_oracle, rng)
+        row = raft_row(pipe, r, aliases.get(r["fact"], []), cfg.k, i in drop, cfg.no_oracle, rng, fakes.get(i))
         skipped += row is None
         rows += [row] if row else []
     if not rows:
         raise ValueError(f"no RAFT rows from {cfg.docs}: no training question had a passage holding its answer")
     stats = {"rows": len(rows), "with_oracle": sum(r["oracle"] for r in rows),
              "no_oracle": sum(not r["oracle"] and r["answer"] is not None for r in rows),
+             "counterfactual": sum(r["counterfactual"] is not None for r in rows),
              "unanswerable": sum(r["answer"] is None for r in rows), "skipped": skipped, "qa": qa_stats,
              "seconds": round(time.perf_counter() - t0, 1)}
     ds = Dataset.from_list(rows)

@@ -28,6 +28,12 @@ def test_quote_and_target():
     assert target("45 days", 2, None) == "45 days [2]"
 
 
+def shown(row: dict) -> list[tuple[str, str]]:
+    """(number, text) of each passage in a row's prompt."""
+    turn = next(m["content"] for m in reversed(row["messages"]) if m["content"].startswith("Sources:"))
+    return re.findall(r"\[(\d)\] [^\n]*\n(.*?)(?=\n\n\[\d\]|\n\nQuestion:)", turn, re.S)
+
+
 @pytest.fixture(scope="module")
 def raft(tmp_path_factory):
     from tests.conftest import write_corpus
@@ -48,8 +54,7 @@ def test_oracle_share_and_citations(raft):
     assert len(answerable) == 4 and stats["skipped"] == 0
     assert sum(r["oracle"] for r in answerable) == 2  # exactly (1 − 0.5) × 4
     for r in answerable:
-        turn = next(m["content"] for m in reversed(r["messages"]) if m["content"].startswith("Sources:"))
-        passages = re.findall(r"\[(\d)\] [^\n]*\n(.*?)(?=\n\n\[\d\]|\n\nQuestion:)", turn, re.S)
+        passages = shown(r)
         assert len(passages) == 3
         holding = [int(n) for n, text in passages if contains(text, [r["answer"]])]
         if r["oracle"]:
@@ -67,6 +72,28 @@ def test_without_refusals_the_answerable_rows_stay_the_same(raft, tmp_path):
     ds, stats = build_raft(replace(cfg, out=str(tmp_path / "data"), refusals=False), progress=False)
     assert stats["unanswerable"] == 0 and any(r["answer"] is None for r in rows)
     assert [r["target"] for r in ds] == [r["target"] for r in rows if r["answer"] is not None]
+
+
+def test_counterfactual_rows_cite_the_edited_value_and_change_no_other_row(raft, tmp_path):
+    """``--p-counterfactual``: the oracle keeps its place but states another value, and the target follows it."""
+    from dataclasses import replace
+
+    rows, _, cfg = raft
+    ds, stats = build_raft(replace(cfg, out=str(tmp_path / "data"), p_counterfactual=0.5), progress=False)
+    edited = [r for r in ds if r["counterfactual"]]
+    assert stats["counterfactual"] == len(edited) == 2  # round(0.5 × 4) of the 2 rows that keep their oracle
+    for r, before in zip(ds, rows, strict=True):
+        if not r["counterfactual"]:
+            assert r["messages"] == before["messages"] and r["target"] == before["target"]
+            continue
+        passages = shown(r)
+        assert not any(contains(text, [r["answer"]]) for _, text in passages)
+        holding = [int(n) for n, text in passages if contains(text, [r["counterfactual"]])]
+        assert r["counterfactual"] != r["answer"] and holding
+        assert r["target"].startswith(f"{r['counterfactual']} [{holding[0]}]")
+        assert r["messages"][-1]["content"] == r["target"]
+    with pytest.raises(ValueError, match="p-counterfactual"):
+        replace(cfg, p_counterfactual=0.6)  # only the half of the rows that keep their oracle can be edited
 
 
 def test_prompt_is_rags_and_test_questions_never_appear(raft):
