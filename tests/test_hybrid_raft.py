@@ -43,7 +43,8 @@ def raft(tmp_path_factory):
     (root / "golden.jsonl").write_text("\n".join(json.dumps(q) for q in GOLDEN))
     cfg = RaftConfig(model="smollm2-135m",
                      docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "raft" / "data"),
-                     index_dir=str(root / "index"), k=3, p_no_oracle=0.5, paraphrases=0, synthetic_chunks=0)
+                     index_dir=str(root / "index"), k=3, p_no_oracle=0.5, paraphrases=0, synthetic_chunks=0,
+                     refusals=True)
     ds, stats = build_raft(cfg, progress=False)
     return list(ds), stats, cfg
 
