@@ -232,7 +232,7 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     cf_rng = random.Random(f"counterfactual-{cfg.seed}")
     kept = [i for i in answerable if i not in drop]
     fakes = {i: counterfactual(qa[i]["answer"], [r["answer"] for r in qa if r["answer"]], cf_rng)
-             for i in cf_rng.sample(kept, round(cfg.p_counterfactual * len(answerable)))}
+             for i in cf_rng.sample(kept, min(len(kept), round(cfg.p_counterfactual * len(answerable))))}
     rows, skipped = [], 0
     for i, r in enumerate(tqdm(qa, desc="RAFT rows", unit="row", disable=not progress)):
         row = raft_row(pipe, r, aliases.get(r["fact"], []), cfg.k, i in drop, cfg.no_oracle, rng, fakes.get(i))
