@@ -42,7 +42,7 @@ from rag.atomic import replace_dir
 from rag.config import artefacts, option, option_of
 from rag.evaluate import golden_for, load_golden
 from rag.generate import IDK
-from rag.metrics import SENTENCE_BREAK, normalize
+from rag.metrics import SENTENCE_BREAK, contains
 from rag.models import DEFAULT_READER
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import sources
@@ -108,7 +108,7 @@ def quote(text: str, answers: list[str], max_words: int = 30) -> str | None:
     'Labels cost EUR 5.95 each.'
     """
     for sent in SENTENCE_BREAK.split(text):
-        if any(f" {normalize(a)} " in f" {normalize(sent)} " for a in answers if normalize(a)):
+        if contains(sent, answers):
             words = sent.strip().lstrip("#|-* ").split()
             return " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")
     return None
@@ -127,8 +127,7 @@ def edit(text: str, answers: list[str], fake: str) -> str | None:
     'Returns within 52 days; 145 days for members.'
     """
     edited, n = re.subn(rf"(?<!\w){re.escape(answers[0])}(?!\w)", lambda _: fake, text, flags=re.I)
-    left = any(f" {normalize(a)} " in f" {normalize(edited)} " for a in answers if normalize(a))
-    return edited if n and not left else None
+    return edited if n and not contains(edited, answers) else None
 
 
 def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_oracle: bool, no_oracle: str,
@@ -139,7 +138,7 @@ def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_orac
     answers = [row["answer"], *aliases] if row["answer"] is not None else []
 
     def holds(h) -> bool:
-        return any(f" {normalize(a)} " in f" {normalize(h.text)} " for a in answers if normalize(a))
+        return bool(contains(h.text, answers))
 
     shown = None  # the counterfactual value the oracle states, when it was edited
     if row["answer"] is None:  # unanswerable: what retrieval finds is all there is
@@ -231,7 +230,8 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
     # a generator of its own, so the other rows (oracle positions included) are the same with or without edits
     cf_rng = random.Random(f"counterfactual-{cfg.seed}")
     kept = [i for i in answerable if i not in drop]
-    fakes = {i: counterfactual(qa[i]["answer"], [r["answer"] for r in qa if r["answer"]], cf_rng)
+    others = [r["answer"] for r in qa if r["answer"]]
+    fakes = {i: counterfactual(qa[i]["answer"], others, cf_rng)
              for i in cf_rng.sample(kept, min(len(kept), round(cfg.p_counterfactual * len(answerable))))}
     rows, skipped = [], 0
     for i, r in enumerate(tqdm(qa, desc="RAFT rows", unit="row", disable=not progress)):
