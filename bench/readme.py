@@ -170,6 +170,11 @@ def compare(d: dict) -> str:
             row(f"latency p50 ms ({sys_[names[0]]['latency_n']} queries, one at a time)",
                 [f"{sys_[s]['latency_ms']['total']['p50']:.0f}" for s in names]),
             row("general-probe change (forgetting)", [num(d.get("forgetting", {}).get(s), 2) for s in names])]
+    fresh = d.get("freshness") or {}
+    if fresh.get("systems"):  # claim 1: what each system says about a fact after its document changed
+        n, got = fresh["questions"], fresh["systems"]
+        rows.append(row(f"after {fresh['edits']} edits: new / old value ({n} changed facts)", [
+            f"{round(got[s]['fresh'] * n)} / {round(got[s]['stale'] * n)}" if s in got else "–" for s in names]))
     if d.get("pairwise"):
         def pair(k, v):
             c = v["contains"]
@@ -349,6 +354,7 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "compare": ("compare-demo.json", compare),
           "compare-1.5b": ("compare-demo-qwen-1.5b.json", compare),
           "compare-1.5b-amd": ("compare-demo-qwen-1.5b-seeds3-amd.json", compare),
+          "compare-1.5b-defaults": ("compare-demo-qwen-1.5b-defaults-amd.json", compare),
           "compare-1.5b-seeds": ("compare-demo-qwen-1.5b-seeds3-amd.json", seeds),
           "reliability": ("fuzz.json", reliability),
           "injection": ("injection-demo.json", injection),
