@@ -155,7 +155,10 @@ class Index:
 
 
 def index_settings(chunk_cfg: ChunkConfig, embedder: str, faiss_kind: str) -> dict:
-    return {"format": FORMAT, "chunk": asdict(chunk_cfg), "embedder": embedder, "faiss": faiss_kind}
+    chunk = asdict(chunk_cfg)
+    if chunk["tables"] == "grid":  # as every index was before --tables: such an index is not rebuilt for it
+        del chunk["tables"]
+    return {"format": FORMAT, "chunk": chunk, "embedder": embedder, "faiss": faiss_kind}
 
 
 def _digest(path: Path) -> dict:

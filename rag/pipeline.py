@@ -61,6 +61,8 @@ class RagConfig:
     overlap: int = option(20, "words shared by neighbouring fixed/child chunks")
     parent_size: int = option(400, "words per parent section (hierarchical)")
     contextual: bool = option(True, "prepend 'title › section' to each chunk before indexing")
+    tables: str = option("grid", "how tables are indexed and shown: 'grid' (pipe tables) or 'rows' (each row one "
+                         "line naming its column headers, so a row in a chunk apart from the header keeps its meaning)")
     embedder: str = option(DEFAULT_EMBEDDER, "sentence-transformers model: 'minilm' (packaged), a path or a hub id")
     faiss: str = option("exact", f"FAISS index kind: {', '.join(KINDS)}")
     fetch_factor: int = option(4, "each retriever returns k × this many results before fusion")
@@ -132,7 +134,7 @@ class RagConfig:
         self.chunk_config()  # validates chunker flags
 
     def chunk_config(self) -> ChunkConfig:
-        return ChunkConfig(self.chunker, self.chunk_size, self.overlap, self.parent_size, self.contextual)
+        return ChunkConfig(self.chunker, self.chunk_size, self.overlap, self.parent_size, self.contextual, self.tables)
 
 
 class RagPipeline:
@@ -167,10 +169,15 @@ class RagPipeline:
             self._reranker = load_reranker(self.cfg.reranker, precision=self.cfg.rerank_precision)
         return self._reranker
 
+    @property
+    def _tables(self) -> str:
+        # a choice made on grid tables (the only kind before --tables) keeps its key; one made on rows is apart
+        return "" if self.cfg.tables == "grid" else f"tables={self.cfg.tables}|"
+
     def mode_key(self) -> str:
         """What a chosen mode depends on: the retrieval settings other than the mode."""
         c = self.cfg
-        return f"mode|{c.embedder}|{c.reranker}|{c.chunker}|{c.contextual}|k={c.k}"
+        return f"mode|{c.embedder}|{c.reranker}|{c.chunker}|{c.contextual}|{self._tables}k={c.k}"
 
     @property
     def mode(self) -> str:
@@ -219,7 +226,7 @@ class RagPipeline:
 
         weights = model_variant(c.model)
         reader = f"{c.model}@{weights}" if weights else c.model
-        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|k={c.k}|{reader}|prompt={prompt_id()}"
+        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|{self._tables}k={c.k}|{reader}|prompt={prompt_id()}"
 
     @property
     def judge_generator(self) -> Generator:

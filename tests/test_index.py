@@ -48,6 +48,16 @@ def test_settings_change_rebuilds(corpus, tmp_path):
     assert stats.added == 5 and stats.unchanged == 0
 
 
+def test_tables_as_rows_rebuild_and_an_old_grid_index_stays(corpus, tmp_path):
+    update_index(corpus, tmp_path / "ix", CFG, "minilm", progress=False)
+    assert "tables" not in Index.load(tmp_path / "ix").manifest["chunk"]  # written as before --tables: no rebuild
+    rows, stats = update_index(corpus, tmp_path / "ix", ChunkConfig(size=40, overlap=5, tables="rows"), "minilm",
+                               progress=False)
+    assert stats.added == 5 and stats.unchanged == 0
+    priced = [c.text for c in rows.chunks.values() if c.doc_id == "pricing.md"]
+    assert any("- plan: Basic; price: EUR 7 per month" in t for t in priced) and not any("|" in t for t in priced)
+
+
 def test_crash_mid_write_leaves_old_index_usable(corpus, tmp_path, monkeypatch):
     update_index(corpus, tmp_path / "ix", CFG, "minilm", progress=False)
     before = Index.load(tmp_path / "ix")
