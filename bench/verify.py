@@ -13,6 +13,8 @@ Every signal's ROC AUC for "unanswerable scores lower" is reported, with the ans
 questions. Choose on ``train``; ``test`` is for reporting what was chosen.
 
     python -m bench.verify --split train --json .openbook/reports/verify-train.json   # ~10 min, 1.5B
+
+Its answers without a gate also compare reading set-ups (``--mode``, ``--k``, ``--tables rows``) on one split.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def grounded(answer: str, passages: list[str]) -> float:
     return sum(_norm(f) in text for f in figures) / len(figures)
 
 
-def run(docs: str, split: str, model: str, mode: str, k: int) -> dict:
-    pipe = RagPipeline(RagConfig(docs=docs, model=model, mode=mode, k=k))
+def run(docs: str, split: str, model: str, mode: str, k: int, tables: str = RagConfig.tables) -> dict:
+    pipe = RagPipeline(RagConfig(docs=docs, model=model, mode=mode, k=k, tables=tables))
     pipe.update_index(progress=False)
     gen = pipe.generator
     questions = [q for q in load_golden(golden_for(docs), docs) if q["split"] == split]
@@ -80,7 +82,8 @@ def run(docs: str, split: str, model: str, mode: str, k: int) -> dict:
     names = ["bm25", "dense", "rerank", "judge", "verify", "grounded", "said_idk"]
     auc = {n: M.separation_auc([r.get(n, 0.0) for r in rows], unanswerable) for n in names}
     scored = [r["contains"] for r in rows if "contains" in r]
-    return {"docs": docs, "split": split, "model": model, "mode": mode, "k": k, "verify": VERIFY, "n": len(rows),
+    return {"docs": docs, "split": split, "model": model, "mode": mode, "k": k, "tables": tables, "verify": VERIFY,
+            "n": len(rows),
             "n_unanswerable": sum(unanswerable), "auc": auc, "contains": M.mean(scored) if scored else None,
             "seconds": round(time.perf_counter() - t0, 1), "per_question": rows}
 
@@ -92,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=RagConfig.model, help="reader (default: the RAG default)")
     p.add_argument("--mode", default=RagConfig.mode, help="retrieval mode (default: the RAG default)")
     p.add_argument("--k", type=int, default=RagConfig.k, help="passages shown to the reader")
+    p.add_argument("--tables", default=RagConfig.tables, help="tables as 'grid' or 'rows' (rag --tables; the "
+                   "index is rebuilt when it changes)")
     p.add_argument("--json", default=".openbook/reports/verify.json", help="where the results go")
     a = p.parse_args(argv)
     setup_logging()
-    result = run(a.docs, a.split, a.model, a.mode, a.k)
+    result = run(a.docs, a.split, a.model, a.mode, a.k, a.tables)
     print(f"{a.split}: {result['n']} questions ({result['n_unanswerable']} unanswerable); ROC AUC "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items())
           + f"; answers contain {result['contains']:.3f}")

@@ -11,7 +11,7 @@ Three strategies, because the guides disagree on which matters (CLAIMS.md #3) an
 Tables stay pipe tables (``tables="grid"``, the default), or are read row by row (``tables="rows"``): each row
 becomes one list item that names its column headers ("- Feature: Controllers per account; Free: 1; Grower: 3"), so
 a row keeps its meaning in a chunk cut off from the header line. On the demo the rows did not read better: with the
-1.5B reader, no abstention gate, 42 of 73 test answers either way, table questions 14 of 22 against 16 (README,
+1.5B reader and no abstention gate, 42 of 73 test answers against 43, table questions 14 of 22 against 16 (README,
 "Chunking").
 
 A contextual header ("title › section › subsection") can be prepended to what is indexed (``index_text``),
