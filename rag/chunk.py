@@ -89,10 +89,11 @@ class ChunkConfig:
 
 
 def _cells(line: str) -> list[str]:
-    cells = [c.strip().replace("\\|", "|") for c in _CELL_SEP.split(line.strip())]
-    if cells and not cells[0] and line.strip().startswith("|"):
+    line = line.strip()
+    cells = [c.strip().replace("\\|", "|") for c in _CELL_SEP.split(line)]
+    if cells and not cells[0] and line.startswith("|"):
         cells = cells[1:]
-    if cells and not cells[-1] and line.strip().endswith("|") and not line.strip().endswith("\\|"):
+    if cells and not cells[-1] and line.endswith("|") and not line.endswith("\\|"):
         cells = cells[:-1]
     return cells
 
