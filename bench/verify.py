@@ -14,7 +14,8 @@ questions. Choose on ``train``; ``test`` is for reporting what was chosen.
 
     python -m bench.verify --split train --json .openbook/reports/verify-train.json   # ~10 min, 1.5B
 
-Its answers without a gate also compare reading set-ups (``--mode``, ``--k``, ``--tables rows``) on one split.
+Its answers without a gate also compare reading set-ups (``--mode``, ``--k``, ``--tables rows``,
+``--versions all``) on one split.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def grounded(answer: str, passages: list[str]) -> float:
     return sum(_norm(f) in text for f in figures) / len(figures)
 
 
-def run(docs: str, split: str, model: str, mode: str, k: int, tables: str = RagConfig.tables) -> dict:
-    pipe = RagPipeline(RagConfig(docs=docs, model=model, mode=mode, k=k, tables=tables))
+def run(docs: str, split: str, model: str, mode: str, k: int, tables: str = RagConfig.tables,
+        versions: str = RagConfig.versions) -> dict:
+    pipe = RagPipeline(RagConfig(docs=docs, model=model, mode=mode, k=k, tables=tables, versions=versions))
     pipe.update_index(progress=False)
     gen = pipe.generator
     questions = [q for q in load_golden(golden_for(docs), docs) if q["split"] == split]
@@ -82,7 +84,8 @@ def run(docs: str, split: str, model: str, mode: str, k: int, tables: str = RagC
     names = ["bm25", "dense", "rerank", "judge", "verify", "grounded", "said_idk"]
     auc = {n: M.separation_auc([r.get(n, 0.0) for r in rows], unanswerable) for n in names}
     scored = [r["contains"] for r in rows if "contains" in r]
-    return {"docs": docs, "split": split, "model": model, "mode": mode, "k": k, "tables": tables, "verify": VERIFY,
+    return {"docs": docs, "split": split, "model": model, "mode": mode, "k": k, "tables": tables, "versions": versions,
+            "verify": VERIFY,
             "n": len(rows), "n_unanswerable": sum(unanswerable), "auc": auc,
             "contains": M.mean(scored) if scored else None,
             "seconds": round(time.perf_counter() - t0, 1), "per_question": rows}
@@ -97,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=RagConfig.k, help="passages shown to the reader")
     p.add_argument("--tables", default=RagConfig.tables, help="tables as 'grid' or 'rows' (rag --tables; the "
                    "index is rebuilt when it changes)")
+    p.add_argument("--versions", default=RagConfig.versions, help="near-identical passages of two versions of a "
+                   "document: 'newest' or 'all' (rag --versions)")
     p.add_argument("--json", default=".openbook/reports/verify.json", help="where the results go")
     a = p.parse_args(argv)
     setup_logging()
-    result = run(a.docs, a.split, a.model, a.mode, a.k, a.tables)
+    result = run(a.docs, a.split, a.model, a.mode, a.k, a.tables, a.versions)
     print(f"{a.split}: {result['n']} questions ({result['n_unanswerable']} unanswerable); ROC AUC "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items())
           + f"; answers contain {result['contains']:.3f}")

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from rag.config import UserError
 from rag.formats import READERS, Skip, tidy
 from rag.metadata import SUFFIXES, doc_meta, split_front_matter
+from rag.versions import status
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,11 @@ def load_file(path: Path, root: Path) -> Document | None:
         log.warning("skipping %s: cannot read it (%s); check its permissions", name, e.strerror or e)
         return None
     first_line = next(ln for ln in text.split("\n") if ln.strip()).lstrip("#").strip()[:120]
+    meta = doc_meta(rel, mtime, front, name)
+    if mark := status(front, text):  # only then: other documents' metadata stays as indexes already hold it
+        meta["status"] = mark
     return Document(id=rel, path=str(path.absolute()), title=title or first_line or path.stem, text=text,
-                    sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime, meta=doc_meta(rel, mtime, front, name))
+                    sha256=hashlib.sha256(raw).hexdigest(), mtime=mtime, meta=meta)
 
 
 def _entries(folder: Path, root: Path) -> list[Path]:

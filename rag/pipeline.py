@@ -4,7 +4,8 @@ Retrieval follows "fetch wide, fuse, re-rank, cut": each retriever returns max(k
 results (only from the chunks ``--where`` allows, rag/filters.py: filtering before fusion keeps k), reciprocal
 rank fusion merges them, the cross-encoder scores the fused top ``rerank_n`` and its order joins the BM25 and
 dense lists in a second fusion, and the best ``k`` distinct passages go to the generator.
-With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated. Before
+With hierarchical chunks a child hit is expanded to its parent section and parents are de-duplicated; a passage of
+an older version of a document gives its place to its retrieved twin in the newer one (rag/versions.py). Before
 generating, the abstention rule (rag/abstain.py: the retrieval scores and the reader's judgement against
 thresholds calibrated by rag/evaluate.py) may answer "I don't know"; the generator can still abstain by itself.
 Left out: the index (rag/index.py), the scoring models (rag/rerank.py, the generator backends), the types it
@@ -36,6 +37,9 @@ from rag.models import DEFAULT_EMBEDDER, DEFAULT_READER, DEFAULT_RERANKER, GENER
 from rag.ranking import AUTO, DEFAULT_MODE, MODES, Answer, Gate, Hit, Ranking, sources
 from rag.runtime import BACKENDS, load_generator
 from rag.store import STORES, Store, check_store, update_store
+from rag.versions import CHOICES as VERSIONS
+from rag.versions import HELP as VERSIONS_HELP
+from rag.versions import Twins
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class RagConfig:
     overlap: int = option(20, "words shared by neighbouring fixed/child chunks")
     parent_size: int = option(400, "words per parent section (hierarchical)")
     contextual: bool = option(True, "prepend 'title › section' to each chunk before indexing")
+    versions: str = option("newest", VERSIONS_HELP)
     tables: str = option("grid", "how tables are indexed and shown: 'grid' (pipe tables) or 'rows' (each row one "
                          "line naming its column headers, so a row in a chunk apart from the header keeps its meaning)")
     embedder: str = option(DEFAULT_EMBEDDER, "sentence-transformers model: 'minilm' (packaged), a path or a hub id")
@@ -106,6 +111,8 @@ class RagConfig:
             raise ValueError(f"--rerank-precision must be auto, fp32 or bf16, not '{self.rerank_precision}'")
         if self.calibrate_for not in OBJECTIVES:
             raise ValueError(f"--calibrate-for must be {' or '.join(OBJECTIVES)}, not '{self.calibrate_for}'")
+        if self.versions not in VERSIONS:
+            raise ValueError(f"--versions must be {' or '.join(VERSIONS)}, not '{self.versions}'")
         if self.rerank_fusion not in ("replace", "rrf"):
             raise ValueError(f"--rerank-fusion must be 'replace' or 'rrf', not '{self.rerank_fusion}'")
         for name in ("k", "fetch_factor", "rrf_k", "rerank_n", "max_new_tokens"):
@@ -170,14 +177,17 @@ class RagPipeline:
         return self._reranker
 
     @property
-    def _tables(self) -> str:
-        # a choice made on grid tables (the only kind before --tables) keeps its key; one made on rows is apart
-        return "" if self.cfg.tables == "grid" else f"tables={self.cfg.tables}|"
+    def _variant(self) -> str:
+        # a choice made with the defaults keeps the key it had before --tables and --versions (grid tables; with
+        # newest versions only a folder marking a document superseded ranks differently); other settings are apart
+        c = self.cfg
+        return "".join(f"{name}={value}|" for name, value, default in
+                       (("tables", c.tables, "grid"), ("versions", c.versions, "newest")) if value != default)
 
     def mode_key(self) -> str:
         """What a chosen mode depends on: the retrieval settings other than the mode."""
         c = self.cfg
-        return f"mode|{c.embedder}|{c.reranker}|{c.chunker}|{c.contextual}|{self._tables}k={c.k}"
+        return f"mode|{c.embedder}|{c.reranker}|{c.chunker}|{c.contextual}|{self._variant}k={c.k}"
 
     @property
     def mode(self) -> str:
@@ -226,7 +236,7 @@ class RagPipeline:
 
         weights = model_variant(c.model)
         reader = f"{c.model}@{weights}" if weights else c.model
-        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|{self._tables}k={c.k}|{reader}|prompt={prompt_id()}"
+        return f"{self.mode}|{scorer}|{c.chunker}|{c.contextual}|{self._variant}k={c.k}|{reader}|prompt={prompt_id()}"
 
     @property
     def judge_generator(self) -> Generator:
@@ -281,13 +291,25 @@ class RagPipeline:
                 trace["rerank"] = scored
         if trace is not None:
             trace["final"] = fused
-        hits, seen = [], set()
+        pool, seen = [], set()  # distinct passages, best first: (chunk id, score, chunk, what the generator sees)
         for cid, score in fused:
             chunk = self.index.chunks[cid]
             shown = self.index.chunks[chunk.parent_id] if chunk.parent_id else chunk
-            if shown.id in seen:
+            if shown.id not in seen:
+                seen.add(shown.id)
+                pool.append((cid, score, chunk, shown))
+        twins = Twins([(chunk.doc_id, shown.text, chunk.meta) for _, _, chunk, shown in pool])
+        hits, used = [], set()
+        for i in range(len(pool)):
+            # an older version's passage gives its place to its newer twin (rag/versions.py)
+            while c.versions == "newest" and (j := twins.newer_twin(i)) is not None:
+                if trace is not None:
+                    trace.setdefault("replaced", []).append((pool[i][0], pool[j][0]))
+                i = j
+            if i in used:
                 continue
-            seen.add(shown.id)
+            used.add(i)
+            cid, score, chunk, shown = pool[i]
             hits.append(Hit(cid, chunk.doc_id, chunk.section, shown.text, score, ce.get(cid), chunk.meta))
             if len(hits) == k:
                 break
