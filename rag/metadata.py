@@ -34,6 +34,7 @@ MAX_NODES = 1000  # values kept per file; YAML aliases can make a small block ex
 # '---' line, the block (empty tried first), a '---' or '...' line; CRLF and a UTF-8 byte order mark allowed
 _FRONT = re.compile(rb"\A(?:\xef\xbb\xbf)?---[ \t]*\r?\n(?:(.*?)\r?\n)??(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.S)
 _ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+SUPERSEDED = "superseded"  # a document's ``status`` when it says another version replaces it (rag/versions.py)
 
 
 class Untrusted(ValueError):
@@ -141,9 +142,10 @@ def text(value) -> str:
 
 
 def describe(meta: dict) -> str:
-    """A short line for a source: its date and tags; front matter text shown as repr() when it could forge
-    terminal output (escape sequences, newlines)."""
-    parts = [f"date {meta['date']}"] if meta.get("date") else []
+    """A short line for a source: its date and tags, and 'superseded' when the document says so (rag/versions.py);
+    front matter text shown as repr() when it could forge terminal output (escape sequences, newlines)."""
+    parts = [SUPERSEDED] if meta.get("status") == SUPERSEDED else []
+    parts += [f"date {meta['date']}"] if meta.get("date") else []
     if found := tags(meta):
         parts.append("tags " + ", ".join(t if t.isprintable() else repr(t) for t in found))
     return " · ".join(parts)

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import re
 
-from rag.metadata import day
+from rag.metadata import SUPERSEDED, day
 
-SUPERSEDED = "superseded"
 CHOICES = ("newest", "all")
 HELP = ("near-identical passages from two versions of a document: 'newest' shows only the one from the document "
         "that is not marked superseded (front matter status, or a status line at its top), else from the later "

@@ -84,9 +84,16 @@ def test_a_superseded_passage_gives_its_place_to_its_newer_twin(built):
                for old, new in replaced.items())
 
 
-def test_what_only_the_old_version_says_is_still_found(built):
-    hits, _ = ranked(built, "Where could gift cards be exchanged for store credit?", k=3)
+def test_what_only_the_old_version_says_is_still_found_and_shown_as_superseded(built, capsys):
+    from rag.cli import _print_answer
+    from rag.ranking import Answer
+
+    question = "Where could gift cards be exchanged for store credit?"
+    hits, _ = ranked(built, question, k=3)
     assert hits[0].doc_id == "policies/returns-v1.md" and "Venlo" in hits[0].text
+    _print_answer(Answer(question, "At the Venlo desk [1].", False, "", hits, hits[:1], True, None), streamed=False)
+    assert "[1] policies/returns-v1.md › Returns policy, version 1 › Gift cards  (superseded · date " \
+        in capsys.readouterr().out
 
 
 def test_the_later_front_matter_date_wins_and_equal_dates_keep_both(built):
