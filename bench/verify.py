@@ -85,8 +85,7 @@ def run(docs: str, split: str, model: str, mode: str, k: int, tables: str = RagC
     auc = {n: M.separation_auc([r.get(n, 0.0) for r in rows], unanswerable) for n in names}
     scored = [r["contains"] for r in rows if "contains" in r]
     return {"docs": docs, "split": split, "model": model, "mode": mode, "k": k, "tables": tables, "versions": versions,
-            "verify": VERIFY,
-            "n": len(rows), "n_unanswerable": sum(unanswerable), "auc": auc,
+            "verify": VERIFY, "n": len(rows), "n_unanswerable": sum(unanswerable), "auc": auc,
             "contains": M.mean(scored) if scored else None,
             "seconds": round(time.perf_counter() - t0, 1), "per_question": rows}
 
