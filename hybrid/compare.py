@@ -28,7 +28,7 @@ from finetune.evaluate import model_to_score, report_path
 from finetune.lora import adapter_dir
 from hybrid.freshness import freshness
 from hybrid.probes import context_probes
-from hybrid.seeds import seed_adapter, spread
+from hybrid.seeds import seeded, spread
 from hybrid.systems import (
     ADAPTER,
     CLOSED_BOOK,
@@ -198,9 +198,7 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
     kinds = {ADAPTER[s] for s in trained}
     runs = {s: [first[s]] for s in trained}
     for seed in range(1, cfg.seeds):
-        scfg = replace(cfg, latency_sample=0,
-                       finetuned=str(seed_adapter(cfg.finetuned, seed)) if "finetuned" in kinds else cfg.finetuned,
-                       raft=str(seed_adapter(cfg.raft, seed)) if "raft" in kinds else cfg.raft)
+        scfg = replace(seeded(cfg, seed, kinds), latency_sample=0)
         for s in trained:
             log.info("system %s, training seed %d", s, seed)
             runs[s].append(run_closed_book(scfg, s, qs) if s in CLOSED_BOOK else

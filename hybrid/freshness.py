@@ -4,9 +4,10 @@
 ``<docs>/changes/golden.jsonl`` golden-format questions about the changed facts, each with its ``old_answer``.
 Retrieval systems answer from the updated index; closed-book systems still carry weights trained on the old
 text. Reported per system: the share of answers with the new value (fresh) and with the old one (stale), and the
-time an update takes (re-index seconds vs the training run's seconds). The live corpus and index are never
-touched: both are copied to a temporary folder first (the index in its ``--store``: rag.store.copy_store), and an
-edit whose path leaves that copy is refused.
+time an update takes (re-index seconds vs the training run's seconds). With ``compare --seeds N`` the adapter
+systems answer again with the adapters of the other training seeds, and the shares are reported over seeds too.
+The live corpus and index are never touched: both are copied to a temporary folder first (the index in its
+``--store``: rag.store.copy_store), and an edit whose path leaves that copy is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hybrid.systems import CLOSED_BOOK, RETRIEVAL, CompareConfig, judged, run_closed_book, with_generator
+from hybrid.seeds import seeded, summary
+from hybrid.systems import (
+    ADAPTER,
+    CLOSED_BOOK,
+    RETRIEVAL,
+    CompareConfig,
+    judged,
+    run_closed_book,
+    with_generator,
+)
 from rag import metrics as M
 from rag.config import load_jsonl
 from rag.evaluate import load_golden
@@ -87,26 +97,50 @@ def freshness(cfg: CompareConfig, base: RagPipeline, progress: bool = True) -> d
 
 
 def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, out: dict) -> None:
-    """Every system re-asks the changed facts; retrieval ones read the updated copy ``fresh``."""
+    """Every system re-asks the changed facts; retrieval ones read the updated copy ``fresh``. With ``--seeds N``
+    the adapter systems ask again with the adapters of seeds 1..N-1: how often one adapter gives the new value is
+    one draw, as its accuracy is."""
     rankeds = [fresh.ranked(q["question"]) for q in qs]
     k = fresh.cfg.k
     out["retrieved_new"] = round(sum(any(M.contains(h.text, [q["answer"]]) for h in r.hits[:k])
                                      for q, r in zip(qs, rankeds, strict=True)) / len(qs), 4)
     for s in cfg.system_list:
-        if s in CLOSED_BOOK:
-            texts = [r["answer"] for r in run_closed_book(cfg, s, qs)]
-        else:
-            pipe = with_generator(fresh, cfg, s)
-            answers = pipe.answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")
-            texts = [a.text for a in answers]
-            # the base model judges for every system: the next one is gated by these judgements, not new ones
-            rankeds = judged(rankeds, [{"signals": a.signals} for a in answers])
-        said = [M.said(t) for t in texts]  # the answer, not the hybrid's quote of a passage
-        new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(said, qs, strict=True)]
-        old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(said, qs, strict=True)]
+        texts, rankeds = _answers(cfg, s, fresh, qs, rankeds)
+        new, old = _scored(texts, qs)
         # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
         how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
         update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
         out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
                              "update_s": update, "update": how, "answers": texts, "is_fresh": new,
                              "is_stale": old}
+    trained = [s for s in cfg.system_list if ADAPTER[s]]
+    if cfg.seeds < 2 or not trained:
+        return
+    runs = {s: [(out["systems"][s]["fresh"], out["systems"][s]["stale"])] for s in trained}
+    for seed in range(1, cfg.seeds):
+        scfg = seeded(cfg, seed, {ADAPTER[s] for s in trained})  # trained by compare's --seeds pass already
+        for s in trained:
+            texts, rankeds = _answers(scfg, s, fresh, qs, rankeds)
+            new, old = _scored(texts, qs)
+            runs[s].append((round(sum(new) / len(qs), 4), round(sum(old) / len(qs), 4)))
+            out["systems"][s].setdefault("seed_answers", []).append(texts)  # seeds 1..N-1
+    for s, rs in runs.items():
+        out["systems"][s]["seeds"] = {"fresh": summary([f for f, _ in rs]), "stale": summary([o for _, o in rs])}
+
+
+def _answers(cfg: CompareConfig, s: str, fresh: RagPipeline, qs: list[dict], rankeds: list) -> tuple[list, list]:
+    """System ``s``'s replies to ``qs``, and the rankings with the base model's judgements added (the next system
+    is gated by these judgements, not new ones)."""
+    if s in CLOSED_BOOK:
+        return [r["answer"] for r in run_closed_book(cfg, s, qs)], rankeds
+    answers = with_generator(fresh, cfg, s).answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")
+    return [a.text for a in answers], judged(rankeds, [{"signals": a.signals} for a in answers])
+
+
+def _scored(texts: list[str], qs: list[dict]) -> tuple[list[bool], list[bool]]:
+    """Which replies give the new value, which the old one; what is scored is the answer, not the hybrid's quote
+    of a passage."""
+    said = [M.said(t) for t in texts]
+    new = [bool(M.contains(t, [q["answer"], *q.get("aliases", [])])) for t, q in zip(said, qs, strict=True)]
+    old = [bool(M.contains(t, [q["old_answer"]])) for t, q in zip(said, qs, strict=True)]
+    return new, old

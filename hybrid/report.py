@@ -85,6 +85,12 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
         for s, v in f["systems"].items():
             upd = "–" if v["update_s"] is None else f"{v['update']} {v['update_s']:.1f} s"
             lines.append(f"| {s} | {v['fresh']:.3f} | {v['stale']:.3f} | {upd} |")
+        over = {s: v["seeds"] for s, v in f["systems"].items() if v.get("seeds")}
+        if over:
+            n = len(next(iter(over.values()))["fresh"]["per_seed"])
+            lines += ["", f"Over {n} training seeds (the table above is seed 0's adapters), mean ± sd [min, max]:",
+                      "", "| system | new value | old value (stale) |", "|---|---|---|"]
+            lines += [f"| {s} | {spread(v['fresh'])} | {spread(v['stale'])} |" for s, v in over.items()]
     setup = result["setup"]
     size = setup["index"]["size_mb"]
     lines += ["", "## Set-up cost", "", f"- index: fresh build {setup['index']['build_s']:.1f} s, "
@@ -223,10 +229,13 @@ def print_terminal(result: dict) -> None:
     con.print(t)
     if result.get("seeds"):
         sd = Table(title="over training seeds: mean ± sd [min, max]")
-        for c in ("system", "contains", "hallucination rate"):
+        fresh = {s: v["seeds"]["fresh"] for s, v in result.get("freshness", {}).get("systems", {}).items()
+                 if v.get("seeds")}
+        for c in ("system", "contains", "hallucination rate", *(["new value after edits"] if fresh else [])):
             sd.add_column(c, justify="left" if c == "system" else "right")
         for s, v in result["seeds"].items():
-            sd.add_row(s, *(spread(v[k]) if k in v else "–" for k in ("contains", "hallucination_rate")))
+            sd.add_row(s, *(spread(v[k]) if k in v else "–" for k in ("contains", "hallucination_rate")),
+                       *([spread(fresh[s]) if s in fresh else "–"] if fresh else []))
         con.print(sd)
     m = Table(title="decision matrix (measured here)")
     m.add_column("factor")
@@ -237,3 +246,4 @@ def print_terminal(result: dict) -> None:
         m.add_row(r["factor"], *(_fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in sys_),
                   r["wins"])
     con.print(m)
+

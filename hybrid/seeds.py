@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from finetune.lora import adapter_dir
@@ -33,6 +33,13 @@ def _stamp(cfg: dict, data: Path) -> dict:
     state = json.loads((data / "state.json").read_text()) if (data / "state.json").exists() else {}
     return {"data": state.get("_fingerprint"), "config": {k: v for k, v in cfg.items()
                                                           if k not in ("output_dir", "seed", "device")}}
+
+
+def seeded(cfg, seed: int, kinds: set[str]):
+    """A comparison config (``hybrid.systems.CompareConfig``) whose adapters of ``kinds`` ('finetuned', 'raft')
+    are those of training ``seed``, trained first when missing."""
+    return replace(cfg, finetuned=str(seed_adapter(cfg.finetuned, seed)) if "finetuned" in kinds else cfg.finetuned,
+                   raft=str(seed_adapter(cfg.raft, seed)) if "raft" in kinds else cfg.raft)
 
 
 def seed_adapter(root: str | Path, seed: int) -> Path:
@@ -62,6 +69,12 @@ def seed_adapter(root: str | Path, seed: int) -> Path:
     return out
 
 
+def summary(vals: list[float]) -> dict:
+    """Mean, sd, min, max and the values of one metric over seeds (seed 0 first)."""
+    return {"mean": round(statistics.fmean(vals), 4), "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "per_seed": vals}
+
+
 def spread(summaries: list[dict], diffs: list[dict]) -> dict:
     """Across seeds, per metric: mean, sd, min, max, the per-seed values; plus how many seeds' differences from
     the reference system were significant. ``summaries``/``diffs``: one ``summarise``/``differences`` entry a seed."""
@@ -70,9 +83,7 @@ def spread(summaries: list[dict], diffs: list[dict]) -> dict:
         vals = [s[metric]["mean"] if isinstance(s.get(metric), dict) else s.get(metric) for s in summaries]
         vals = [v for v in vals if v is not None]
         if vals:
-            out[metric] = {"mean": round(statistics.fmean(vals), 4),
-                           "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
-                           "min": min(vals), "max": max(vals), "per_seed": vals}
+            out[metric] = summary(vals)
     if diffs and all(diffs):
         out["significant_vs_ref"] = {m: sum(d[m]["significant"] for d in diffs) for m in diffs[0]}
         out["diff_vs_ref"] = {m: [d[m]["diff"] for d in diffs] for m in diffs[0]}

@@ -172,9 +172,18 @@ def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(resu
         before = (out / "metrics.json").stat().st_mtime
         assert seed_adapter(root, 1) == out and (out / "metrics.json").stat().st_mtime == before
     from hybrid import report
+    from hybrid.freshness import freshness
 
-    md = report.markdown(res | {"seeds": spread})
+    # the changed facts are asked again with seed 1's adapters too (re-used, not trained again)
+    f = freshness(cfg, base, progress=False)
+    for s in ("finetuned", "finetuned+rag", "hybrid"):
+        per_seed = f["systems"][s]["seeds"]["fresh"]["per_seed"]
+        assert len(per_seed) == 2 and per_seed[0] == f["systems"][s]["fresh"]
+        assert len(f["systems"][s]["seed_answers"]) == 1 and len(f["systems"][s]["seed_answers"][0]) == len(f["asked"])
+    assert "seeds" not in f["systems"]["rag"] and "seeds" not in f["systems"]["base"]
+    md = report.markdown(res | {"seeds": spread, "freshness": f})
     assert "## Over 2 training seeds" in md and "| hybrid | " in md.split("## Over 2 training seeds")[1]
+    assert "| hybrid | " in md.split("Over 2 training seeds (the table above is seed 0's adapters)")[1]
     with pytest.raises(ValueError, match="--seeds"):
         CompareConfig(docs=cfg.docs, seeds=0)
 
