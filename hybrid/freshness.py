@@ -110,7 +110,7 @@ def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, 
         # retrieval systems see the edit once re-indexed; closed-book weights only learn it by retraining
         how = "re-index" if s in RETRIEVAL else "retrain" if s == "finetuned" else "none (base model)"
         update = out["reindex_s"] if s in RETRIEVAL else train_s.get("finetuned") if s == "finetuned" else None
-        out["systems"][s] = {"fresh": round(sum(new) / len(qs), 4), "stale": round(sum(old) / len(qs), 4),
+        out["systems"][s] = {"fresh": _share(new), "stale": _share(old),
                              "update_s": update, "update": how, "answers": texts, "is_fresh": new,
                              "is_stale": old}
     trained = [s for s in cfg.system_list if ADAPTER[s]]
@@ -122,7 +122,7 @@ def _ask(cfg: CompareConfig, fresh: RagPipeline, qs: list[dict], train_s: dict, 
         for s in trained:
             texts, rankeds = _answers(scfg, s, fresh, qs, rankeds)
             new, old = _scored(texts, qs)
-            runs[s].append((round(sum(new) / len(qs), 4), round(sum(old) / len(qs), 4)))
+            runs[s].append((_share(new), _share(old)))
             out["systems"][s].setdefault("seed_answers", []).append(texts)  # seeds 1..N-1
     for s, rs in runs.items():
         out["systems"][s]["seeds"] = {"fresh": summary([f for f, _ in rs]), "stale": summary([o for _, o in rs])}
@@ -135,6 +135,10 @@ def _answers(cfg: CompareConfig, s: str, fresh: RagPipeline, qs: list[dict], ran
         return [r["answer"] for r in run_closed_book(cfg, s, qs)], rankeds
     answers = with_generator(fresh, cfg, s).answer_batch([q["question"] for q in qs], rankeds, desc=f"{s} fresh")
     return [a.text for a in answers], judged(rankeds, [{"signals": a.signals} for a in answers])
+
+
+def _share(flags: list[bool]) -> float:
+    return round(sum(flags) / len(flags), 4)
 
 
 def _scored(texts: list[str], qs: list[dict]) -> tuple[list[bool], list[bool]]:

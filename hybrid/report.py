@@ -246,4 +246,3 @@ def print_terminal(result: dict) -> None:
         m.add_row(r["factor"], *(_fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in sys_),
                   r["wins"])
     con.print(m)
-
