@@ -21,7 +21,7 @@ from finetune import train as T
 from hybrid import report
 from hybrid.compare import compare
 from hybrid.demo import UiConfig
-from hybrid.raft import RAFT_LORA, RaftConfig, build_raft
+from hybrid.raft import ANSWER_TOKENS, RAFT_LORA, RaftConfig, build_raft
 from hybrid.serve import ServeConfig
 from hybrid.serve import serve as serve_api
 from hybrid.systems import CompareConfig
@@ -135,9 +135,12 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, parents=[rag_cli.verb_parser(rag_p, verb)], add_help=False,
                             help=f"`python -m rag {verb}` with the RAFT adapter (same flags)",
                             description=f"`python -m rag {verb}` with the RAFT adapter of `make hybrid` as the "
-                            f"generator (default --model {DEFAULT_READER}, --adapter "
+                            f"generator (default --model {DEFAULT_READER}, --max-new-tokens {ANSWER_TOKENS}, --adapter "
                             ".openbook/hybrid/<folder>/<model>/adapter)")
-        sp.set_defaults(model=DEFAULT_READER)
+        sp.set_defaults(model=DEFAULT_READER, max_new_tokens=ANSWER_TOKENS)
+        for a in sp._actions:  # rag's help states rag's default
+            if a.dest == "max_new_tokens":
+                a.help = f"generated tokens per answer at most (default: {ANSWER_TOKENS}, room for the RAFT quote)"
     return p
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from finetune.data import closed_book_messages, parse_answer
 from hybrid.freshness import freshness
-from hybrid.systems import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig
+from hybrid.systems import ADAPTER, CLOSED_BOOK, RETRIEVAL, SYSTEMS, CompareConfig, with_generator
 from rag.config import load_jsonl, option
 from rag.evaluate import load_golden
 from rag.filters import HELP as WHERE_HELP
@@ -97,7 +97,7 @@ class Demo:
         self.rag = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model,
                                          max_new_tokens=cfg.max_new_tokens, where=cfg.where))
         self.last_update = self.rag.update_index(progress=progress)
-        self.pipes = {"": self.rag}  # adapter folder → pipeline (its generator loads on first use)
+        self.pipes: dict[str, RagPipeline] = {}  # system → pipeline (its generator loads on first use)
         self.lock = threading.Lock()
 
     def missing(self, system: str) -> str:
@@ -111,12 +111,9 @@ class Demo:
             return f"needs the {kind} LoRA adapter (none in {where}): run `{MAKE[kind]} DOCS={self.cfg.docs}`"
 
     def pipe(self, system: str) -> RagPipeline:
-        adapter = self.compare.adapter(system) or ""
-        if adapter not in self.pipes:
-            # the base model judges for every system (the calibrated rule is its), loaded once for all
-            self.pipes[adapter] = RagPipeline(RagConfig(**{**asdict(self.rag.cfg), "adapter": adapter}),
-                                              index=self.rag.index, judge_by=self.rag)
-        return self.pipes[adapter]
+        if system not in self.pipes:  # the base model judges for every system (the calibrated rule is its)
+            self.pipes[system] = with_generator(self.rag, self.compare, system)
+        return self.pipes[system]
 
     def standalone(self, messages: list[dict]) -> Rewrite:
         """The last of ``messages`` (``{role, content}``) as a standalone question, rewritten by the plain reader

@@ -1,4 +1,4 @@
-"""RAFT-style training rows: a question, its oracle chunk among retrieved distractors, and a cited, quoted answer.
+"""RAFT-style training rows: a question, its oracle chunk among retrieved distractors, and a cited answer.
 
 RAFT (Zhang et al. 2024, "RAFT: Adapting Language Model to Domain Specific RAG") fine-tunes the generator on
 the prompts it will see at answer time: the question plus k passages, one of which (the *oracle*) holds the
@@ -11,8 +11,14 @@ Questions come from ``finetune.data.build`` (the golden ``train`` split, synthet
 their paraphrases and refusals; never the ``test`` split) — re-used from ``make finetune``'s saved rows when they
 were built for the same folder, model and seed, so both adapters learn the same questions. Targets:
 
-- oracle present: ``<answer> [n]`` then ``Quote: "<the oracle sentence holding the answer>"``;
-- oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin): the answer without a
+- oracle present: the base reader's own answer to that very prompt when it states the expected value and cites
+  the oracle first (``targets="self"``, the default since 2026-12-07: 38 of the demo's 81 rows), else
+  ``<answer> [n]`` then ``Quote: "<the oracle sentence holding the answer>"`` (every row with ``"quote"``). A
+  target in the model's own words moves it less (self-distillation: Yang et al. 2024, "Self-Distillation
+  Bridges Distribution Gap in Language Model Fine-Tuning"); here it kept more of the base reader's reading of
+  tables and changed passages. Asking the reader costs ~7 s a row on 2 cores (10 min for the demo);
+- oracle removed (a share ``p_no_oracle`` of answerable rows, chosen by a seeded coin; 0 by default since
+  2026-12-07, 0.2 before): the answer without a
   citation (``no_oracle="memorised"``, as the paper trains it, so the model also learns the facts), or "I don't
   know." (``"idk"``). Abstaining looks safer, but with it 37 of the demo's 103 rows ended in "I don't know." and
   the 1.5B learned to refuse nearly every question; the pipeline's gate decides when to abstain;
@@ -41,8 +47,8 @@ from hybrid.probes import counterfactual
 from rag.atomic import replace_dir
 from rag.config import artefacts, option, option_of
 from rag.evaluate import golden_for, load_golden
-from rag.generate import IDK
-from rag.metrics import SENTENCE_BREAK, contains
+from rag.generate import ANSWER_STOP, IDK, citations, is_abstention
+from rag.metrics import SENTENCE_BREAK, contains, said
 from rag.models import DEFAULT_READER
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import sources
@@ -50,6 +56,10 @@ from rag.store import check_store
 
 log = logging.getLogger(__name__)
 NO_ORACLE = ("idk", "memorised")
+TARGETS = ("quote", "self")
+# the hybrid's answer budget: a RAFT answer is "<answer> [n]" then a quote of up to 30 words, and with RAG's 48
+# tokens 12 of 93 demo test answers ended mid-quote; the longest of the 81 demo training targets is 68 tokens
+ANSWER_TOKENS = 80
 # LoRA settings RAFT trains with: r=16 on every linear layer as closed-book fine-tuning, at a lower learning rate
 # (the prompts already hold the answer; one epoch is 24 steps of ~600-token rows on the demo, ~1 min each for the
 # 1.5B on 2 cores, so no minimum step count). With r=8 on the attention projections at 2e-4 and "I don't know."
@@ -75,11 +85,17 @@ class RaftConfig:
     store_url: str = option_of(RagConfig, "store_url")
     model: str = option(DEFAULT_READER, "LM that writes paraphrases and synthetic questions (finetune data)")
     k: int = option(3, "passages per prompt, oracle included (RAG's --k)")
-    p_no_oracle: float = option(0.2, "share of answerable rows whose oracle is replaced by another distractor")
+    # 0.2 (the RAFT paper's memorised rows) until 2026-12-07; see ``targets``
+    p_no_oracle: float = option(0.0, "share of answerable rows whose oracle is replaced by another distractor")
     no_oracle: str = option("memorised", "target when the oracle is removed: 'memorised' (the answer, uncited, as "
                             "in the RAFT paper) or 'idk'")
     p_counterfactual: float = option(0.0, "share of answerable rows whose oracle keeps its place but states another "
                                      "value (the target follows the passage, not the weights)")
+    # 'self' since 2026-12-07: with every row's oracle shown, the demo's hybrid went from contains 0.562 (quote) to
+    # 0.603 against RAG's 0.575, and from 9 to 10 of 16 changed facts (RAG 11); one training seed (README, hybrid)
+    targets: str = option("self", "targets of the rows that show their oracle: 'quote' (<answer> [n] and the "
+                          "supporting sentence) or 'self' (the base reader's own answer to the same prompt where it "
+                          "states the answer and cites the oracle, else the quote target)")
     refusals: bool = option(False, "also train the golden unanswerable train questions to answer 'I don't know.' "
                             "from their retrieved passages (off: the gate alone refuses, as for RAG)")
     paraphrases: int = option(0, "extra wordings per training question (finetune data --paraphrases)")
@@ -94,6 +110,8 @@ class RaftConfig:
         if not 0 <= self.p_counterfactual <= 1 - self.p_no_oracle:
             raise ValueError("--p-counterfactual must be in [0, 1 - --p-no-oracle]: it edits rows that keep their "
                              "oracle")
+        if self.targets not in TARGETS:
+            raise ValueError(f"--targets must be one of {', '.join(TARGETS)}, not '{self.targets}'")
         if self.no_oracle not in NO_ORACLE:
             raise ValueError(f"--no-oracle must be one of {', '.join(NO_ORACLE)}, not '{self.no_oracle}'")
         check_store(self.store, self.store_url)
@@ -168,7 +186,27 @@ def raft_row(pipe: RagPipeline, row: dict, aliases: list[str], k: int, drop_orac
     return {"messages": [*messages, {"role": "assistant", "content": text}], "question": row["question"],
             "answer": row["answer"], "source": row["source"], "fact": row["fact"], "kind": row["kind"],
             "oracle": oracle is not None and oracle in passages, "target": text,
-            "counterfactual": shown}
+            "counterfactual": shown, "cite": passages.index(oracle) + 1 if oracle in passages else 0}
+
+
+def own_targets(pipe: RagPipeline, rows: list[dict], aliases: dict, k: int, progress: bool) -> int:
+    """``--targets self``: each row that shows its oracle gets, as its target, the base reader's own answer to
+    that prompt where the answer states the expected value (the edited one in a counterfactual row) and cites
+    the oracle first; the other rows keep the quote target (why: the module's docstring). Returns how many rows
+    took the reader's answer."""
+    todo = [r for r in rows if r["oracle"]]
+    gens = pipe.generator.chat_batch([r["messages"][:-1] for r in todo], stop=ANSWER_STOP,
+                                     desc="reader's own targets" if progress else "")
+    took = 0
+    for r, g in zip(todo, gens, strict=True):
+        reply = g.text.strip()
+        want = [r["counterfactual"]] if r["counterfactual"] else [r["answer"], *aliases.get(r["fact"], [])]
+        if (not is_abstention(reply) and contains(said(reply), want)
+                and citations(reply, k)[:1] == [r["cite"]]):
+            r["messages"][-1] = {"role": "assistant", "content": reply}
+            r["target"], took = reply, took + 1
+    log.info("--targets self: %d of %d rows with their oracle take the reader's own answer", took, len(todo))
+    return took
 
 
 def _as_hit(pipe: RagPipeline, chunk):
@@ -240,7 +278,8 @@ def build_raft(cfg: RaftConfig, progress: bool = True):
         rows += [row] if row else []
     if not rows:
         raise ValueError(f"no RAFT rows from {cfg.docs}: no training question had a passage holding its answer")
-    stats = {"rows": len(rows), "with_oracle": sum(r["oracle"] for r in rows),
+    own = own_targets(pipe, rows, aliases, cfg.k, progress) if cfg.targets == "self" else 0
+    stats = {"self_targets": own, "rows": len(rows), "with_oracle": sum(r["oracle"] for r in rows),
              "no_oracle": sum(not r["oracle"] and r["answer"] is not None for r in rows),
              "counterfactual": sum(r["counterfactual"] is not None for r in rows),
              "unanswerable": sum(r["answer"] is None for r in rows), "skipped": skipped, "qa": qa_stats,

@@ -14,6 +14,7 @@ from pathlib import Path
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from finetune.evaluate import model_to_score
 from finetune.lora import adapter_dir
+from hybrid.raft import ANSWER_TOKENS
 from rag import metrics as M
 from rag.bm25 import tokenize
 from rag.config import folder_name, option, option_of, run_dir
@@ -138,7 +139,9 @@ def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPip
     adapter = cfg.adapter(system)
     if not adapter:
         return base  # the plain model: base's own pipeline, so one instance of it serves RAG and every judgement
-    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": adapter}), index=base.index, judge_by=base)
+    budget = max(base.cfg.max_new_tokens, ANSWER_TOKENS) if system == "hybrid" else base.cfg.max_new_tokens
+    return RagPipeline(RagConfig(**{**asdict(base.cfg), "adapter": adapter, "max_new_tokens": budget}),
+                       index=base.index, judge_by=base)
 
 
 def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:

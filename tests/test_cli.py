@@ -150,7 +150,8 @@ def test_pass_through_verbs_keep_their_flags(capsys):
     assert "--data /no/such/data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         hybrid_main(["ask", "--help"])
-    assert e.value.code == 0 and "--adapter" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--adapter" in out and "--max-new-tokens 80" in " ".join(out.split())
 
 
 def test_openbook_command_lists_every_verb_and_dispatches(capsys):

@@ -207,3 +207,14 @@ def test_the_base_model_judges_for_adapter_systems(result):
     r = Ranking(hits, {}, {"bm25": 1.0})
     again = judged([r, r], [{"signals": {"bm25": 1.0, "judge": 0.25}}, {"signals": {"bm25": 1.0}}])
     assert again[0].signals == {"bm25": 1.0, "judge": 0.25} and again[1] is r
+
+
+def test_the_hybrid_answers_with_room_for_its_quote(result):
+    """The RAFT adapter writes its answer, then a quote of up to 30 words: RAG's 48-token budget cut 12 of 93
+    demo test answers mid-quote, so the hybrid's pipelines get ``ANSWER_TOKENS``; the other systems keep RAG's."""
+    from hybrid.raft import ANSWER_TOKENS
+
+    _, cfg = result
+    base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
+    assert with_generator(base, cfg, "hybrid").cfg.max_new_tokens == ANSWER_TOKENS > base.cfg.max_new_tokens
+    assert with_generator(base, cfg, "finetuned+rag").cfg.max_new_tokens == base.cfg.max_new_tokens

@@ -44,7 +44,7 @@ def raft(tmp_path_factory):
     cfg = RaftConfig(model="smollm2-135m",
                      docs=str(docs), golden=str(root / "golden.jsonl"), out=str(root / "raft" / "data"),
                      index_dir=str(root / "index"), k=3, p_no_oracle=0.5, paraphrases=0, synthetic_chunks=0,
-                     refusals=True)
+                     refusals=True, targets="quote")
     ds, stats = build_raft(cfg, progress=False)
     return list(ds), stats, cfg
 
@@ -132,3 +132,32 @@ def test_re_uses_finetune_questions_only_when_built_the_same_way(tmp_path, monke
     assert stats["rows"] == 4
     assert finetune_questions(DataConfig(docs=str(docs), paraphrases=4, synthetic_chunks=0)) is None  # too few
     assert finetune_questions(DataConfig(docs=str(docs), paraphrases=1, synthetic_chunks=0, seed=1)) is None
+
+
+def test_self_targets_are_the_readers_right_answers_and_change_no_other_row(raft, tmp_path):
+    """``--targets self``: a row that shows its oracle takes the base reader's own answer to the same prompt when
+    it states the expected value and cites the oracle first; every other row, and every prompt, is unchanged.
+    The 1.5B reader answers these questions with a citation; SmolLM2-135M answers without one, so it keeps every
+    quote target."""
+    from dataclasses import replace
+
+    from rag.generate import citations
+    from rag.metrics import said
+
+    _, _, cfg = raft
+    for model in ("qwen-1.5b", "smollm2-135m"):
+        same = replace(cfg, model=model, p_no_oracle=0.0)
+        quoted, _ = build_raft(replace(same, out=str(tmp_path / model / "quote")), progress=False)
+        own, stats = build_raft(replace(same, out=str(tmp_path / model / "self"), targets="self"), progress=False)
+        took = 0
+        for r, before in zip(own, quoted, strict=True):
+            assert r["messages"][:-1] == before["messages"][:-1] and r["messages"][-1]["content"] == r["target"]
+            if r["target"] == before["target"]:
+                continue
+            took += 1
+            assert r["oracle"] and contains(said(r["target"]), [r["answer"]]) and "Quote:" not in r["target"]
+            assert citations(r["target"], cfg.k)[0] == r["cite"] == int(re.search(r"\[(\d)\]", before["target"])[1])
+        assert stats["self_targets"] == took
+        assert took >= 1 if model == "qwen-1.5b" else took == 0
+    with pytest.raises(ValueError, match="--targets"):
+        replace(cfg, targets="mine")

@@ -233,7 +233,7 @@ def test_raft_rows_have_the_same_distractors_on_milvus(tmp_path):
     for store in ("embedded", "milvus"):
         cfg = RaftConfig(model="smollm2-135m", docs=str(docs), golden=golden, out=str(tmp_path / store / "data"),
                          index_dir=str(tmp_path / store / "index"), store=store, k=3, p_no_oracle=0.5,
-                         paraphrases=0, synthetic_chunks=0, refusals=True)
+                         paraphrases=0, synthetic_chunks=0, refusals=True, targets="quote")
         ds, stats = build_raft(cfg, progress=False)
         rows[store] = ds.to_list()
     assert rows["milvus"] == rows["embedded"]  # the prompts hold the passages: same distractors, same order
