@@ -92,7 +92,8 @@ class RaftConfig:
     p_counterfactual: float = option(0.0, "share of answerable rows whose oracle keeps its place but states another "
                                      "value (the target follows the passage, not the weights)")
     # 'self' since 2026-12-07: with every row's oracle shown, the demo's hybrid went from contains 0.562 (quote) to
-    # 0.603 against RAG's 0.575, and from 9 to 10 of 16 changed facts (RAG 11); one training seed (README, hybrid)
+    # 0.603 and 0.575 over two training seeds (RAG 0.575), and from 9 to 10 of 16 changed facts in both (RAG 11;
+    # the quote targets 6-10 in five runs of four adapters; README, hybrid)
     targets: str = option("self", "targets of the rows that show their oracle: 'quote' (<answer> [n] and the "
                           "supporting sentence) or 'self' (the base reader's own answer to the same prompt where it "
                           "states the answer and cites the oracle, else the quote target)")
