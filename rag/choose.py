@@ -20,6 +20,7 @@ from rag import metrics as M
 from rag.abstain import SIGNALS, format_rule
 from rag.pipeline import RagPipeline
 from rag.ranking import AUTO, DEFAULT_MODE, MODES
+from rag.store import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ def choose_rule(runs: list[tuple[dict, bool]], min_gain: float = 0.02, objective
 
 
 def _stamp(pipe: RagPipeline, questions: list[dict]) -> str:
-    """The index version and questions a choice was made from: the same ones give the same choice."""
-    made = [pipe.index.path.name, [(q["question"], q["answer"]) for q in questions]]
+    """The index contents and questions a choice was made from: the same ones give the same choice."""
+    made = [fingerprint(pipe.index), [(q["question"], q["answer"]) for q in questions]]
     # a choice made under --where saw other passages: it must not pass for the whole folder's (nor the reverse)
-    return hashlib.sha256(json.dumps(made + [pipe.cfg.where] if pipe.cfg.where else made).encode()).hexdigest()[:16]
+    made = made + [pipe.cfg.where] if pipe.cfg.where else made
+    return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def choose_mode(pipe: RagPipeline, golden: list[dict], progress: bool = True, margin: int = 2) -> dict | None:

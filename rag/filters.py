@@ -5,6 +5,9 @@ One clause is ``KEY OP VALUE``; several (``--where`` repeated) must all hold:
     path=GLOB             the document's path in the folder, shell-style: ``policies/*`` (``*`` crosses ``/``)
     tag=TAG               one of the front matter's ``tags:`` (a list, or "a, b"); case does not matter
     date>=YYYY-MM-DD      also > < <= =; the front matter's ``date:``, else the file's modification day (UTC)
+    status=superseded     a document that says another version replaces it (``rag/versions.py``: front matter, or a
+                          status line such as "SUPERSEDED - do not use" at its top); ``status!=superseded`` leaves
+                          every such document out; other values compare with the front matter's ``status:``
     KEY=VALUE             any other front matter key, as text (``draft=false``); a list matches any of its items
     KEY!=VALUE            the negation of KEY=VALUE (also ``path!=GLOB``, ``tag!=TAG``, ``date!=DAY``)
 
@@ -13,6 +16,9 @@ One clause is ``KEY OP VALUE``; several (``--where`` repeated) must all hold:
     >>> meta = {"folder": "policies", "date": "2024-03-01", "front": {"tags": ["hr"], "draft": False}}
     >>> all(c.holds("policies/leave.md", meta) for c in parse_where(["tag=HR", "draft=false", "date<2025-01-01"]))
     True
+    >>> [c.holds("old.md", {"status": "superseded", "front": {"status": "archived"}}) for c in parse_where(
+    ...     ["status=superseded", "status=archived", "status!=superseded"])]
+    [True, True, False]
 
 The filter is applied before fusion, not after: it becomes a mask over the indexed chunks, BM25 scores every
 other chunk 0 and FAISS searches only the allowed vectors (``rag/bm25.py``, ``rag/dense.py``), so each retriever
@@ -35,8 +41,9 @@ import numpy as np
 from rag.metadata import legacy_meta, tags, text
 
 HELP = ("only retrieve from documents matching KEY OP VALUE; repeat to require several: path=GLOB (e.g. policies/*), "
-        "tag=TAG (front matter tags), date>=YYYY-MM-DD (also > < <= =; front matter date, else the file's day), any "
-        "front matter key=value; != negates. E.g. --where tag=hr --where 'date>=2024-01-01'")
+        "tag=TAG (front matter tags), date>=YYYY-MM-DD (also > < <= =; front matter date, else the file's day), "
+        "status=superseded (front matter, or a status line at the document's top), any front matter key=value; != "
+        "negates. E.g. --where tag=hr --where 'date>=2024-01-01' --where status!=superseded")
 _CLAUSE = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(>=|<=|!=|=|<|>)\s*(.*?)\s*", re.S)
 _ORDER = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
 _MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # index → {clauses: mask}; dies with the index
@@ -65,6 +72,8 @@ class Clause:
             front = meta.get("front") or {}
             got = front.get(self.key)
             hit = self.key in front and self.value in ([text(v) for v in got] if isinstance(got, list) else [text(got)])
+            # the detected status too: a status line in the text marks a document as surely as its front matter
+            hit = hit or (self.key == "status" and self.value.casefold() == (meta.get("status") or "").casefold())
         return hit if self.op == "=" else not hit
 
 

@@ -68,6 +68,18 @@ def update_store(cfg, progress: bool = True, work=None) -> tuple[Store, UpdateSt
                          progress, cfg.hard_links, **extra)
 
 
+def fingerprint(store: Store) -> str | list:
+    """What retrieval reads from a store version: its files' hashes and each document's metadata (status and dates
+    decide which version gives way, ``--where`` filters on the rest); a key for choices and answers computed from
+    it (``rag/choose.py``, ``hybrid/resume.py``). A rebuild that writes the same bytes (the same documents, settings
+    changed and changed back, an edit undone) keeps them. A store without file hashes (Milvus) is named by its
+    version."""
+    files = store.manifest.get("files")
+    if not files:
+        return store.path.name
+    return [files, {d: e.get("meta") for d, e in sorted(store.manifest["documents"].items())}]
+
+
 def copy_store(cfg, dest: str | Path) -> None:
     """Copy ``cfg``'s index folder (the calibration beside the index too) and its store to ``dest``: a separate
     store, so ``update_store`` with ``index_dir=dest`` leaves ``cfg``'s as it was (hybrid/freshness.py)."""

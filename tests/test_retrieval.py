@@ -145,3 +145,18 @@ def test_auto_mode_is_the_best_on_the_train_split_and_kept_beside_the_index(tmp_
     assert pipe.mode == entry["mode"] == RagPipeline(RagConfig(**cfg)).mode  # saved beside the index
     assert RagPipeline(RagConfig(**cfg, mode="bm25")).mode == "bm25"  # an explicit --mode is never overridden
     assert choose_mode(RagPipeline(RagConfig(**cfg, mode="dense")), golden(QUESTIONS), progress=False) is None
+
+    # a rebuild that writes the same bytes (settings changed and changed back) keeps the choice; an edit does not
+    from rag.choose import _stamp
+
+    RagPipeline(RagConfig(**cfg | {"chunk_size": 41})).update_index(progress=False)
+    again = RagPipeline(RagConfig(**cfg))
+    again.update_index(progress=False)
+    assert again.index.path != pipe.index.path
+    again.ranked = lambda *a, **k: pytest.fail("an identical rebuild measured the retrieval modes again")
+    paraphrase = golden({"Which year did the firm start?": "history.md"})
+    assert choose_mode(again, paraphrase, progress=False, margin=1)["stamp"] == entry["stamp"]
+    (tmp_path / "docs" / "history.md").write_text("# Company history\n\nThe company was founded in 2015.\n")
+    edited = RagPipeline(RagConfig(**cfg))
+    edited.update_index(progress=False)
+    assert _stamp(edited, paraphrase) != entry["stamp"]

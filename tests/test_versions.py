@@ -96,6 +96,16 @@ def test_what_only_the_old_version_says_is_still_found_and_shown_as_superseded(b
         in capsys.readouterr().out
 
 
+def test_where_status_leaves_out_the_documents_marked_superseded_in_their_text(built):
+    """`--where status!=superseded` drops the version whose status line (no front matter) says it is replaced:
+    what only the old version says is then not found."""
+    question = "Where could gift cards be exchanged for store credit?"
+    hits, _ = ranked(built, question, k=3, where=["status!=superseded"])
+    assert hits and "policies/returns-v1.md" not in {h.doc_id for h in hits}
+    hits, _ = ranked(built, question, k=3, where=["status=superseded"])
+    assert {h.doc_id for h in hits} == {"policies/returns-v1.md"}
+
+
 def test_the_later_front_matter_date_wins_and_equal_dates_keep_both(built):
     question = "What mileage allowance per km is paid for a private car?"
     shown = {h.doc_id for h in ranked(built, question, k=5)[0]}
