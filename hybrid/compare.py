@@ -28,17 +28,15 @@ from finetune.evaluate import model_to_score, report_path
 from finetune.lora import adapter_dir
 from hybrid.freshness import freshness
 from hybrid.probes import context_probes
+from hybrid.resume import system_rows
 from hybrid.seeds import seeded, spread
 from hybrid.systems import (
     ADAPTER,
-    CLOSED_BOOK,
     RETRIEVAL,
     SYSTEMS,
     CompareConfig,
     judged,
     questions,
-    run_closed_book,
-    run_retrieval,
 )
 from rag import metrics as M
 from rag.choose import calibrate
@@ -154,13 +152,11 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     lap("mode and calibration")
     rankeds = [base.ranked(q["question"]) for q in qs] if set(systems) & set(RETRIEVAL) else []
     lap(f"ranking {len(rankeds)} questions")
-    per_system, pipes = {}, {}
+    per_system, pipes, reused = {}, {}, {}
     for s in systems:
-        if s in CLOSED_BOOK:
-            per_system[s] = run_closed_book(cfg, s, qs)
-        else:
-            per_system[s], pipes[s] = run_retrieval(cfg, s, base, qs, rankeds)
-            rankeds = judged(rankeds, per_system[s])
+        per_system[s], pipe = system_rows(cfg, s, base, qs, rankeds, reused=reused)
+        if pipe is not None:
+            pipes[s], rankeds = pipe, judged(rankeds, per_system[s])
         lap(f"system {s}")
     ref = "rag" if "rag" in per_system else systems[0]
     result = {"settings": asdict(cfg) | {"questions": source, "n": len(qs),
@@ -178,7 +174,7 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
     result["forgetting"] = forgetting(cfg, per_system)
     lap("forgetting")
     if cfg.seeds > 1:
-        result["seeds"] = over_seeds(cfg, base, qs, rankeds, per_system)
+        result["seeds"] = over_seeds(cfg, base, qs, rankeds, per_system, reused)
         lap("other seeds")
     if cfg.probes > 0 and pipes:
         result["context_probes"] = context_probes(pipes, qs, rankeds, cfg.probes, cfg.seed)
@@ -187,11 +183,13 @@ def compare(cfg: CompareConfig, with_freshness: bool = False, progress: bool = T
         result["freshness"] = freshness(cfg, base, progress)
         lap("freshness")
     result["seconds"] = seconds
+    result["settings"]["answers_reused"] = reused  # their systems' seconds above are not answering times
     result["per_question"] = {s: rows for s, rows in per_system.items()}
     return result
 
 
-def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: list[Ranking], first: dict) -> dict:
+def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: list[Ranking], first: dict,
+               reused: dict | None = None) -> dict:
     """``--seeds N``: the adapter systems again with adapters trained on seeds 1..N-1 (``hybrid.seeds``), all
     questions batched; per system the spread of each metric over the N seeds (``first`` holds seed 0's rows)."""
     trained = [s for s in first if ADAPTER[s]]
@@ -201,8 +199,7 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
         scfg = replace(seeded(cfg, seed, kinds), latency_sample=0)
         for s in trained:
             log.info("system %s, training seed %d", s, seed)
-            runs[s].append(run_closed_book(scfg, s, qs) if s in CLOSED_BOOK else
-                           run_retrieval(scfg, s, base, qs, rankeds)[0])
+            runs[s].append(system_rows(scfg, s, base, qs, rankeds, seed, reused)[0])
     ref = first.get("rag")
     return {s: spread([summarise(rows, cfg.bootstrap, cfg.seed) for rows in rs],
                       [differences({s: rows, "rag": ref}, "rag", cfg.bootstrap, cfg.seed)[s] for rows in rs]

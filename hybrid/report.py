@@ -38,6 +38,9 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
              f"{st['n']} questions ({st['n_answerable']} answerable) from the {st['questions']}; generator "
              f"{st['model']}. Means with 95% bootstrap intervals over questions. Faithfulness: {st['faithfulness']}.",
              "", "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    if st.get("answers_reused"):  # hybrid/resume.py: same questions, settings, index, adapter and code
+        lines[4:4] = ["Answers re-used from an earlier run with the same inputs and code: " + ", ".join(
+            f"{label} (answered {when})" for label, when in st["answers_reused"].items()) + ".", ""]
     for k in (*METRICS, "abstain_precision", "abstain_recall", "prompt_tokens", "new_tokens"):
         lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(_fmt(sys_[s].get(k)) for s in names) + " |")
     lines.append("| latency p50 / p95 ms | " + " | ".join(

@@ -58,6 +58,9 @@ class CompareConfig:
                         "trains N-1 more per adapter on the same data (minutes each) and reports the spread")
     out: str = option("", "report folder (default .openbook/reports/compare-<folder>, -<model> added for a "
                      "model other than the default)")
+    resume: bool = option(True, "re-use a system's answers saved in <out>/answers by an earlier run when nothing "
+                          "they depend on changed (questions, settings, index, adapter, code); --no-resume asks "
+                          "every question again")
 
     def __post_init__(self):
         if self.seeds < 1:
@@ -144,9 +147,9 @@ def with_generator(base: RagPipeline, cfg: CompareConfig, system: str) -> RagPip
                        index=base.index, judge_by=base)
 
 
-def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dict], rankeds: list[Ranking]) -> tuple:
-    """Rows for a retrieval system, and its pipeline (kept for the context probes)."""
-    pipe = with_generator(base, cfg, system)
+def run_retrieval(cfg: CompareConfig, system: str, pipe: RagPipeline, qs: list[dict],
+                  rankeds: list[Ranking]) -> list[dict]:
+    """Rows for a retrieval system answering through its pipeline ``pipe`` (``with_generator``)."""
     n = min(cfg.latency_sample, len(qs))
     answers = [pipe.answer(q["question"], ranked=r) for q, r in zip(qs[:n], rankeds[:n], strict=True)]
     answers += pipe.answer_batch([q["question"] for q in qs[n:]], rankeds[n:], desc=system)
@@ -157,7 +160,7 @@ def run_retrieval(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[d
         rows.append(row | {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                            "abstain_reason": a.reason, "signals": a.signals,
                            "latency_s": a.timings if i < n else None})
-    return rows, pipe
+    return rows
 
 
 def judged(rankeds: list[Ranking], rows: list[dict]) -> list[Ranking]:

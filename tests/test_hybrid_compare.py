@@ -218,3 +218,36 @@ def test_the_hybrid_answers_with_room_for_its_quote(result):
     base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model, backend=cfg.backend))
     assert with_generator(base, cfg, "hybrid").cfg.max_new_tokens == ANSWER_TOKENS > base.cfg.max_new_tokens
     assert with_generator(base, cfg, "finetuned+rag").cfg.max_new_tokens == base.cfg.max_new_tokens
+
+
+def test_a_second_compare_reuses_the_saved_answers_until_something_they_depend_on_changes(result, monkeypatch):
+    """Each system's answers are saved when it finishes (hybrid/resume.py): the same comparison again asks no
+    question; --no-resume, or a change to the code, asks them all again."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import hybrid.resume
+
+    res, cfg = result
+    assert {p.name for p in (Path(cfg.out) / "answers").glob("*-seed0.json")} == {f"{s}-seed0.json" for s in SYSTEMS}
+    asked = []
+
+    def stub(*args, **kwargs):  # run_closed_book(cfg, system, qs) / run_retrieval(cfg, system, pipe, qs, rankeds)
+        asked.append(args[1])
+        return res["per_question"][args[1]]
+
+    monkeypatch.setattr(hybrid.resume, "run_closed_book", stub)
+    monkeypatch.setattr(hybrid.resume, "run_retrieval", stub)
+    cfg = replace(cfg, probes=0)
+    again = compare(cfg, progress=False)
+    assert asked == [] and again["per_question"] == res["per_question"]
+    assert set(again["settings"]["answers_reused"]) == {f"{s}-seed0" for s in SYSTEMS}
+    from hybrid import report
+
+    assert "Answers re-used from an earlier run with the same inputs and code: base-seed0 (answered 20" \
+        in report.markdown(again)
+    compare(replace(cfg, resume=False), progress=False)
+    assert asked == list(SYSTEMS)
+    monkeypatch.setattr(hybrid.resume, "code_stamp", lambda: "edited")
+    compare(cfg, progress=False)
+    assert asked == list(SYSTEMS) * 2
