@@ -12,7 +12,9 @@ tokens and latency per query, set-up cost (a fresh index build vs data + trainin
 forgetting (general probes), the spread over training seeds (``hybrid/seeds.py``) and, with ``--freshness``,
 what happens after the documents change (``hybrid/freshness.py``).
 Latency comes from the first ``latency_sample`` questions answered one at a time; the rest are batched
-(faster on a CPU, but batch time is throughput, not latency). Left out on purpose: LLM judges (none offline).
+(faster on a CPU, but batch time is throughput, not latency). Each system's answers are kept once it finishes
+(``hybrid/resume.py``), so an interrupted run, or ``--seeds 3`` after a one-seed run, asks only what is missing.
+Left out on purpose: LLM judges (none offline).
 """
 
 from __future__ import annotations

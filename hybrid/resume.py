@@ -6,9 +6,9 @@ One system's answers to the demo test split take 1-12 minutes on two cores, a wh
 otherwise start from zero. Each system's scored rows are saved in ``<report folder>/answers/<system>-seed<s>.json``
 when it finishes, under a key of everything its answers depend on: the questions, the system's settings (model,
 backend, answer budget, retrieval settings, the abstention rule in force, the reader's weights file), the index's
-contents (``rag.store.fingerprint``), the adapter's files, and the source code of ``rag``, ``finetune`` and
-``hybrid`` (any edit, a comment too, asks again: a cached answer must be one today's code would give). A run re-uses
-the rows whose key matches and says so; anything else is answered and saved again. Latency figures in re-used
+contents (``rag.store.fingerprint``), the adapter's config and weights, and the source code of ``rag``, ``finetune``
+and ``hybrid`` (any edit, a comment too, asks again: a cached answer must be one today's code would give). A run
+re-uses the rows whose key matches and says so; anything else is answered and saved again. Latency figures in re-used
 rows are those measured when they were answered. Left out on purpose: the context probes and the freshness demo
 (minutes, and they edit a copy of the folder), and partial systems (a system's rows are saved whole).
 """
@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from finetune.lora import adapter_dir
 from hybrid.systems import CLOSED_BOOK, CompareConfig, run_closed_book, run_retrieval, with_generator
+from rag.gguf_lora import adapter_stamp
 from rag.gguf_q8 import model_variant
 from rag.pipeline import RagPipeline
 from rag.ranking import Ranking
@@ -42,20 +44,6 @@ def code_stamp() -> str:
     for pkg in PACKAGES:
         for f in sorted((root / pkg).rglob("*.py")):
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def folder_stamp(folder: str | Path | None) -> str:
-    """A digest of an adapter folder's files (names and bytes; the GGUF and merged copies made from it left out:
-    they are caches of the same weights); '' for none."""
-    if not folder:
-        return ""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix != ".gguf"):
-        h.update(f.relative_to(folder).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -92,9 +80,11 @@ def system_rows(cfg: CompareConfig, system: str, base: RagPipeline, qs: list[dic
     nothing they depend on changed, noted in ``reused`` as {label: when answered} — and, for a retrieval system,
     its pipeline."""
     adapter = cfg.adapter(system)
+    # the adapter's weights, not its training folder: a seed trained into <folder>/seeds/ must not void seed 0's
     key = {"system": system, "questions": [[q["id"], q["question"], q["answer"], q.get("aliases", [])] for q in qs],
            "model": cfg.model, "weights": model_variant(cfg.model), "backend": cfg.backend,
-           "latency_sample": cfg.latency_sample, "adapter": folder_stamp(adapter), "code": code_stamp()}
+           "latency_sample": cfg.latency_sample, "adapter": adapter_stamp(adapter_dir(adapter)) if adapter else "",
+           "code": code_stamp()}
     if system in CLOSED_BOOK:
         pipe, run = None, lambda: run_closed_book(cfg, system, qs)
     else:

@@ -77,10 +77,13 @@ def run_converter(script: str, source: str | Path, outfile: Path, args: list[str
         raise AdapterError(f"llama.cpp's converter failed on {what or source} ({last[0][:200]})")
 
 
-def _stamp(adapter: Path) -> str:
+def adapter_stamp(adapter: str | Path) -> str:
+    """A digest of a peft adapter folder's config and weights: what its answers depend on (the folder's other
+    files, logs and the GGUF made from it, do not count)."""
     h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        h.update((adapter / name).read_bytes())
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (Path(adapter) / name).exists():
+            h.update((Path(adapter) / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -91,7 +94,7 @@ def gguf_adapter(adapter: str | Path, base: str) -> str:
         raise AdapterError(f"{adapter}: no adapter_model.safetensors (llama.cpp needs the safetensors format)")
     base_dir = Path(config_dir(base))
     check_base(adapter, base_dir)  # every time: the cached file says nothing about which base it is used with
-    out = adapter / f"adapter-{_stamp(adapter)}.gguf"
+    out = adapter / f"adapter-{adapter_stamp(adapter)}.gguf"
     if out.exists():
         return str(out)
     tmp = out.with_suffix(f".tmp-{os.getpid()}")

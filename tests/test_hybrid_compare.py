@@ -223,6 +223,7 @@ def test_the_hybrid_answers_with_room_for_its_quote(result):
 def test_a_second_compare_reuses_the_saved_answers_until_something_they_depend_on_changes(result, monkeypatch):
     """Each system's answers are saved when it finishes (hybrid/resume.py): the same comparison again asks no
     question; --no-resume, or a change to the code, asks them all again."""
+    import shutil
     from dataclasses import replace
     from pathlib import Path
 
@@ -246,6 +247,15 @@ def test_a_second_compare_reuses_the_saved_answers_until_something_they_depend_o
 
     assert "Answers re-used from an earlier run with the same inputs and code: base-seed0 (answered 20" \
         in report.markdown(again)
+    # a seed trained into the adapter's folder (what --seeds does) leaves seed 0's answers valid
+    extra = Path(cfg.finetuned) / "seeds" / "9"
+    extra.mkdir(parents=True)
+    try:
+        (extra / "metrics.json").write_text("{}")
+        compare(cfg, progress=False)
+    finally:
+        shutil.rmtree(extra)
+    assert asked == []
     compare(replace(cfg, resume=False), progress=False)
     assert asked == list(SYSTEMS)
     monkeypatch.setattr(hybrid.resume, "code_stamp", lambda: "edited")
