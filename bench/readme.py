@@ -187,21 +187,30 @@ def compare(d: dict) -> str:
 
 
 def seeds(d: dict) -> str:
-    """``make compare SEEDS=N``: each adapter system's spread over training seeds, and its difference from RAG."""
+    """``make compare SEEDS=N``: each adapter system's spread over training seeds, and its difference from RAG; with
+    ``--freshness``, each seed's count of new values after the edits too."""
     n = next(iter(d["seeds"].values()))["n"]
+    fresh = (d.get("freshness") or {}).get("systems", {})
+    per_seed = {s: v["seeds"] for s, v in fresh.items() if v.get("seeds")}
+    q = (d.get("freshness") or {}).get("questions")
     rows = [f"| system, {n} training seeds | contains: mean ± sd [min, max] | contains per seed | contains − RAG per "
             "seed (paired) | seeds with the difference significant | hallucination rate: mean ± sd (seeds with "
-            "its difference from RAG significant) |",
-            "|---|---|---|---|---|---|"]
+            "its difference from RAG significant) |" + (f" after the edits: new / old value per seed (of {q}) |"
+                                                         if per_seed else ""),
+            "|---|---|---|---|---|---|" + ("---|" if per_seed else "")]
     for s, v in d["seeds"].items():
         c, h = v["contains"], v.get("hallucination_rate")
+        f = per_seed.get(s)
+        edits = (" " + ", ".join(f"{round(a * q)} / {round(b * q)}" for a, b in
+                                 zip(f["fresh"]["per_seed"], f["stale"]["per_seed"], strict=True)) + " |"
+                 if f else " – |" if per_seed else "")
         rows.append(f"| {LABELS.get(s, s)} | {spread(c)} | "
                     + ", ".join(f"{x:.3f}" for x in c["per_seed"]) + " | "
                     + ", ".join(f"{x:+.3f}" for x in v.get("diff_vs_ref", {}).get("contains", [])) + " | "
                     + f"{v.get('significant_vs_ref', {}).get('contains', '–')} of {n} | "
                     + (f"{h['mean']:.3f} ± {h['sd']:.3f} ("
                        f"{v.get('significant_vs_ref', {}).get('hallucination_rate', '–')} of {n})" if h else "–")
-                    + " |")
+                    + " |" + edits)
     return "\n".join([*rows, "", source(d)])
 
 
@@ -357,6 +366,8 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "compare-1.5b-defaults": ("compare-demo-qwen-1.5b-defaults-amd.json", compare),
           "compare-1.5b-versions": ("compare-demo-qwen-1.5b-versions-amd.json", compare),
           "compare-1.5b-seeds": ("compare-demo-qwen-1.5b-seeds3-amd.json", seeds),
+          "compare-1.5b-self": ("compare-demo-qwen-1.5b-self-seeds3-amd.json", compare),
+          "compare-1.5b-self-seeds": ("compare-demo-qwen-1.5b-self-seeds3-amd.json", seeds),
           "reliability": ("fuzz.json", reliability),
           "injection": ("injection-demo.json", injection),
           "retrieval": ("eval-demo.json", retrieval),
