@@ -341,7 +341,11 @@ def test_an_adapter_merged_into_a_q8_0_base_matches_it_applied_at_run_time(train
     assert not [f for f in os.listdir(os.path.dirname(lora)) if ".part-" in f or ".merged-" in f]
     monkeypatch.setenv(gguf_merge.ENV, "0")
     assert gguf_merge.merged_path(str(base), lora) is None
-    assert backend_llamacpp.LlamaCppGenerator("smollm2-135m", 16, adapter=str(out / "adapter")).llm._lora_adapter
+    gen = backend_llamacpp.LlamaCppGenerator("smollm2-135m", 16, adapter=str(out / "adapter"))
+    llm = gen.llm
+    assert llm._lora_adapter
+    del gen  # freed when dropped, not when the cyclic GC runs (llama-cpp-python's Llama with a LoRA is a cycle)
+    assert llm._lora_adapter is None and llm not in backend_llamacpp._OPEN
     monkeypatch.setenv(gguf_merge.ENV, "later")
     with pytest.raises(UserError, match="OPENBOOK_LORA_MERGE='later'"):
         gguf_merge.wanted()
