@@ -82,17 +82,40 @@ def load_base(model: str, device: str, qlora: bool = False, bf16: bool = False):
 
 def add_lora(model, cfg):
     """Wrap ``model`` with fresh LoRA layers (B = 0, so its outputs are unchanged until the first step); ``cfg``
-    gives lora_r, lora_alpha, lora_dropout and target_modules (a ``TrainConfig``). On a CPU the dropout draws its
-    masks four at a time (``cheap_dropout``)."""
+    gives lora_r, lora_alpha, lora_dropout, target_modules and lora_layers (a ``TrainConfig``). On a CPU the
+    dropout draws its masks four at a time (``cheap_dropout``)."""
     from peft import LoraConfig, get_peft_model
 
     spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
     targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
+    if getattr(cfg, "lora_layers", 0):
+        targets = top_layers(model, targets, cfg.lora_layers)
     peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                             lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
     if next(peft.parameters()).device.type == "cpu":
         cheap_dropout(peft)
     return peft
+
+
+def top_layers(model, targets: str | list[str] | None, top: int) -> list[str]:
+    """The full names of the linear modules ``targets`` names (or every one, for 'all-linear') in the last ``top``
+    transformer blocks: no trainable weight below them, so autograd neither keeps their activations nor runs
+    their backward pass. (peft's ``layers_to_transform`` refuses 'all-linear'.)"""
+    import re
+
+    import torch
+
+    n = model.config.num_hidden_layers
+    if not 0 < top <= n or targets is None:
+        raise ValueError(f"--lora-layers {top}: the model has {n} layers" if targets is not None else
+                         "--lora-layers needs --target-modules 'all-linear' or module names")
+    names = []
+    for name, module in model.named_modules():
+        block = re.search(r"\.(\d+)\.", name)  # the blocks' ModuleList index, the first number in the name
+        if (isinstance(module, torch.nn.Linear) and block and int(block[1]) >= n - top
+                and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)):
+            names.append(name)
+    return names
 
 
 def cheap_dropout(model) -> None:

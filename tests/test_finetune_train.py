@@ -100,6 +100,24 @@ def test_lora_at_step_0_is_the_base_model():
     assert torch.allclose(logits(lora.eval(), tok), before, atol=1e-6)
 
 
+def test_lora_on_the_top_layers_alone_keeps_the_backward_pass_out_of_the_layers_below(base):
+    """--lora-layers N: every linear module of the last N blocks gets an adapter and nothing below does, so the
+    hidden states below carry no gradient (autograd neither keeps their activations nor runs their backward)."""
+    import re
+
+    from finetune.lora import top_layers
+
+    model, _ = load_base("smollm2-135m", "cpu")
+    lora = add_lora(model, TrainConfig(output_dir="unused", lora_layers=4))
+    assert lora.get_nb_trainable_parameters()[0] == 4 * 162_816  # as the whole model's, 4 blocks of 30
+    assert {int(re.search(r"layers\.(\d+)\.", n)[1]) for n, p in lora.named_parameters() if p.requires_grad} \
+        == {26, 27, 28, 29}
+    states = lora(input_ids=torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True).hidden_states
+    assert not states[26].requires_grad and states[27].requires_grad  # block 25's output, block 26's
+    with pytest.raises(ValueError, match="--lora-layers 31: the model has 30 layers"):
+        top_layers(base[0], "all-linear", 31)
+
+
 def test_lora_dropout_on_a_cpu_drops_p_of_the_inputs_and_rescales_the_rest():
     model, _ = load_base("smollm2-135m", "cpu")
     lora = add_lora(model, TrainConfig(output_dir="unused", lora_dropout=0.1))
