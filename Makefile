@@ -115,9 +115,9 @@ eval: ## evaluate on DOCS/golden.jsonl and write .openbook/reports/rag-eval.json
 chat: ## ask questions interactively
 	$(PY) -m rag chat $(FLAGS)
 
-finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= PARAPHRASES= GENERAL_ROWS= SNAPSHOTS= RESUME=1 LAUNCH=)
+finetune: ## build QA data from DOCS, LoRA-train MODEL on it, print closed-book base vs tuned (STEPS= EPOCHS= LORA_LAYERS= PARAPHRASES= GENERAL_ROWS= SNAPSHOTS= RESUME=1 LAUNCH=)
 	$(if $(LAUNCH),$(LAUNCH),$(PY)) -m finetune run --docs $(DOCS) $(if $(MODEL),--model $(MODEL)) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PARAPHRASES),--paraphrases $(PARAPHRASES)) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(LORA_LAYERS),--lora-layers $(LORA_LAYERS)) $(if $(PARAPHRASES),--paraphrases $(PARAPHRASES)) \
 	  $(if $(GENERAL_ROWS),--general-rows $(GENERAL_ROWS)) $(if $(SNAPSHOTS),--snapshots $(SNAPSHOTS)) \
 	  $(if $(RESUME),--resume)
 

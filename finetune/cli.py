@@ -123,6 +123,7 @@ def cmd_run(args) -> int:
     # only one asking its fact), so there is none; re-wordings make its rows other phrasings of trained facts
     tcfg = T.TrainConfig(model=args.model, output_dir=str(run_dir("finetune", args.docs, args.model)),
                          epochs=args.epochs, max_steps=args.steps, snapshots=args.snapshots,
+                         lora_layers=args.lora_layers,
                          eval_fraction=T.TrainConfig.eval_fraction if args.paraphrases else 0.0)
     built = load_built(dcfg) if args.resume else None
     if args.resume and built is None:
@@ -197,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=float, default=T.TrainConfig.epochs,
                     help="training epochs (default: %(default)s, what memorising the demo's facts took)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
+    sp.add_argument("--lora-layers", type=int, default=T.TrainConfig.lora_layers,
+                    help="LoRA on the last N transformer blocks only, a cheaper backward pass (default: "
+                    "%(default)s, every block; the 1.5B has 28: README, 'LoRA on the top half of the layers')")
     sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
     sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,
                     help="chunks to write synthetic QA from (-1: 40 with a golden file, 160 without)")
