@@ -115,6 +115,8 @@ def top_layers(model, targets: str | list[str] | None, top: int) -> list[str]:
         if (isinstance(module, torch.nn.Linear) and block and int(block[1]) >= n - top
                 and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)):
             names.append(name)
+    if not names:
+        raise ValueError(f"--lora-layers {top}: no linear module named {targets!r} in the last {top} blocks")
     return names
 
 

@@ -116,6 +116,8 @@ def test_lora_on_the_top_layers_alone_keeps_the_backward_pass_out_of_the_layers_
     assert not states[26].requires_grad and states[27].requires_grad  # block 25's output, block 26's
     with pytest.raises(ValueError, match="--lora-layers 31: the model has 30 layers"):
         top_layers(base[0], "all-linear", 31)
+    with pytest.raises(ValueError, match="no linear module named"):
+        top_layers(base[0], ["c_attn"], 4)  # GPT-2's name, not this model's
 
 
 def test_lora_dropout_on_a_cpu_drops_p_of_the_inputs_and_rescales_the_rest():
