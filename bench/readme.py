@@ -174,7 +174,7 @@ def compare(d: dict) -> str:
     if fresh.get("systems"):  # claim 1: what each system says about a fact after its document changed
         n, got = fresh["questions"], fresh["systems"]
         rows.append(row(f"after {fresh['edits']} edits: new / old value ({n} changed facts)", [
-            f"{round(got[s]['fresh'] * n)} / {round(got[s]['stale'] * n)}" if s in got else "–" for s in names]))
+            new_old(got[s]["fresh"], got[s]["stale"], n) if s in got else "–" for s in names]))
     if d.get("pairwise"):
         def pair(k, v):
             c = v["contains"]
@@ -186,13 +186,18 @@ def compare(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+def new_old(fresh: float, stale: float, n: int) -> str:
+    """Freshness shares of ``n`` changed facts as counts: new value / old value."""
+    return f"{round(fresh * n)} / {round(stale * n)}"
+
+
 def seeds(d: dict) -> str:
     """``make compare SEEDS=N``: each adapter system's spread over training seeds, and its difference from RAG; with
     ``--freshness``, each seed's count of new values after the edits too."""
     n = next(iter(d["seeds"].values()))["n"]
-    fresh = (d.get("freshness") or {}).get("systems", {})
-    per_seed = {s: v["seeds"] for s, v in fresh.items() if v.get("seeds")}
-    q = (d.get("freshness") or {}).get("questions")
+    fresh = d.get("freshness") or {}
+    per_seed = {s: v["seeds"] for s, v in fresh.get("systems", {}).items() if v.get("seeds")}
+    q = fresh.get("questions")
     rows = [f"| system, {n} training seeds | contains: mean ± sd [min, max] | contains per seed | contains − RAG per "
             "seed (paired) | seeds with the difference significant | hallucination rate: mean ± sd (seeds with "
             "its difference from RAG significant) |" + (f" after the edits: new / old value per seed (of {q}) |"
@@ -201,7 +206,7 @@ def seeds(d: dict) -> str:
     for s, v in d["seeds"].items():
         c, h = v["contains"], v.get("hallucination_rate")
         f = per_seed.get(s)
-        edits = (" " + ", ".join(f"{round(a * q)} / {round(b * q)}" for a, b in
+        edits = (" " + ", ".join(new_old(a, b, q) for a, b in
                                  zip(f["fresh"]["per_seed"], f["stale"]["per_seed"], strict=True)) + " |"
                  if f else " – |" if per_seed else "")
         rows.append(f"| {LABELS.get(s, s)} | {spread(c)} | "

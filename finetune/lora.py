@@ -88,7 +88,7 @@ def add_lora(model, cfg):
 
     spec = TARGET_MODULES.get(model.config.model_type) if cfg.target_modules == "auto" else cfg.target_modules
     targets = spec if spec in (None, "all-linear") else spec.replace(" ", "").split(",")
-    if getattr(cfg, "lora_layers", 0):
+    if cfg.lora_layers:
         targets = top_layers(model, targets, cfg.lora_layers)
     peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                             lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
@@ -106,9 +106,10 @@ def top_layers(model, targets: str | list[str] | None, top: int) -> list[str]:
     import torch
 
     n = model.config.num_hidden_layers
-    if not 0 < top <= n or targets is None:
-        raise ValueError(f"--lora-layers {top}: the model has {n} layers" if targets is not None else
-                         "--lora-layers needs --target-modules 'all-linear' or module names")
+    if targets is None:
+        raise ValueError("--lora-layers needs --target-modules 'all-linear' or module names")
+    if not 0 < top <= n:
+        raise ValueError(f"--lora-layers {top}: the model has {n} layers")
     names = []
     for name, module in model.named_modules():
         block = re.search(r"\.(\d+)\.", name)  # the blocks' ModuleList index, the first number in the name
