@@ -199,8 +199,9 @@ def parser() -> argparse.ArgumentParser:
                     help="training epochs (default: %(default)s, what memorising the demo's facts took)")
     sp.add_argument("--steps", type=int, default=-1, help="optimiser steps (-1: use --epochs)")
     sp.add_argument("--lora-layers", type=int, default=T.TrainConfig.lora_layers,
-                    help="LoRA on the last N transformer blocks only, a cheaper backward pass (default: "
-                    "%(default)s, every block; the 1.5B has 28: README, 'LoRA on the top half of the layers')")
+                    help="LoRA on the last N transformer blocks only, a cheaper backward pass; 0: every block "
+                    "(default: %(default)s, auto: the top half for models of 1B parameters or more, the 1.5B's 14 "
+                    "of 28; README, 'LoRA on the top half of the layers')")
     sp.add_argument("--paraphrases", type=int, default=DataConfig.paraphrases, help="wordings per question")
     sp.add_argument("--synthetic-chunks", type=int, default=DataConfig.synthetic_chunks,
                     help="chunks to write synthetic QA from (-1: 40 with a golden file, 160 without)")

@@ -69,8 +69,9 @@ ANSWER_TOKENS = 80
 # every prompt position and no heap trim, grew past 24 GiB and was OOM-killed at step 20; with logits on the answer
 # alone and the heap trimmed after each step (finetune/train.py) `make hybrid` trained all 23 steps at 77 s a step
 # and peaked at 17.1 GB (AMD EPYC, 2 cores, 2026-12-05). Which of the two changes it needed was not measured.
-RAFT_LORA = dict(lora_r=16, lora_alpha=32, target_modules="all-linear", learning_rate=5e-4, min_steps=0,
-                 gradient_checkpointing=False)
+# Every block (lora_layers=0): closed-book training's default adapts the 1.5B's top half, untried for RAFT.
+RAFT_LORA = dict(lora_r=16, lora_alpha=32, target_modules="all-linear", lora_layers=0, learning_rate=5e-4,
+                 min_steps=0, gradient_checkpointing=False)
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_lora_on_the_top_layers_alone_keeps_the_backward_pass_out_of_the_layers_
     hidden states below carry no gradient (autograd neither keeps their activations nor runs their backward)."""
     import re
 
-    from finetune.lora import top_layers
+    from finetune.lora import lora_blocks, parameters, top_layers
 
     model, _ = load_base("smollm2-135m", "cpu")
     lora = add_lora(model, TrainConfig(output_dir="unused", lora_layers=4))
@@ -114,6 +114,9 @@ def test_lora_on_the_top_layers_alone_keeps_the_backward_pass_out_of_the_layers_
         == {26, 27, 28, 29}
     states = lora(input_ids=torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True).hidden_states
     assert not states[26].requires_grad and states[27].requires_grad  # block 25's output, block 26's
+    # the default (-1): the top half of a model of 1B parameters or more (the 1.5B), every block below (this one)
+    assert (lora_blocks(-1, parameters("qwen-1.5b"), 28), lora_blocks(-1, model.num_parameters(), 30),
+            lora_blocks(4, 1_500_000_000, 28)) == (14, 0, 4)
     with pytest.raises(ValueError, match="--lora-layers 31: the model has 30 layers"):
         top_layers(base[0], "all-linear", 31)
     with pytest.raises(ValueError, match="no linear module named"):
@@ -280,21 +283,28 @@ needs_llamacpp = pytest.mark.skipif(__import__("importlib").util.find_spec("llam
 
 @needs_llamacpp
 def test_llamacpp_runs_the_adapter_like_peft(trained):
-    """The adapter converted to a GGUF LoRA and applied by llama.cpp to the 4-bit base answers like peft on the
-    fp32 base. Tolerance: the runtimes' logits differ (4-bit kernels vs fp32; the adapter's change to them
-    correlates 0.997 between the two, MODELS.md), so a near tie can break differently: the bar is at least 6 of
-    the 8 trained questions answered identically, and the adapter changing llama.cpp's answers at all."""
+    """The adapter converted to a GGUF LoRA and run by llama.cpp on the quantised base answers like peft on the
+    fp32 base. Tolerance: the runtimes' logits differ (quantised kernels vs fp32; the adapter's change to them
+    correlates 0.997 between the two, MODELS.md), so near ties break differently even without an adapter: on a
+    2-core Xeon with AMX (2026-12-07) the two bases answered 4 of the 8 questions word for word alike, the tuned
+    pair 5, llama.cpp's untuned base against the tuned peft model 0. So the bar: the adapter adds at most one
+    disagreement to the bases' own, and it moves llama.cpp's answers to peft's."""
     from rag.runtime import load_generator
 
     out, _ = trained
     cpp = load_generator("smollm2-135m", 16, adapter=str(out / "adapter"), backend="llamacpp")
     assert cpp.backend == "llamacpp" and list((out / "adapter").glob("adapter-*.gguf"))  # converted, cached
-    hf = load_generator("smollm2-135m", 16, adapter=str(out / "adapter"), backend="transformers")
-    plain = load_generator("smollm2-135m", 16, backend="llamacpp")
     asks = [[{"role": "user", "content": q}] for q, _ in FACTS]
-    a, b = [g.text for g in cpp.chat_batch(asks)], [g.text for g in hf.chat_batch(asks, batch_size=1)]
-    assert sum(x == y for x, y in zip(a, b, strict=True)) >= 6, list(zip(a, b, strict=True))
-    assert a != [g.text for g in plain.chat_batch(asks)]
+
+    def answers(backend, adapter=None, gen=None):
+        gen = gen or load_generator("smollm2-135m", 16, adapter=adapter, backend=backend)
+        return [g.text for g in gen.chat_batch(asks, **({"batch_size": 1} if backend == "transformers" else {}))]
+
+    a, plain = answers("llamacpp", gen=cpp), answers("llamacpp")
+    hf, hf_plain = answers("transformers", str(out / "adapter")), answers("transformers")
+    same = lambda x, y: sum(map(str.__eq__, x, y))  # noqa: E731
+    assert same(a, hf) >= same(plain, hf_plain) - 1, list(zip(a, hf, strict=True))
+    assert same(a, hf) > same(plain, hf), (a, plain)
     # chat_batch decodes in a second llama.cpp context: the adapter applies there as in chat()'s
     assert sum(x == cpp.chat(m).text for x, m in zip(a, asks, strict=True)) >= 7
 
