@@ -100,6 +100,8 @@ def finetune_runs(ds: list[dict]) -> str:
         replay = data.get("general") if data else "-replay-" in Path(d["_path"]).name
         general = "with replay" if replay else "no replay"
         how = (f"{m['steps']} steps, {m['seconds'] / 60:.1f} min" if m else "see the text")
+        if m and m.get("trainable_params"):  # every block's adapters or the top half's (--lora-layers)
+            how += f", {m['trainable_params'] / 1e6:.1f}M LoRA weights"
         when = d.get("run", {}).get("date", "")[5:10]  # runs with the same settings differ by their date
         if sum(o.get("run", {}).get("date", "")[5:10] == when for o in ds) > 1:  # or, the same day, their time
             when += " " + d["run"]["date"][11:16]
@@ -373,6 +375,7 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "compare-1.5b-seeds": ("compare-demo-qwen-1.5b-seeds3-amd.json", seeds),
           "compare-1.5b-self": ("compare-demo-qwen-1.5b-self-seeds3-amd.json", compare),
           "compare-1.5b-self-seeds": ("compare-demo-qwen-1.5b-self-seeds3-amd.json", seeds),
+          "compare-1.5b-halfblocks": ("compare-demo-qwen-1.5b-halfblocks.json", compare),
           "reliability": ("fuzz.json", reliability),
           "injection": ("injection-demo.json", injection),
           "retrieval": ("eval-demo.json", retrieval),

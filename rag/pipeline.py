@@ -223,13 +223,14 @@ class RagPipeline:
         return list(UNCALIBRATED) if self._can_judge else None
 
     def calibration_key(self) -> str:
-        """What a calibrated rule depends on: retrieval settings, and the reader whose judgement it may use (an
+        """What a calibrated rule depends on: retrieval settings, the re-ranker's weights, and the reader whose
+        judgement it may use (an
         adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
         c = self.cfg
         if MODES[self.mode].rerank:  # bf16 scores differ from fp32 ones by up to 0.02: a threshold holds for one
-            from rag.rerank import rerank_precision
+            from rag.rerank import rerank_precision, reranker_stamp
 
-            scorer = f"{c.reranker}:{rerank_precision(c.rerank_precision)}"
+            scorer = f"{c.reranker}@{reranker_stamp(c.reranker)}:{rerank_precision(c.rerank_precision)}"
         else:
             scorer = c.embedder
         from rag.gguf_q8 import model_variant  # a Q8_0 copy judges a little differently from its file

@@ -90,6 +90,25 @@ def test_reranker_scores_relevant_above_irrelevant(tiny_pipeline):
     assert [i for i, _ in ranked] == ["y", "x"] and 0 <= ranked[1][1] <= ranked[0][1] <= 1
 
 
+def test_a_retrained_reranker_voids_the_calibrated_rule(tiny_pipeline, tmp_path):
+    """The rule's key names the re-ranker's weights, not only its name: `train-reranker --force` writes new
+    weights under the same name, and thresholds calibrated on the old scores must not be re-used."""
+    from dataclasses import replace
+
+    from rag.pipeline import RagPipeline
+    from rag.rerank import reranker_stamp
+
+    ce = tmp_path / "ce"
+    ce.mkdir()
+    (ce / "config.json").write_text("{}")  # only read when the model loads, which this test never does
+    (ce / "model.safetensors").write_bytes(b"first weights")
+    pipe = RagPipeline(replace(tiny_pipeline.cfg, reranker=str(ce)), index=tiny_pipeline.index)
+    before = pipe.calibration_key()
+    (ce / "model.safetensors").write_bytes(b"second weights")
+    assert pipe.calibration_key() != before and reranker_stamp(str(ce)) in pipe.calibration_key()
+    assert reranker_stamp("no/such-cross-encoder") == "no/such-cross-encoder"  # a hub id: its name
+
+
 def test_hierarchical_hits_show_the_parent(tmp_path):
     from rag.pipeline import RagConfig, RagPipeline
     from tests.conftest import write_corpus
