@@ -224,8 +224,8 @@ class RagPipeline:
 
     def calibration_key(self) -> str:
         """What a calibrated rule depends on: retrieval settings, the re-ranker's weights, and the reader whose
-        judgement it may use (an
-        adapter's pipeline shares its base model's rule: the comparison gates every system alike)."""
+        judgement it may use (an adapter's pipeline shares its base model's rule: the comparison gates every
+        system alike)."""
         c = self.cfg
         if MODES[self.mode].rerank:  # bf16 scores differ from fp32 ones by up to 0.02: a threshold holds for one
             from rag.rerank import rerank_precision, reranker_stamp
