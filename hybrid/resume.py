@@ -5,13 +5,13 @@ One system's answers to the demo test split take 1-12 minutes on two cores, a wh
 ``SEEDS=3`` twice that; a laptop that sleeps, a Ctrl-C, or a second run with ``--seeds 3`` after the first would
 otherwise start from zero. Each system's scored rows are saved in ``<report folder>/answers/<system>-seed<s>.json``
 when it finishes, under a key of everything its answers depend on: the questions, the system's settings (model,
-backend, answer budget, retrieval settings, the abstention rule in force and the re-ranker's weights it was
-calibrated with, the reader's weights file), the index's
-contents (``rag.store.fingerprint``), the adapter's config and weights, and the source code of ``rag``, ``finetune``
-and ``hybrid`` (any edit, a comment too, asks again: a cached answer must be one today's code would give). A run
-re-uses the rows whose key matches and says so; anything else is answered and saved again. Latency figures in re-used
-rows are those measured when they were answered. Left out on purpose: the context probes and the freshness demo
-(minutes, and they edit a copy of the folder), and partial systems (a system's rows are saved whole).
+backend, answer budget, retrieval settings, the abstention rule in force and the re-ranker weights it was calibrated
+with, the reader's weights file), the index's contents (``rag.store.fingerprint``), the adapter's config and
+weights, and the source code of ``rag``, ``finetune`` and ``hybrid`` (any edit, a comment too, asks again: a cached
+answer must be one today's code would give). A run re-uses the rows whose key matches and says so; anything else is
+answered and saved again. Latency figures in re-used rows are those measured when they were answered. Left out on
+purpose: the context probes and the freshness demo (minutes, and they edit a copy of the folder), and partial
+systems (a system's rows are saved whole).
 """
 
 from __future__ import annotations

@@ -60,9 +60,9 @@ def seed_adapter(root: str | Path, seed: int) -> Path:
     except (FileNotFoundError, json.JSONDecodeError):
         pass
     known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in base.items() if k in known}
     # a config written before --lora-layers existed trained every block; today's default (-1) would halve it
-    cfg = TrainConfig(**{"lora_layers": 0} | {k: v for k, v in base.items() if k in known} | {"output_dir": str(out),
-                                                                        "seed": base["seed"] + seed})
+    cfg = TrainConfig(**{"lora_layers": 0} | saved | {"output_dir": str(out), "seed": base["seed"] + seed})
     log.info("--seeds: training %s with seed %d (same data and config as %s)", out, cfg.seed, root)
     run = train(cfg, load_data(str(data)))
     del run
