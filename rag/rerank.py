@@ -12,7 +12,6 @@ train-reranker`` builds (rag/train_reranker.py); any CrossEncoder path or hub id
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -36,23 +35,17 @@ def rerank_precision(choice: str = "auto") -> str:
 
 
 def reranker_stamp(name: str) -> str:
-    """A digest of a local cross-encoder's weights, or the name itself for a hub id or a missing model: `python -m
-    rag train-reranker --force` writes new weights under the same name, and a rule calibrated on the old model's
-    scores, or answers given behind it, do not hold for the new one (two trainings of the same config on one
-    2-core Xeon, 2026-12-07, scored a demo pair 0.077 / 0.076 and 0.087 / 0.135)."""
+    """A key of a local cross-encoder's weight files (path, size, modification time, as the ONNX and GGUF caches
+    key theirs), or the name itself for a hub id or a missing model: `python -m rag train-reranker --force` writes
+    new weights under the same name, and a rule calibrated on the old model's scores, or answers given behind it,
+    do not hold for the new one (two trainings of the same config on one 2-core Xeon, 2026-12-07, scored a demo
+    pair 0.077 / 0.076 and 0.087 / 0.135)."""
     try:
         files = [f for pat in ("*.safetensors", "*.bin") for f in sorted(Path(reranker_path(name)).glob(pat))]
     except ModelNotFound:
         return name
-    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)) if files else name
-
-
-@functools.cache
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:  # keyed by path, size and mtime: hashed once
-    h = hashlib.sha256()
-    for path, _, _ in files:
-        h.update(Path(path).read_bytes())
-    return h.hexdigest()[:16]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if files else name
 
 
 def load_reranker(name: str, max_length: int = 256, precision: str = "auto"):
