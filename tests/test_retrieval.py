@@ -81,13 +81,44 @@ def test_dense_finds_paraphrase_that_bm25_misses(tiny_pipeline):
     assert tiny_pipeline.ranked(q, mode="dense", k=1)[0][0].doc_id == "history.md"
 
 
+# (question, a passage that answers it, an unrelated one)
+RERANK_TRIPLES = [
+    ("How long is the return window?", "Customers may return a device within 45 days of delivery.",
+     "Lawns need about 25 millimetres of water per week."),
+    ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.",
+     "The museum opens at nine on weekdays."),
+    ("Who wrote the novel Pride and Prejudice?", "Pride and Prejudice is an 1813 novel by Jane Austen.",
+     "Copper is a good conductor of electricity."),
+    ("How much does the extended warranty cost?", "An extended warranty costs 49 euros per year.",
+     "The river floods every spring after the snow melts."),
+    ("When was the bridge opened?", "The bridge opened to traffic in 1932 after six years of construction.",
+     "Tomatoes need full sun and regular watering."),
+    ("What is the maximum upload size?", "Files larger than 20 MB cannot be uploaded.",
+     "The committee meets on the first Monday of each month."),
+    ("How do I reset my password?", "To reset your password, open Settings and choose Forgot password.",
+     "The train to Lyon leaves from platform 4."),
+    ("What is the capital of Australia?", "Canberra is the capital city of Australia.",
+     "Bananas are rich in potassium."),
+    ("How many vacation days do employees get?", "Full-time employees receive 25 days of paid vacation a year.",
+     "The printer on floor two uses A4 paper."),
+    ("What voltage does the charger accept?", "The charger accepts 100 to 240 volts AC input.",
+     "Owls hunt mostly at night."),
+]
+
+
 def test_reranker_scores_relevant_above_irrelevant(tiny_pipeline):
+    """Nine of ten, not every one: `make setup` trains the re-ranker on each machine and the training is not
+    repeatable (three trainings of one config, three models); one of them tied the first pair (0.077 / 0.077) and
+    won the other nine, and on 200 fitz-gov test queries it ranked as well as the others. An untrained head (about
+    half right) passes nine of ten about 1% of the time."""
     from rag.rerank import rerank
 
-    ranked = rerank(tiny_pipeline.reranker, "How long is the return window?",
-                    [("x", "Lawns need about 25 millimetres of water per week."),
-                     ("y", "Customers may return a device within 45 days of delivery.")])
-    assert [i for i, _ in ranked] == ["y", "x"] and 0 <= ranked[1][1] <= ranked[0][1] <= 1
+    won = 0
+    for question, answer, unrelated in RERANK_TRIPLES:
+        ranked = rerank(tiny_pipeline.reranker, question, [("x", unrelated), ("y", answer)])
+        assert 0 <= ranked[1][1] <= ranked[0][1] <= 1
+        won += ranked[0][0] == "y" and ranked[0][1] > ranked[1][1]
+    assert won >= 9, f"the re-ranker put the answering passage first for {won} of {len(RERANK_TRIPLES)} questions"
 
 
 def test_a_retrained_reranker_voids_the_calibrated_rule(tiny_pipeline, tmp_path):
