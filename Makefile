@@ -55,10 +55,11 @@ $(VENV)/.installed: pyproject.toml
 # must pass a test generation; if the AMX build does not, it is built again without AMX, and if nothing works
 # openbook generates with transformers, much more slowly, and says so. The multimodal library is left out.
 # -DGGML_OPENMP=OFF: ggml's own thread pool instead of OpenMP. torch loads its own libgomp.so.1 under the same name,
-# so with OpenMP llama.cpp and torch share one runtime; once torch (the embedder, the re-ranker) has run threads from
-# another thread, libgomp counts more threads than cores and stops spinning between parallel regions, and llama.cpp
-# decoded a token of the 1.5B in ~95 ms instead of ~68 (this VM, 2026-12-07); with ggml's pool ten demo RAG
-# answers after their judgements took 20.8 s instead of 26.9.
+# so with OpenMP llama.cpp and torch share one runtime; once two threads have started parallel work in it (torch on
+# the main thread, llama.cpp on its own), libgomp counts more threads than cores and stops spinning between parallel
+# regions, and llama.cpp decoded a token of the 1.5B in ~95 ms instead of ~68 (this VM, 2026-12-07); with ggml's
+# pool ten demo RAG answers after their judgements took 20.8 s instead of 25.5-26.9 (README, "llama.cpp without
+# OpenMP").
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_CMAKE   := -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF
 LLAMACPP_WHEELS  ?= $(HOME)/.cache/openbook/wheels
