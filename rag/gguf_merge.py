@@ -18,12 +18,12 @@ lose most of what a small LoRA changed. ``OPENBOOK_LORA_MERGE=0`` applies the ad
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 from rag.config import UserError
+from rag.models import file_stamp
 
 log = logging.getLogger(__name__)
 ENV = "OPENBOOK_LORA_MERGE"
@@ -47,9 +47,7 @@ def merged_path(base: str, lora: str) -> str | None:
     if not wanted() or file_type(base) != Q8_0:
         return None
     src, lora_p = Path(base), Path(lora)
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = lora_p.with_name(f"{lora_p.stem}.merged-{key}.gguf")
+    out = lora_p.with_name(f"{lora_p.stem}.merged-{file_stamp(src)}.gguf")
     if out.exists():
         return str(out)
     tmp = out.with_name(f"{out.name}.part-{os.getpid()}")

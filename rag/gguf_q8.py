@@ -25,13 +25,12 @@ every CPU; ``=1`` makes the copy on any.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 from rag.config import UserError
-from rag.models import cache_dir, gguf_path
+from rag.models import cache_dir, file_stamp, gguf_path
 
 log = logging.getLogger(__name__)
 ENV = "OPENBOOK_GGUF_Q8"
@@ -110,9 +109,8 @@ def runnable(path: str, threads: int | None = None) -> str:
         return path
     import llama_cpp
 
-    src, stat = Path(path), Path(path).stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = cache_dir() / "gguf" / f"{src.stem}.q8_0-{key}.gguf"
+    src = Path(path)
+    out = cache_dir() / "gguf" / f"{src.stem}.q8_0-{file_stamp(src)}.gguf"
     if out.exists():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)

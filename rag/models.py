@@ -38,6 +38,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPENBOOK_CACHE", Path.home() / ".cache" / "openbook"))
 
 
+def file_stamp(path: str | Path, length: int = 10) -> str:
+    """A cache key for a file made from it: its resolved path, size and modification time (hashing gigabytes of
+    weights would cost more than the copy it keys). A rewrite in place changes the time, a copy elsewhere the path."""
+    p = Path(path)
+    stat = p.stat()
+    return hashlib.sha256(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:length]
+
+
 def pick_device() -> str:
     """The device models run on: cuda › mps › cpu (a GPU is used when present, never required)."""
     import torch

@@ -12,10 +12,9 @@ train-reranker`` builds (rag/train_reranker.py); any CrossEncoder path or hub id
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from rag.models import ModelNotFound, not_local, pick_device, reranker_path
+from rag.models import ModelNotFound, file_stamp, not_local, pick_device, reranker_path
 
 _LOADED: dict[tuple[str, str], object] = {}
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,8 +43,7 @@ def reranker_stamp(name: str) -> str:
         files = [f for pat in ("*.safetensors", "*.bin") for f in sorted(Path(reranker_path(name)).glob(pat))]
     except ModelNotFound:
         return name
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16] if files else name
+    return "-".join(file_stamp(f, 16) for f in files) or name
 
 
 def load_reranker(name: str, max_length: int = 256, precision: str = "auto"):
