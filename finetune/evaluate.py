@@ -189,7 +189,7 @@ def evaluate_model(gen: Generator, cfg: EvalConfig, sets: dict[str, list[dict]],
     if cfg.probes and Path(cfg.probes).exists():
         probes = load_jsonl(cfg.probes)
         replies = [g.text for g in gen.chat_batch([[{"role": "user", "content": p["prompt"]}] for p in probes],
-                                                  cfg.max_new_tokens)]
+                                                  cfg.max_new_tokens, desc="general probes" if progress else "")]
         passed = [probe_passes(r, p) for r, p in zip(replies, probes, strict=True)]
         by_skill: dict[str, list[bool]] = {}
         for p, ok in zip(probes, passed, strict=True):

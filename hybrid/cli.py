@@ -19,7 +19,7 @@ from pathlib import Path
 from finetune import distributed as D
 from finetune import train as T
 from hybrid import report
-from hybrid.compare import compare
+from hybrid.compare import compare, finetune_probes, raft_probes
 from hybrid.demo import UiConfig
 from hybrid.raft import ANSWER_TOKENS, RAFT_LORA, RaftConfig, build_raft
 from hybrid.serve import ServeConfig
@@ -75,6 +75,13 @@ def cmd_train(args) -> int:
             print(f"llama.cpp will run {path}" + (f" with the LoRA {lora}" if lora else ""))
         except AdapterError as e:  # the adapter is trained and saved; transformers can still run it
             log.warning("%s", e)
+    # forgetting, as `make finetune` reports its adapter's: the comparison then reads it from <raft>/probes.json
+    ccfg = CompareConfig(docs=rcfg.docs, model=rcfg.model, store=rcfg.store, store_url=rcfg.store_url)
+    base_acc, _ = finetune_probes(ccfg)
+    probes = raft_probes(ccfg, base_acc, progress=True)
+    if probes:
+        print(f"general probes (forgetting): base {probes['base']:.2f}, RAFT adapter {probes['tuned']:.2f} "
+              f"({probes['change']:+.2f}); saved in {Path(ccfg.raft) / 'probes.json'}")
     return 0
 
 

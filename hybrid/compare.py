@@ -210,24 +210,34 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
 
 def forgetting(cfg: CompareConfig, systems) -> dict:
     """General-probe accuracy change (tuned − base): the closed-book adapter's from ``make finetune``'s report,
-    the RAFT adapter's measured here (``raft_probe_change``); 0 for the untouched base model by construction."""
-    report = report_path(cfg.docs, cfg.model)
+    the RAFT adapter's from ``make hybrid`` (``raft_probes``, measured here if that left none); 0 for the
+    untouched base model by construction."""
     out = {s: 0.0 for s in ("base", "rag") if s in systems}
-    base_acc = None
-    if report.exists():
-        r = json.loads(report.read_text())
-        if r.get("tuned", {}).get("probes"):
-            base_acc = r["base"]["probes"]["accuracy"]
-            drop = round(r["tuned"]["probes"]["accuracy"] - base_acc, 4)
-            out |= {s: drop for s in ("finetuned", "finetuned+rag") if s in systems}
+    base_acc, tuned_acc = finetune_probes(cfg)
+    if base_acc is not None:
+        out |= {s: round(tuned_acc - base_acc, 4) for s in ("finetuned", "finetuned+rag") if s in systems}
     if "hybrid" in systems:
-        out["hybrid"] = raft_probe_change(cfg, base_acc)
+        measured = raft_probes(cfg, base_acc)
+        out["hybrid"] = measured["change"] if measured else None
     return out
 
 
-def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | None:
-    """The RAFT adapter's general-probe accuracy minus the base model's (the same probes ``finetune eval`` asks),
-    cached in ``<raft>/probes.json`` for as long as the adapter's metrics.json is unchanged."""
+def finetune_probes(cfg: CompareConfig) -> tuple[float | None, float | None]:
+    """The base and closed-book adapter's general-probe accuracy from ``make finetune``'s report (None, None
+    without one)."""
+    report = report_path(cfg.docs, cfg.model)
+    if report.exists():
+        r = json.loads(report.read_text())
+        if r.get("tuned", {}).get("probes"):
+            return r["base"]["probes"]["accuracy"], r["tuned"]["probes"]["accuracy"]
+    return None, None
+
+
+def raft_probes(cfg: CompareConfig, base_acc: float | None, progress: bool = False) -> dict | None:
+    """The RAFT adapter's general-probe accuracy beside the base model's (the same probes ``finetune eval``
+    asks): ``{"base", "tuned", "change"}``, cached in ``<raft>/probes.json`` for as long as the adapter's
+    metrics.json is unchanged. ``make hybrid`` measures it after training, as ``make finetune`` does for its
+    adapter, so the comparison reads it (~40 s of the 1.5B's time)."""
     from finetune.evaluate import EvalConfig, evaluate_model
 
     root = Path(cfg.raft)
@@ -236,15 +246,17 @@ def raft_probe_change(cfg: CompareConfig, base_acc: float | None) -> float | Non
     stamp, cache = (root / "metrics.json").read_text(), root / "probes.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("stamp") == stamp:
-        return cached["change"]
+        return cached
     ecfg = EvalConfig(docs=cfg.docs, model=cfg.model, general_text="")
 
     def accuracy(adapter: str | None) -> float:
         gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter, backend=cfg.backend)  # as its RAG arms
-        return evaluate_model(gen, ecfg, {}, progress=False)["probes"]["accuracy"]
+        return evaluate_model(gen, ecfg, {}, progress=progress)["probes"]["accuracy"]
 
     base = accuracy(None) if base_acc is None else base_acc
     tuned = accuracy(str(adapter_dir(root)))
-    change = round(tuned - base, 4)
-    cache.write_text(json.dumps({"stamp": stamp, "base": base, "tuned": tuned, "change": change}))
-    return change
+    measured = {"stamp": stamp, "base": base, "tuned": tuned, "change": round(tuned - base, 4)}
+    tmp = cache.with_suffix(".tmp")  # written whole or not at all: a torn file would stop every later compare
+    tmp.write_text(json.dumps(measured))
+    tmp.replace(cache)
+    return measured

@@ -13,9 +13,10 @@ makes the answer after the judgement nearly free: both share the system prompt, 
 decoding one token at a time is compute-bound on a CPU (the 4-bit weights are unpacked for every token), and a step
 for 16 sequences unpacks them once, so closed-book replies of the 1.5B came 2.2x (8 together) to 2.9x (32) faster
 here; greedy, so the replies are chat()'s but for near-ties the batched kernels break the other way (14 of 16 and
-29 of 32 identical). The prompts' common start is read once a batch and copied to every sequence. Left out on
-purpose: GPU offload (transformers or a served model cover GPUs) and batching the answers of a model that judged
-its own passages (each re-uses its judgement's cached prompt in the main context, and reading that prompt dominates).
+29 of 32 identical). The prompts' common start is read once a batch and copied to every sequence. A model that
+judges its own passages does so there too (``judge_answer_batch``): each sequence reads its judgement prompt, and
+those that pass go on to the answer turn and decode together. Left out on purpose: GPU offload (transformers or a
+served model cover GPUs).
 A peft adapter is converted to a GGUF LoRA (rag/gguf_lora.py); on a Q8_0 base it is merged into a copy of the
 weights (rag/gguf_merge.py), else llama.cpp applies it at run time.
 """
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from rag.generate import NO, SAMPLING, YES, Generation, Generator, StreamCut, yes_no_logodds
+from rag.generate import ANSWER_STOP, NO, SAMPLING, YES, Generation, Generator, StreamCut, yes_no_logodds
 from rag.gguf_q8 import runnable
 from rag.models import SMALL_GENERATOR, ModelNotFound, gguf_path
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 N_CTX = 4096  # prompt + answer tokens; k=3 demo prompts are ~500-900 tokens, and the KV cache costs ~0.1 GB
 # on the 2-core AMD EPYC (no AMX) 32 gained nothing: 64 closed-book questions 55.3 s at 16, 55.5 s at 32
 PARALLEL = 16  # replies chat_batch decodes together (8: 2.2x, 16: 2.5x, 32: 2.9x one at a time, 1.5B, 2 cores)
+MIN_COPY = 16  # tokens a prompt must share with an earlier one of its group beyond the common start to copy it
 SEQ_CTX = 1024  # tokens each of them may hold (prompt + reply; ~0.5 GB of KV cache for 16 on the 1.5B); longer
 # prompts go one at a time through the main context (1 of 16 demo RAG prompts, 680-975 tokens, with 64 reply tokens)
 
@@ -261,6 +263,7 @@ class LlamaCppGenerator(Generator):
             for i in sorted(set(range(len(prompts))) - set(fits)):
                 out[i] = self._decode(prompts[i], max_new, stop, None)
                 bar.update()
+            fits.sort(key=lambda i: prompts[i])  # neighbours share passages: read once a group (_decode_together)
             for start in range(0, len(fits), PARALLEL):
                 group = fits[start:start + PARALLEL]
                 for i, g in zip(group, self._decode_together([prompts[i] for i in group], max_new, stop),
@@ -291,17 +294,57 @@ class LlamaCppGenerator(Generator):
             self._together = (ctx, batch)
         return self._together
 
-    def _decode_together(self, prompts: list[list[int]], max_new: int, stop: tuple[str, ...]) -> list[Generation]:
-        """Greedy replies to ``prompts`` (≤ ``PARALLEL``, each fitting ``SEQ_CTX``), one sequence per prompt."""
+    def judge_answer_batch(self, asks: list[tuple[str, list[tuple[str, str]]]], passes: Callable[[int, float], bool],
+                           desc: str = "") -> list[tuple[float, float, Generation | None]]:
+        """``Generator.judge_answer_batch`` ``PARALLEL`` questions at a time: each sequence reads its judgement
+        prompt, and those that pass read on to the answer turn (a few dozen tokens: the judgement's KV stays) and
+        reply together; the seconds are then each group's judging time divided by its size. A prompt too long for
+        a sequence (``SEQ_CTX``) goes one at a time through the main context."""
+        judge_prompts = [self.tokens(self.judge_prompt(q, srcs)) for q, srcs in asks]
+        prompts = [self.tokens(self.prompt(q, srcs)) for q, srcs in asks]
+        fits = sorted((i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= SEQ_CTX),
+                      key=lambda i: judge_prompts[i])  # neighbours share passages (_decode_together)
+        alone = sorted(set(range(len(asks))) - set(fits))
+        out: list = [None] * len(asks)
+        with tqdm(total=len(asks), desc=desc, disable=not desc, unit="question") as bar:
+            for i, row in zip(alone, super().judge_answer_batch([asks[i] for i in alone],
+                                                                lambda j, odds: passes(alone[j], odds)), strict=True):
+                out[i] = row
+                bar.update()
+
+            def groups() -> None:
+                for start in range(0, len(fits), PARALLEL):
+                    group = fits[start:start + PARALLEL]
+                    gens, odds, seconds = self._decode_together(
+                        [prompts[i] for i in group], self.max_new_tokens, ANSWER_STOP,
+                        judge=([judge_prompts[i] for i in group], lambda s, v, group=group: passes(group[s], v)))
+                    for s, i in enumerate(group):
+                        out[i] = (odds[s], seconds, gens[s])
+                    bar.update(len(group))
+
+            on_llama_thread(groups)
+        return out
+
+    def _decode_together(self, prompts: list[list[int]], max_new: int, stop: tuple[str, ...],
+                         judge: tuple[list[list[int]], Callable[[int, float], bool]] | None = None):
+        """Greedy replies to ``prompts`` (≤ ``PARALLEL``, each fitting ``SEQ_CTX``), one sequence per prompt.
+
+        ``judge``: (judgement prompts, ``passes``): each sequence first reads its judgement prompt, and only those
+        whose yes/no log-odds ``passes(sequence, log_odds)`` go on from the tokens both prompts share to the rest of
+        their answer prompt; then (replies, None for one that did not pass; the log-odds; judging seconds a
+        sequence)."""
         import llama_cpp
         import numpy as np
 
         t0 = time.perf_counter()
         ctx, batch = self._parallel_context()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+        mem = llama_cpp.llama_get_memory(ctx.ctx)
+        llama_cpp.llama_memory_clear(mem, True)
         b, n_vocab = batch.batch, self.llm.n_vocab()
         nxt: list[int] = [0] * len(prompts)
+        odds: list[float] = [0.0] * len(prompts)
         wants: list[tuple[int, int]] = []  # (sequence, its row in the batch) whose next token the batch gives
+        judging = judge is not None
 
         def add(token: int, pos: int, seq: int, last: bool) -> None:
             n = b.n_tokens
@@ -315,8 +358,11 @@ class LlamaCppGenerator(Generator):
                 return
             ctx.decode(batch)
             for seq, row in wants:
-                logits = llama_cpp.llama_get_logits_ith(ctx.ctx, row)
-                nxt[seq] = int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, row), shape=(n_vocab,))
+                if judging:
+                    odds[seq] = yes_no_logodds(logits, self.yes_no_ids)
+                else:
+                    nxt[seq] = int(np.argmax(logits))
             wants.clear()
             b.n_tokens = 0
 
@@ -329,30 +375,52 @@ class LlamaCppGenerator(Generator):
         # the start every prompt shares (system prompt, worked example: 200 of ~800 demo RAG tokens) is read once, as
         # sequence 0, and its KV stream copied to the others; each then reads the rest of its own prompt (at least
         # its last token, whose logits give the first reply token)
-        shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+        first = judge[0] if judge else prompts
+        shared = min(len(os.path.commonprefix(first)), min(map(len, first)) - 1) if len(first) > 1 else 0
         b.n_tokens = 0
         if shared:
-            read(0, prompts[0], 0, shared)
+            read(0, first[0], 0, shared)
             run()
-            mem = llama_cpp.llama_get_memory(ctx.ctx)
-            for seq in range(1, len(prompts)):
+            for seq in range(1, len(first)):
                 llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)  # one stream per sequence: a whole-stream copy
-        for seq, prompt in enumerate(prompts):
-            read(seq, prompt, shared, len(prompt))
+        for seq, prompt in enumerate(first):
+            # a prompt that shares more with an earlier one of the group (the same first passages: prompts come
+            # sorted) starts from a copy of that one's stream and reads on from where the two part
+            near, common = max(((i, len(os.path.commonprefix([first[i], prompt]))) for i in range(seq)),
+                               key=lambda x: x[1], default=(0, 0))
+            start = shared
+            if min(common, len(prompt) - 1) >= shared + MIN_COPY:
+                start = min(common, len(prompt) - 1)
+                llama_cpp.llama_memory_seq_cp(mem, near, seq, -1, -1)
+                llama_cpp.llama_memory_seq_rm(mem, seq, start, -1)
+            read(seq, prompt, start, len(prompt))
             # each sequence's rest in batches of its own: with one KV stream per sequence llama.cpp cuts a batch of
             # several into equal-length pieces (one group of 16 demo prompts: 170 vs 177 prompt tokens/s; a whole
             # RAG arm of make compare: 307 vs 311 s, no measurable gain)
             run()
+        active, judged_s, t1 = list(range(len(prompts))), 0.0, t0
+        if judge:
+            t1 = time.perf_counter()
+            judging, judged_s = False, (t1 - t0) / len(prompts)
+            active = [seq for seq in active if judge[1](seq, odds[seq])]
+            for seq in active:  # the judgement's tokens stay; its answer turn is read from where the prompts part
+                keep = min(len(os.path.commonprefix([first[seq], prompts[seq]])), len(prompts[seq]) - 1)
+                llama_cpp.llama_memory_seq_rm(mem, seq, keep, -1)
+                read(seq, prompts[seq], keep, len(prompts[seq]))
+                run()
         cuts, ids = [StreamCut(stop) for _ in prompts], [[] for _ in prompts]
-        active = list(range(len(prompts)))
+        answering = list(active)
         while active:
             active = [seq for seq in active if self._take(nxt[seq], ids[seq], cuts[seq], max_new)]
             for seq in active:
                 add(nxt[seq], len(prompts[seq]) + len(ids[seq]) - 1, seq, True)
             if active:
                 run()
-        share = (time.perf_counter() - t0) / len(prompts)
-        return [Generation(c.text, len(p), len(i), share) for c, p, i in zip(cuts, prompts, ids, strict=True)]
+        # replies' seconds: the group's time divided by its size (with a judgement first, the answering ones')
+        share = (time.perf_counter() - t1) / max(len(answering), 1)
+        gens = [Generation(c.text, len(p), len(i), share) if seq in answering else None
+                for seq, (c, p, i) in enumerate(zip(cuts, prompts, ids, strict=True))]
+        return (gens, odds, judged_s) if judge else gens
 
     def _yes_logodds(self, messages: list[dict]) -> float:
         import numpy as np

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -240,6 +241,21 @@ class Generator:
         """``answer`` for many ``(question, sources)`` pairs (padded batches on transformers; see ``chat_batch``)."""
         return self.chat_batch([self.prompt(q, sources) for q, sources in asks], batch_size=batch_size, desc=desc,
                                stop=ANSWER_STOP)
+
+    def judge_answer_batch(self, asks: list[tuple[str, list[tuple[str, str]]]], passes: Callable[[int, float], bool],
+                           desc: str = "") -> list[tuple[float, float, Generation | None]]:
+        """``judge``, then ``answer`` where ``passes(i, log_odds)``, for each ``(question, sources)`` of ``asks``:
+        (log-odds, seconds judging, the answer or None). Here one question after another, each answer re-using its
+        judgement's cached prompt; llama.cpp does up to ``PARALLEL`` at once."""
+        from tqdm import tqdm
+
+        out = []
+        for i, (question, srcs) in enumerate(tqdm(asks, desc=desc, disable=not desc, unit="question")):
+            t0 = time.perf_counter()
+            odds = self.judge(question, srcs)
+            seconds = time.perf_counter() - t0
+            out.append((odds, seconds, self.answer(question, srcs) if passes(i, odds) else None))
+        return out
 
     # --- implemented by the backends ---
     def chat(self, messages: list[dict], on_token: Callable[[str], None] | None = None,

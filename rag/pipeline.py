@@ -318,24 +318,30 @@ class RagPipeline:
             signals["rerank"] = max(ce.values())
         return Ranking(hits, timings, signals)
 
-    def _gate(self, question: str, ranked: Ranking, rule: Rule | None) -> Gate:
+    def _gate(self, question: str, ranked: Ranking, rule: Rule | None, defer_judge: bool = False) -> Gate:
         """Passages, timings and signals for a question; an abstaining Answer when a signal of ``rule`` (read once
         per call of answer or answer_batch) is below its threshold. The reader's judgement is asked only when the
-        rule uses it, and only once the retrieval signals have passed."""
+        rule uses it, and only once the retrieval signals have passed; ``defer_judge``: not asked here (the
+        caller asks it with the answer, ``Generator.judge_answer_batch``), only the retrieval signals gate."""
         hits, timings, signals = ranked
         hits, timings, signals = hits[: self.cfg.k], dict(timings), dict(signals)
+        asked = [(n, t) for n, t in rule or [] if n != "judge"] if defer_judge and "judge" not in signals else rule
         try:
-            failed = not hits or below(rule, signals, timings, judge=lambda: self.judge(question, hits))
+            failed = not hits or below(asked, signals, timings, judge=lambda: self.judge(question, hits))
         except JudgeUnavailable as e:
             if rule != UNCALIBRATED or self.cfg.abstain != "calibrated":
                 raise  # a rule the user or the calibration chose needs the judgement
             log.warning("%s; without a calibrated rule openbook answers every question", e)
             self._can_judge, failed = False, not hits
         if failed:
-            timings["generate"] = 0.0
-            return Gate(hits, timings, signals, Answer(question, IDK, True, "low-confidence", hits, [], False,
-                                                       confidence(rule, signals), timings, signals))
+            return Gate(hits, timings, signals, self._refused(question, hits, timings, signals, rule))
         return Gate(hits, timings, signals, None)
+
+    @staticmethod
+    def _refused(question: str, hits: list[Hit], timings: dict, signals: dict, rule: Rule | None) -> Answer:
+        timings["generate"] = 0.0
+        return Answer(question, IDK, True, "low-confidence", hits, [], False, confidence(rule, signals), timings,
+                      signals)
 
     @staticmethod
     def _finish(question: str, hits: list[Hit], timings: dict, signals: dict, rule: Rule | None, gen) -> Answer:
@@ -365,22 +371,36 @@ class RagPipeline:
         CPU, where reading ~460 prompt tokens dominates (81 demo answers took 1.4 s each in batches of 8, against
         a p50 of 2.1-2.7 s one at a time); each answer's generate time is then its batch's time divided by the
         batch size, which is throughput, not the latency one user would see. On llama.cpp a model that judges its
-        own passages answers one question at a time, re-using the judgement's cached prompt; an adapter (judged by
-        the base model) and a model gated by a rule without the judgement answer in ``chat_batch``'s groups, which
-        read the prompts' common start once and decode together.
+        own passages judges up to 16 questions together and answers those that pass in the same sequences
+        (``judge_answer_batch``: the answer turn re-uses the judgement's prompt); an adapter (judged by the base
+        model) and a model gated by a rule without the judgement answer in ``chat_batch``'s groups, which read the
+        prompts' common start once and decode together.
         """
         rule = self.rule()
-        # an adapter is judged by the base model, and a rule without the judgement asks none: nothing to re-use
-        together = self.generator.backend == "transformers" or (self.generator.backend == "llamacpp" and (
-            bool(self.cfg.adapter) or not any(n == "judge" for n, _ in rule or [])))
-        if not together:
+        backend = self.generator.backend
+        if backend not in ("transformers", "llamacpp"):  # a served model: one request at a time
             return [self.answer(q, ranked=r) for q, r in tqdm(list(zip(questions, rankeds, strict=True)),
                                                                desc=desc, disable=not desc)]
-        gated = [self._gate(q, r, rule) for q, r in zip(questions, rankeds, strict=True)]
-        todo = [i for i, g in enumerate(gated) if g.early is None]
-        gens = self.generator.answer_batch([(questions[i], sources(gated[i].hits)) for i in todo],
-                                           batch_size=batch_size, desc=desc)
+        # on llama.cpp a model that judges its own passages judges and answers in one pass (an adapter is judged
+        # by the base model, a rule without the judgement asks none: those judge here, if at all, and answer below)
+        own = backend == "llamacpp" and not self.cfg.adapter and any(n == "judge" for n, _ in rule or [])
+        gated = [self._gate(q, r, rule, defer_judge=own) for q, r in zip(questions, rankeds, strict=True)]
         out = [g.early for g in gated]
+        later = [i for i, g in enumerate(gated) if g.early is None and own and "judge" not in g.signals]
+        if later:
+            def passes(j: int, odds: float) -> bool:
+                return not below(rule, gated[later[j]].signals | {"judge": odds}, {}, judge=lambda: odds)
+
+            asks = [(questions[i], sources(gated[i].hits)) for i in later]
+            for i, (odds, seconds, gen) in zip(later, self.generator.judge_answer_batch(asks, passes, desc=desc),
+                                               strict=True):
+                g = gated[i]
+                g.signals["judge"], g.timings["judge"] = odds, seconds
+                out[i] = (self._finish(questions[i], g.hits, g.timings, g.signals, rule, gen) if gen else
+                          self._refused(questions[i], g.hits, g.timings, g.signals, rule))
+        todo = [i for i, g in enumerate(gated) if g.early is None and i not in later]
+        gens = self.generator.answer_batch([(questions[i], sources(gated[i].hits)) for i in todo],
+                                           batch_size=batch_size, desc=desc) if todo else []
         for i, gen in zip(todo, gens, strict=True):
             g = gated[i]
             out[i] = self._finish(questions[i], g.hits, g.timings, g.signals, rule, gen)

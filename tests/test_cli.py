@@ -103,6 +103,28 @@ def test_answers_batch_on_llamacpp_when_the_rule_asks_no_judgement(tiny_pipeline
     assert batched[1].abstained and not batched[0].abstained
 
 
+def test_a_reader_that_judges_its_passages_judges_and_answers_a_batch_together(tiny_pipeline):
+    """With the reader's judgement in the rule, llama.cpp judges a batch of questions together and answers those
+    that pass in the same sequences: each question's judgement as one at a time (within the batched kernels'
+    tolerance), the same refusals, and answer()'s answers for most."""
+    from dataclasses import replace
+
+    from rag.pipeline import RagPipeline
+
+    pipe = RagPipeline(replace(tiny_pipeline.cfg, abstain="judge<0"), tiny_pipeline.index)
+    pipe._reranker = tiny_pipeline.reranker
+    qs = ["How many days do I have to return a device?", "Who won the 1998 football world cup?",
+          "When does the Ghent office open?", "What is the capital of Peru?"]
+    rankeds = [pipe.ranked(q) for q in qs]
+    batched = pipe.answer_batch(qs, rankeds)
+    one = [pipe.answer(q, ranked=r) for q, r in zip(qs, rankeds, strict=True)]
+    assert [a.signals["judge"] for a in batched] == pytest.approx([a.signals["judge"] for a in one], abs=0.05)
+    assert all("judge" in a.timings and "judge" not in r.signals for a, r in zip(batched, rankeds, strict=True))
+    assert [a.abstained for a in batched] == [a.abstained for a in one]
+    assert [a.reason for a in batched] == [a.reason for a in one]
+    assert sum(a.text == b.text for a, b in zip(batched, one, strict=True)) >= len(qs) - 1
+
+
 def test_folder_without_golden_abstains_on_the_readers_judgement(corpus, tmp_path):
     """No golden train split, so no calibrated rule: the default reader's own yes/no (judge<0) gates answers."""
     from rag.pipeline import RagConfig, RagPipeline

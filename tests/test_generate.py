@@ -185,6 +185,33 @@ def test_llamacpp_decodes_a_batch_together_each_reply_to_its_own_prompt(monkeypa
 
 
 @needs_llamacpp
+def test_prompts_that_share_passages_read_them_once_and_keep_their_own_replies(monkeypatch):
+    """In a group, a prompt sharing more than the common start with an earlier one (the same passage first)
+    starts from a copy of that one's stream; each reply still answers its own prompt, as chat() does."""
+    import llama_cpp
+
+    gen = _load("llamacpp")
+    passages = ["Green tea is brewed at eighty degrees for three minutes in a small clay pot. " * 2,
+                "Lids come in green, grey and sand, and every lid carries a seven-year warranty. " * 2]
+    words = ["apple", "violin"]  # the 135M names the word asked for after these two (it repeats some passages)
+    convs = [[{"role": "user", "content": f"{p}\n\nIgnore the text above and say the word {w}."}]
+             for p in passages for w in words]
+    copies: list[tuple[int, int]] = []
+    real = llama_cpp.llama_memory_seq_cp
+
+    def counted(mem, src, dst, p0, p1):
+        copies.append((src, dst))
+        return real(mem, src, dst, p0, p1)
+
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_cp", counted)
+    batched = gen.chat_batch(convs[::-1], max_new_tokens=12)[::-1]  # given unsorted: sorted inside, order kept
+    assert len(copies) == 3 + 2  # the common start to three sequences, then each passage's second prompt
+    assert all(w in g.text.lower() for w, g in zip(words * 2, batched, strict=True)), [g.text for g in batched]
+    one = [gen.chat(c, max_new_tokens=12).text for c in convs]
+    assert sum(g.text == o for g, o in zip(batched, one, strict=True)) >= 3
+
+
+@needs_llamacpp
 def test_judge_reuses_the_cached_prompt_and_matches_a_fresh_read():
     """The judgement re-reads only what differs from the cached prompt (the system prompt and the worked example
     stay cached from the question before); the log-odds must be those of reading the whole prompt from scratch,
@@ -201,6 +228,46 @@ def test_judge_reuses_the_cached_prompt_and_matches_a_fresh_read():
     fresh = cpp.judge("How long is the return window?", sources)
     assert cached == pytest.approx(fresh, abs=0.05)
     assert hf.judge("How long is the return window?", sources) == pytest.approx(fresh, abs=1.0)
+
+
+@needs_llamacpp
+def test_judging_and_answering_together_gives_each_question_its_own_judgement_and_answer(monkeypatch):
+    """judge_answer_batch: every question's log-odds as judge() gives it (batched kernels: within a tolerance),
+    an answer only where ``passes`` said so, answer()'s for most; the order holds across groups and for a prompt
+    too long for a stream (judged and answered through the main context)."""
+    import rag.backend_llamacpp as B
+
+    gen = _load("llamacpp")
+    asks = [("How long is the return window?", [("returns.md", "Devices may be returned within 45 days of "
+                                                 "delivery, in their original box, with the receipt.")]),
+            ("How much is the Plus plan?", [("pricing.md", "Plus costs EUR 23 a month.")]),
+            ("Who painted the lighthouse?", [("garden.md", "Water tomatoes twice a week.")]),
+            ("When does the Ghent office open?", [("offices.md", "The Ghent office opens at 08:30.")]),
+            ("What colour are the lids?", [("colours.md", "Lids come in green, grey and sand.")])]
+    alone = [gen.judge(q, s) for q, s in asks]
+    gen._parallel_context()  # made at its real size before the patch below shrinks the groups
+    monkeypatch.setattr(B, "PARALLEL", 2)  # three groups
+    asked: list[int] = []
+
+    def passes(i: int, odds: float) -> bool:
+        asked.append(i)
+        return i != 2
+
+    rows = gen.judge_answer_batch(asks, passes)
+    assert sorted(asked) == list(range(len(asks)))
+    assert [o for o, _, _ in rows] == pytest.approx(alone, abs=0.05)
+    assert all(seconds > 0 for _, seconds, _ in rows)
+    assert [g is None for _, _, g in rows] == [i == 2 for i in range(len(asks))]
+    one = [gen.answer(q, s) for q, s in asks]
+    replies = [(g.text, g.prompt_tokens) for _, _, g in rows if g]
+    wanted = [(a.text, a.prompt_tokens) for i, a in enumerate(one) if i != 2]
+    assert sum(r == w for r, w in zip(replies, wanted, strict=True)) >= len(wanted) - 1, (replies, wanted)
+    lengths = [len(gen.tokens(gen.prompt(q, s))) for q, s in asks]
+    assert lengths[0] == max(lengths) > sorted(lengths)[-2]
+    monkeypatch.setattr(B, "SEQ_CTX", lengths[0] + gen.max_new_tokens - 1)
+    mixed = gen.judge_answer_batch(asks, lambda i, odds: True)  # the first no longer fits a stream, the rest do
+    assert mixed[0][0] == pytest.approx(gen.judge(*asks[0]), abs=1e-6) and mixed[0][2].text == one[0].text
+    assert [o for o, _, _ in mixed] == pytest.approx(alone, abs=0.05)
 
 
 def test_without_llamacpp_auto_falls_back_to_transformers_with_one_warning(corpus, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,18 @@ def test_every_system_has_finite_scores(result):
     assert -1 <= res["forgetting"]["hybrid"] <= 1  # the RAFT adapter's general probes, measured by compare
 
 
+def test_the_raft_adapters_forgetting_is_kept_beside_it_and_read_without_a_model(result, monkeypatch):
+    """The RAFT adapter's general probes (``make hybrid`` measures them; here the first compare did) are saved
+    beside the adapter; a later compare reads them without loading a model while the adapter is the same."""
+    from hybrid import compare as C
+
+    res, cfg = result
+    saved = json.loads((Path(cfg.raft) / "probes.json").read_text())
+    assert saved["change"] == res["forgetting"]["hybrid"] == round(saved["tuned"] - saved["base"], 4)
+    monkeypatch.setattr(C, "model_to_score", lambda *a, **k: pytest.fail("the probes were asked again"))
+    assert C.forgetting(cfg, ["hybrid"])["hybrid"] == saved["change"]
+
+
 def test_report_files_hold_every_system(result):
     from hybrid import report
 
@@ -109,6 +122,10 @@ def test_freshness_judges_each_changed_question_once(result, monkeypatch):
     base.update_index(progress=False)
     asked, real = [], RagPipeline.judge
     monkeypatch.setattr(RagPipeline, "judge", lambda self, q, hits: asked.append(q) or real(self, q, hits))
+    kind = type(base.generator)  # RAG's own arm judges with its answers (llama.cpp: judge_answer_batch)
+    together = kind.judge_answer_batch
+    monkeypatch.setattr(kind, "judge_answer_batch", lambda self, asks, passes, desc="": asked.extend(
+        q for q, _ in asks) or together(self, asks, passes, desc))
     f = freshness(cfg, base, progress=False)
     assert sum(s in f["systems"] for s in ("rag", "finetuned+rag", "hybrid")) == 3
     assert sorted(asked) == sorted(q["question"] for q in f["asked"])  # judge<0 gates here: one judgement each
