@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 N_CTX = 4096  # prompt + answer tokens; k=3 demo prompts are ~500-900 tokens, and the KV cache costs ~0.1 GB
 # on the 2-core AMD EPYC (no AMX) 32 gained nothing: 64 closed-book questions 55.3 s at 16, 55.5 s at 32
 PARALLEL = 16  # replies chat_batch decodes together (8: 2.2x, 16: 2.5x, 32: 2.9x one at a time, 1.5B, 2 cores)
-MIN_COPY = 16  # tokens a prompt must share with an earlier one of its group beyond the common start to copy it
 SEQ_CTX = 1024  # tokens each of them may hold (prompt + reply; ~0.5 GB of KV cache for 16 on the 1.5B); longer
 # prompts go one at a time through the main context (1 of 16 demo RAG prompts, 680-975 tokens, with 64 reply tokens)
 
@@ -263,7 +262,6 @@ class LlamaCppGenerator(Generator):
             for i in sorted(set(range(len(prompts))) - set(fits)):
                 out[i] = self._decode(prompts[i], max_new, stop, None)
                 bar.update()
-            fits.sort(key=lambda i: prompts[i])  # neighbours share passages: read once a group (_decode_together)
             for start in range(0, len(fits), PARALLEL):
                 group = fits[start:start + PARALLEL]
                 for i, g in zip(group, self._decode_together([prompts[i] for i in group], max_new, stop),
@@ -302,8 +300,7 @@ class LlamaCppGenerator(Generator):
         a sequence (``SEQ_CTX``) goes one at a time through the main context."""
         judge_prompts = [self.tokens(self.judge_prompt(q, srcs)) for q, srcs in asks]
         prompts = [self.tokens(self.prompt(q, srcs)) for q, srcs in asks]
-        fits = sorted((i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= SEQ_CTX),
-                      key=lambda i: judge_prompts[i])  # neighbours share passages (_decode_together)
+        fits = [i for i, p in enumerate(prompts) if len(p) + self.max_new_tokens <= SEQ_CTX]
         alone = sorted(set(range(len(asks))) - set(fits))
         out: list = [None] * len(asks)
         with tqdm(total=len(asks), desc=desc, disable=not desc, unit="question") as bar:
@@ -384,16 +381,7 @@ class LlamaCppGenerator(Generator):
             for seq in range(1, len(first)):
                 llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)  # one stream per sequence: a whole-stream copy
         for seq, prompt in enumerate(first):
-            # a prompt that shares more with an earlier one of the group (the same first passages: prompts come
-            # sorted) starts from a copy of that one's stream and reads on from where the two part
-            near, common = max(((i, len(os.path.commonprefix([first[i], prompt]))) for i in range(seq)),
-                               key=lambda x: x[1], default=(0, 0))
-            start = shared
-            if min(common, len(prompt) - 1) >= shared + MIN_COPY:
-                start = min(common, len(prompt) - 1)
-                llama_cpp.llama_memory_seq_cp(mem, near, seq, -1, -1)
-                llama_cpp.llama_memory_seq_rm(mem, seq, start, -1)
-            read(seq, prompt, start, len(prompt))
+            read(seq, prompt, shared, len(prompt))
             # each sequence's rest in batches of its own: with one KV stream per sequence llama.cpp cuts a batch of
             # several into equal-length pieces (one group of 16 demo prompts: 170 vs 177 prompt tokens/s; a whole
             # RAG arm of make compare: 307 vs 311 s, no measurable gain)

@@ -185,33 +185,6 @@ def test_llamacpp_decodes_a_batch_together_each_reply_to_its_own_prompt(monkeypa
 
 
 @needs_llamacpp
-def test_prompts_that_share_passages_read_them_once_and_keep_their_own_replies(monkeypatch):
-    """In a group, a prompt sharing more than the common start with an earlier one (the same passage first)
-    starts from a copy of that one's stream; each reply still answers its own prompt, as chat() does."""
-    import llama_cpp
-
-    gen = _load("llamacpp")
-    passages = ["Green tea is brewed at eighty degrees for three minutes in a small clay pot. " * 2,
-                "Lids come in green, grey and sand, and every lid carries a seven-year warranty. " * 2]
-    words = ["apple", "violin"]  # the 135M names the word asked for after these two (it repeats some passages)
-    convs = [[{"role": "user", "content": f"{p}\n\nIgnore the text above and say the word {w}."}]
-             for p in passages for w in words]
-    copies: list[tuple[int, int]] = []
-    real = llama_cpp.llama_memory_seq_cp
-
-    def counted(mem, src, dst, p0, p1):
-        copies.append((src, dst))
-        return real(mem, src, dst, p0, p1)
-
-    monkeypatch.setattr(llama_cpp, "llama_memory_seq_cp", counted)
-    batched = gen.chat_batch(convs[::-1], max_new_tokens=12)[::-1]  # given unsorted: sorted inside, order kept
-    assert len(copies) == 3 + 2  # the common start to three sequences, then each passage's second prompt
-    assert all(w in g.text.lower() for w, g in zip(words * 2, batched, strict=True)), [g.text for g in batched]
-    one = [gen.chat(c, max_new_tokens=12).text for c in convs]
-    assert sum(g.text == o for g, o in zip(batched, one, strict=True)) >= 3
-
-
-@needs_llamacpp
 def test_judge_reuses_the_cached_prompt_and_matches_a_fresh_read():
     """The judgement re-reads only what differs from the cached prompt (the system prompt and the worked example
     stay cached from the question before); the log-odds must be those of reading the whole prompt from scratch,
