@@ -19,7 +19,7 @@ from pathlib import Path
 from finetune import distributed as D
 from finetune import train as T
 from hybrid import report
-from hybrid.compare import compare, finetune_probes, raft_probes
+from hybrid.compare import compare, raft_probes
 from hybrid.demo import UiConfig
 from hybrid.raft import ANSWER_TOKENS, RAFT_LORA, RaftConfig, build_raft
 from hybrid.serve import ServeConfig
@@ -77,8 +77,7 @@ def cmd_train(args) -> int:
             log.warning("%s", e)
     # forgetting, as `make finetune` reports its adapter's: the comparison then reads it from <raft>/probes.json
     ccfg = CompareConfig(docs=rcfg.docs, model=rcfg.model, store=rcfg.store, store_url=rcfg.store_url)
-    base_acc, _ = finetune_probes(ccfg)
-    probes = raft_probes(ccfg, base_acc, progress=True)
+    probes = raft_probes(ccfg, progress=True)
     if probes:
         print(f"general probes (forgetting): base {probes['base']:.2f}, RAFT adapter {probes['tuned']:.2f} "
               f"({probes['change']:+.2f}); saved in {Path(ccfg.raft) / 'probes.json'}")

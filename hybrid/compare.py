@@ -217,7 +217,7 @@ def forgetting(cfg: CompareConfig, systems) -> dict:
     if base_acc is not None:
         out |= {s: round(tuned_acc - base_acc, 4) for s in ("finetuned", "finetuned+rag") if s in systems}
     if "hybrid" in systems:
-        measured = raft_probes(cfg, base_acc)
+        measured = raft_probes(cfg)
         out["hybrid"] = measured["change"] if measured else None
     return out
 
@@ -233,11 +233,12 @@ def finetune_probes(cfg: CompareConfig) -> tuple[float | None, float | None]:
     return None, None
 
 
-def raft_probes(cfg: CompareConfig, base_acc: float | None, progress: bool = False) -> dict | None:
+def raft_probes(cfg: CompareConfig, progress: bool = False) -> dict | None:
     """The RAFT adapter's general-probe accuracy beside the base model's (the same probes ``finetune eval``
-    asks): ``{"base", "tuned", "change"}``, cached in ``<raft>/probes.json`` for as long as the adapter's
-    metrics.json is unchanged. ``make hybrid`` measures it after training, as ``make finetune`` does for its
-    adapter, so the comparison reads it (~40 s of the 1.5B's time)."""
+    asks; the base model's from ``make finetune``'s report when there is one): ``{"base", "tuned", "change"}``,
+    cached in ``<raft>/probes.json`` for as long as the adapter's metrics.json is unchanged. ``make hybrid``
+    measures it after training, as ``make finetune`` does for its adapter, so the comparison reads it (~40 s of
+    the 1.5B's time)."""
     from finetune.evaluate import EvalConfig, evaluate_model
 
     root = Path(cfg.raft)
@@ -253,6 +254,7 @@ def raft_probes(cfg: CompareConfig, base_acc: float | None, progress: bool = Fal
         gen = model_to_score(cfg.model, ecfg.max_new_tokens, adapter, backend=cfg.backend)  # as its RAG arms
         return evaluate_model(gen, ecfg, {}, progress=progress)["probes"]["accuracy"]
 
+    base_acc = finetune_probes(cfg)[0]
     base = accuracy(None) if base_acc is None else base_acc
     tuned = accuracy(str(adapter_dir(root)))
     measured = {"stamp": stamp, "base": base, "tuned": tuned, "change": round(tuned - base, 4)}
