@@ -221,6 +221,12 @@ def seeds(d: dict) -> str:
     return "\n".join([*rows, "", source(d)])
 
 
+def decision(d: dict) -> str:
+    """The decision matrix ``make compare`` fills for the report (seed 0's systems), with its break-even sentence."""
+    from hybrid.report import decision_lines  # the report's own rows, so README and report cannot disagree
+    return "\n".join([*decision_lines(d, LABELS), "", source(d)])
+
+
 def reliability(d: dict) -> str:
     """`make fuzz`: hostile folders through `rag index` (tests/fuzz.py) and the web page's load test (tests/load.py)."""
     cs, ld = d["case_seconds"], d.get("load") or {}
@@ -377,6 +383,8 @@ TABLES = {"finetune-contains": ("finetune-demo.json", finetune_contains),
           "compare-1.5b-self-seeds": ("compare-demo-qwen-1.5b-self-seeds3-amd.json", seeds),
           "compare-1.5b-halfblocks": ("compare-demo-qwen-1.5b-halfblocks.json", compare),
           "compare-1.5b-halfblocks-rr2": ("compare-demo-qwen-1.5b-halfblocks-reranker2.json", compare),
+          "compare-1.5b-halfblocks-seeds3": ("compare-demo-qwen-1.5b-halfblocks-seeds3.json", seeds),
+          "compare-1.5b-halfblocks-decision": ("compare-demo-qwen-1.5b-halfblocks-seeds3.json", decision),
           "reliability": ("fuzz.json", reliability),
           "injection": ("injection-demo.json", injection),
           "retrieval": ("eval-demo.json", retrieval),

@@ -203,9 +203,14 @@ def over_seeds(cfg: CompareConfig, base: RagPipeline, qs: list[dict], rankeds: l
             log.info("system %s, training seed %d", s, seed)
             runs[s].append(system_rows(scfg, s, base, qs, rankeds, seed, reused)[0])
     ref = first.get("rag")
-    return {s: spread([summarise(rows, cfg.bootstrap, cfg.seed) for rows in rs],
-                      [differences({s: rows, "rag": ref}, "rag", cfg.bootstrap, cfg.seed)[s] for rows in rs]
-                      if ref else []) for s, rs in runs.items()}
+    out = {s: spread([summarise(rows, cfg.bootstrap, cfg.seed) for rows in rs],
+                     [differences({s: rows, "rag": ref}, "rag", cfg.bootstrap, cfg.seed)[s] for rows in rs]
+                     if ref else []) for s, rs in runs.items()}
+    if {"finetuned", "finetuned+rag"} <= set(runs):  # claim 6 is "beats either alone": the same seed's adapter too
+        out["finetuned+rag"]["vs_finetuned"] = [
+            paired(a, b, cfg.bootstrap, cfg.seed)["contains"]
+            for a, b in zip(runs["finetuned+rag"], runs["finetuned"], strict=True)]
+    return out
 
 
 def forgetting(cfg: CompareConfig, systems) -> dict:

@@ -69,6 +69,13 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
             sig = v.get("significant_vs_ref", {})
             lines.append(f"| {s} | " + " | ".join(cell) + f" | {sig.get('contains', '–')}/{n} / "
                          f"{sig.get('hallucination_rate', '–')}/{n} |")
+        vs = result["seeds"].get("finetuned+rag", {}).get("vs_finetuned")
+        if vs:
+            each = "; ".join(f"seed {i} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+                             for i, d in enumerate(vs))
+            above = sum(d["significant"] and d["diff"] > 0 for d in vs)
+            lines += ["", f"finetuned+rag − finetuned with the same seed's adapter, contains (paired, 95%): {each} — "
+                      f"above it in {above} of {n}."]
     if result.get("context_probes"):
         lines += ["", "## Where did the answer come from?", "",
                   "Questions whose retrieved passages hold the answer, re-asked with no context, with another "
@@ -103,11 +110,26 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
             data = "not recorded" if setup[k].get("data_s") is None else f"{setup[k]['data_s']:.0f} s"
             lines.append(f"- {k} adapter: data {data}, training {setup[k]['train_s']:.0f} s "
                          f"({setup[k]['train_tokens']} tokens), {setup[k]['adapter_mb']} MB")
-    lines += ["", "## Decision matrix (measured on this corpus)", "",
-              "| factor | " + " | ".join(names) + " | wins here |", "|---" * (len(names) + 2) + "|"]
+    lines += ["", "## Decision matrix (measured on this corpus)", "", *decision_lines(result)]
+    if result.get("seconds"):
+        took = result["seconds"]
+        lines += ["", f"Time: {sum(took.values()) / 60:.1f} min — " + ", ".join(
+            f"{stage} {s / 60:.1f}" for stage, s in took.items()) + " (min)."]
+    lines += [""] + [f"![{c}]({c})" for c in charts]
+    return "\n".join(lines) + "\n"
+
+
+def decision_lines(result: dict, labels: dict | None = None) -> list[str]:
+    """The decision matrix as Markdown table rows, then the break-even sentence (the README renders it too)."""
+    names, labels = list(result["systems"]), labels or {}
+    lines = ["| factor | " + " | ".join(labels.get(s, s) for s in names) + " | wins here |",
+             "|---" * (len(names) + 2) + "|"]
+    def digits(factor: str) -> int:  # dollars per query are tiny; milliseconds and seconds need no decimals
+        return 6 if "USD" in factor else 0 if " ms " in factor or " s " in factor else 3
+
     for r in decision_matrix(result):
         lines.append(f"| {r['factor']} | " + " | ".join(
-            _fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in names) + f" | {r['wins']} |")
+            _fmt(r["values"].get(s), digits(r["factor"])) for s in names) + f" | {r['wins']} |")
     be = break_even(result)
     if be:
         q = "never (fine-tuned prompts are not shorter)" if be["queries"] is None else f"{be['queries']:,} queries"
@@ -115,12 +137,7 @@ def markdown(result: dict, charts: list[str] = ()) -> str:
                   f"(training tokens × {TRAIN_COST_FACTOR} at {be['price_per_mtok']} USD per million tokens) and "
                   f"saves {be['saving_per_query_usd']:.6f} USD per query against RAG's longer prompts: repaid "
                   f"after {q}. Accuracy is not part of this sum — see the table above."]
-    if result.get("seconds"):
-        took = result["seconds"]
-        lines += ["", f"Time: {sum(took.values()) / 60:.1f} min — " + ", ".join(
-            f"{stage} {s / 60:.1f}" for stage, s in took.items()) + " (min)."]
-    lines += [""] + [f"![{c}]({c})" for c in charts]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def charts(result: dict) -> dict[str, bytes]:

@@ -161,6 +161,7 @@ def test_folder_without_golden_uses_held_out_synthetic_questions(tmp_path):
 def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(result):
     from dataclasses import replace
 
+    from hybrid import report
     from hybrid.compare import over_seeds
     from hybrid.seeds import seed_adapter
     from hybrid.systems import questions
@@ -172,9 +173,13 @@ def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(resu
     base = RagPipeline(RagConfig(docs=cfg.docs, index_dir=cfg.index_dir, model=cfg.model))
     base.update_index(progress=False)
     rankeds = [base.ranked(q["question"]) for q in qs]
-    first = {s: res["per_question"][s] for s in ("finetuned", "rag", "hybrid")}
+    first = {s: res["per_question"][s] for s in ("finetuned", "rag", "finetuned+rag", "hybrid")}
     spread = over_seeds(cfg, base, qs, rankeds, first)
-    assert set(spread) == {"finetuned", "hybrid"}  # rag has no training to repeat
+    assert set(spread) == {"finetuned", "finetuned+rag", "hybrid"}  # rag has no training to repeat
+    vs = spread["finetuned+rag"]["vs_finetuned"]  # against the closed-book adapter of the same seed
+    assert len(vs) == 2 and all(d["ci"][0] <= d["diff"] <= d["ci"][1] for d in vs)
+    assert vs[0]["diff"] == res["pairwise"]["finetuned+rag - finetuned"]["contains"]["diff"]
+    assert "finetuned+rag − finetuned with the same seed's adapter" in report.markdown(res | {"seeds": spread})
     for v in spread.values():
         c = v["contains"]
         assert v["n"] == 2 and len(c["per_seed"]) == 2 and c["min"] <= c["mean"] <= c["max"]
@@ -188,7 +193,6 @@ def test_seeds_train_more_adapters_on_the_same_data_and_report_their_spread(resu
         assert (out / weights).read_bytes() != (Path(root) / weights).read_bytes()  # another draw of LoRA's A
         before = (out / "metrics.json").stat().st_mtime
         assert seed_adapter(root, 1) == out and (out / "metrics.json").stat().st_mtime == before
-    from hybrid import report
     from hybrid.freshness import freshness
 
     # the changed facts are asked again with seed 1's adapters too (re-used, not trained again)
