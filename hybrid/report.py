@@ -124,6 +124,7 @@ def decision_lines(result: dict, labels: dict | None = None) -> list[str]:
     names, labels = list(result["systems"]), labels or {}
     lines = ["| factor | " + " | ".join(labels.get(s, s) for s in names) + " | wins here |",
              "|---" * (len(names) + 2) + "|"]
+
     def digits(factor: str) -> int:  # dollars per query are tiny; milliseconds and seconds need no decimals
         return 6 if "USD" in factor else 0 if " ms " in factor or " s " in factor else 3
 
