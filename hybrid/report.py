@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 from hybrid.decision import TRAIN_COST_FACTOR, break_even, decision_matrix
@@ -125,12 +126,15 @@ def decision_lines(result: dict, labels: dict | None = None) -> list[str]:
     lines = ["| factor | " + " | ".join(labels.get(s, s) for s in names) + " | wins here |",
              "|---" * (len(names) + 2) + "|"]
 
+    def named(wins: str) -> str:  # "tie: finetuned, hybrid" in the columns' own names
+        return re.sub(r"[\w+]+", lambda m: labels.get(m.group(), m.group()), wins)
+
     def digits(factor: str) -> int:  # dollars per query are tiny; milliseconds and seconds need no decimals
         return 6 if "USD" in factor else 0 if " ms " in factor or " s " in factor else 3
 
     for r in decision_matrix(result):
         lines.append(f"| {r['factor']} | " + " | ".join(
-            _fmt(r["values"].get(s), digits(r["factor"])) for s in names) + f" | {r['wins']} |")
+            _fmt(r["values"].get(s), digits(r["factor"])) for s in names) + f" | {named(r['wins'])} |")
     be = break_even(result)
     if be:
         q = "never (fine-tuned prompts are not shorter)" if be["queries"] is None else f"{be['queries']:,} queries"
