@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from finetune.data import HELDOUT, closed_book_messages, parse_answer
 from finetune.lora import adapter_dir, frozen_bf16, load_base, load_tuned
 from rag import metrics as M
+from rag.atomic import write_text
 from rag.config import folder_name, load_jsonl, option
 from rag.evaluate import golden_for, load_golden
 from rag.generate import Generator, is_abstention
@@ -288,9 +288,7 @@ def base_scores(cfg: EvalConfig, sets: dict[str, list[dict]], progress: bool = T
     base_cfg = EvalConfig(**{**asdict(cfg), "adapter": ""})
     scores = evaluate_model(model_to_score(cfg.model, cfg.max_new_tokens), base_cfg, sets, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(scores, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)  # a run killed mid-write leaves no half file to be read as scores
+    write_text(path, json.dumps(scores, ensure_ascii=False))
     return scores
 
 

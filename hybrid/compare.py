@@ -41,6 +41,7 @@ from hybrid.systems import (
     questions,
 )
 from rag import metrics as M
+from rag.atomic import write_text
 from rag.choose import calibrate
 from rag.pipeline import RagConfig, RagPipeline
 from rag.ranking import Ranking
@@ -263,7 +264,5 @@ def raft_probes(cfg: CompareConfig, progress: bool = False) -> dict | None:
     base = accuracy(None) if base_acc is None else base_acc
     tuned = accuracy(str(adapter_dir(root)))
     measured = {"stamp": stamp, "base": base, "tuned": tuned, "change": round(tuned - base, 4)}
-    tmp = cache.with_suffix(".tmp")  # written whole or not at all: a torn file would stop every later compare
-    tmp.write_text(json.dumps(measured))
-    tmp.replace(cache)
+    write_text(cache, json.dumps(measured))  # a torn file would stop every later compare
     return measured

@@ -1,6 +1,7 @@
-"""Atomic replacement of a folder, and the locks that keep one index folder consistent under several processes.
+"""Atomic replacement of a file or a folder, and the locks that keep an index folder consistent under several processes.
 
-``replace_dir`` is for artefacts that are one folder (trained models, datasets, exported embedders): a crash while
+``write_text`` is for one-file results and caches (scores, probe accuracies, mined runs), ``replace_dir`` for
+artefacts that are one folder (trained models, datasets, exported embedders): a crash while
 writing leaves the previous version usable. The index publishes versions by swapping a ``CURRENT`` pointer
 (``rag/index.py``) and guards it with two ``flock`` locks on files inside its folder: ``writer_lock`` lets one
 writer at a time build and clean up (a second waits, then gives up with one line), ``readers_lock`` lets a writer
@@ -32,6 +33,14 @@ WRITER, READERS = ".lock-writer", ".lock-readers"  # dot names: a version sweep 
 
 class LockTimeout(UserError, RuntimeError):
     """Another writer held the folder's lock for longer than we were willing to wait."""
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path`` holding ``text``, written whole or not at all: a run killed mid-write leaves the old file (or none),
+    never half a file that a later run would read as results."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

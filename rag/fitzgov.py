@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from rag.atomic import write_text
 from rag.bm25 import BM25, tokenize
 from rag.config import UserError
 from rag.fuse import rrf
@@ -107,8 +108,7 @@ def retrieve_all(embedder: str = "minilm") -> dict[str, dict[str, list[tuple[str
     out = {q.qid: {"bm25": bm25.search(q.text, DEPTH), "dense": dense.search_vector(v, DEPTH)}
            for q, v in zip(queries, qvecs, strict=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(out))
-    path.with_suffix(".tmp").replace(path)
+    write_text(path, json.dumps(out))
     return out
 
 
