@@ -31,6 +31,11 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _digits(factor: str) -> int:
+    """Decimals for a decision-matrix row: dollars per query are tiny, milliseconds and seconds need none."""
+    return 6 if "USD" in factor else 0 if " ms " in factor or " s " in factor else 3
+
+
 def markdown(result: dict, charts: list[str] = ()) -> str:
     """The report as Markdown (``charts`` are image file names placed beside it)."""
     st, sys_ = result["settings"], result["systems"]
@@ -129,12 +134,9 @@ def decision_lines(result: dict, labels: dict | None = None) -> list[str]:
     def named(wins: str) -> str:  # "tie: finetuned, hybrid" in the columns' own names
         return re.sub(r"[\w+]+", lambda m: labels.get(m.group(), m.group()), wins)
 
-    def digits(factor: str) -> int:  # dollars per query are tiny; milliseconds and seconds need no decimals
-        return 6 if "USD" in factor else 0 if " ms " in factor or " s " in factor else 3
-
     for r in decision_matrix(result):
         lines.append(f"| {r['factor']} | " + " | ".join(
-            _fmt(r["values"].get(s), digits(r["factor"])) for s in names) + f" | {named(r['wins'])} |")
+            _fmt(r["values"].get(s), _digits(r["factor"])) for s in names) + f" | {named(r['wins'])} |")
     be = break_even(result)
     if be:
         q = "never (fine-tuned prompts are not shorter)" if be["queries"] is None else f"{be['queries']:,} queries"
@@ -268,6 +270,6 @@ def print_terminal(result: dict) -> None:
         m.add_column(s, justify="right")
     m.add_column("wins here")
     for r in decision_matrix(result):
-        m.add_row(r["factor"], *(_fmt(r["values"].get(s), 6 if "USD" in r["factor"] else 3) for s in sys_),
+        m.add_row(r["factor"], *(_fmt(r["values"].get(s), _digits(r["factor"])) for s in sys_),
                   r["wins"])
     con.print(m)
